@@ -1,0 +1,1 @@
+"""Sans-I/O codecs: bytes in, typed messages out. Imports nothing else of peerpath."""
