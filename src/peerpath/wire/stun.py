@@ -16,16 +16,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
-    "MAGIC_COOKIE",
     "HEADER_LENGTH",
-    "Attr",
-    "Class",
-    "Method",
-    "Message",
-    "StunError",
+    "MAGIC_COOKIE",
     "Address",
+    "Attr",
     "ChangeRequest",
+    "Class",
     "ErrorCode",
+    "Message",
+    "Method",
+    "StunError",
     "check_integrity",
     "is_stun",
     "long_term_key",
@@ -208,9 +208,7 @@ def _message_type(method: int, cls: int) -> int:
 
 
 def _split_type(message_type: int) -> tuple[int, int]:
-    method = (
-        (message_type & 0x000F) | ((message_type & 0x00E0) >> 1) | ((message_type & 0x3E00) >> 2)
-    )
+    method = (message_type & 0x000F) | ((message_type & 0x00E0) >> 1) | ((message_type & 0x3E00) >> 2)
     cls = ((message_type >> 4) & 0b01) | ((message_type >> 7) & 0b10)
     return method, cls
 

@@ -1,0 +1,5 @@
+"""``python -m peerpath``."""
+
+from peerpath.cli import main
+
+main()
