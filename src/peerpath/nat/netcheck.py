@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from peerpath.nat.stun_client import StunResponse, StunTransport, UdpStunSocket, new_transaction_id
+from peerpath.nat.stun_client import StunTransport, UdpStunSocket, new_transaction_id
 from peerpath.wire.stun import Address, Attr, ChangeRequest
 
 DEFAULT_STUN_PORT = 3478
@@ -148,35 +148,44 @@ async def netcheck(
     """Discover this host's NAT mapping and filtering behaviour against one STUN server."""
     start = clock()
     result = NetcheckResult(server=str(server))
-    mapping_sock = await open_socket(server)
-    filtering_sock: StunTransport | None = None
+    sockets = [await open_socket(server)]
     try:
-        await _mapping_tests(result, mapping_sock, server, timeout)
+        min_rtt = await _mapping_tests(result, sockets[0], server, timeout)
         if result.udp:
-            filtering_sock = await open_socket(server)
-            wait = _negative_wait((result.rtt_ms or 0) / 1000)
-            await _filtering_tests(result, filtering_sock, server, wait)
-            await _hairpinning_test(result, mapping_sock, filtering_sock, wait)
+            sockets.append(await open_socket(server))
+            sockets.append(await open_socket(server))
+            wait = _negative_wait(min_rtt)
+            # The hairpinning probe travels between the first and a third socket, so it
+            # cannot open the filter of the second; both waits overlap.
+            await asyncio.gather(
+                _filtering_tests(result, sockets[1], server, wait),
+                _hairpinning_test(result, sockets[0], sockets[2], wait),
+            )
     finally:
-        mapping_sock.close()
-        if filtering_sock is not None:
-            filtering_sock.close()
+        for sock in sockets:
+            sock.close()
     result.elapsed_s = round(clock() - start, 3)
     return result
 
 
-async def _mapping_tests(result: NetcheckResult, sock: StunTransport, server: Address, timeout: float) -> None:
+async def _mapping_tests(result: NetcheckResult, sock: StunTransport, server: Address, timeout: float) -> float:
+    """Run mapping tests I-III; return the smallest round trip seen (the first may include ARP)."""
     # RFC 5780 4.3, test I: the mapped address toward the primary address.
     first = await sock.request(server, timeout=timeout, rto=0.1)
     if first is None:
         result.skipped.append("all tests: no STUN answer over UDP")
-        return
+        return 0.0
     result.udp = True
-    result.rtt_ms = round(first.rtt * 1000, 2)
+    rtts = [first.rtt]
+
+    def done() -> float:
+        result.rtt_ms = round(min(rtts) * 1000, 2)
+        return min(rtts)
+
     mapped1 = first.message.mapped_address
     if mapped1 is None:
         result.skipped.append("all tests: the server's answer carries no mapped address")
-        return
+        return done()
     local = sock.local_address
     result.local_address = str(local)
     result.public_address = str(mapped1)
@@ -187,30 +196,29 @@ async def _mapping_tests(result: NetcheckResult, sock: StunTransport, server: Ad
         result.skipped.append("mapping tests II and III: the server has no OTHER-ADDRESS (one IP)")
         if not result.nat:
             result.mapping = Behaviour.ENDPOINT_INDEPENDENT
-        return
+        return done()
     result.other_address = str(other)
     rto = max(0.05, 2 * first.rtt)
     wait = _negative_wait(first.rtt) * 2
     # Test II: the alternate IP, the primary port.
     second = await sock.request(Address(other.host, server.port), timeout=wait, rto=rto)
-    mapped2 = _mapped(second)
-    if mapped2 is None:
+    if second is None or second.message.mapped_address is None:
         result.skipped.append("mapping test II: no answer from the alternate address")
-        return
+        return done()
+    rtts.append(second.rtt)
+    mapped2 = second.message.mapped_address
     if mapped2 == mapped1:
         result.mapping = Behaviour.ENDPOINT_INDEPENDENT
-        return
+        return done()
     # Test III: the alternate IP and port.
     third = await sock.request(other, timeout=wait, rto=rto)
-    mapped3 = _mapped(third)
-    if mapped3 is None:
+    if third is None or third.message.mapped_address is None:
         result.skipped.append("mapping test III: no answer from the alternate address and port")
-        return
+        return done()
+    rtts.append(third.rtt)
+    mapped3 = third.message.mapped_address
     result.mapping = Behaviour.ADDRESS_DEPENDENT if mapped3 == mapped2 else Behaviour.ADDRESS_AND_PORT_DEPENDENT
-
-
-def _mapped(response: StunResponse | None) -> Address | None:
-    return response.message.mapped_address if response is not None else None
+    return done()
 
 
 async def _filtering_tests(result: NetcheckResult, sock: StunTransport, server: Address, wait: float) -> None:
