@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from peerpath.nat.stun_responder import RateLimiter, Reply, SocketKey, StunResponder
-from peerpath.wire.stun import HEADER_LENGTH, Address
+from peerpath.wire.stun import HEADER_LENGTH, MAGIC_COOKIE, Address
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,7 @@ DEFAULT_STUN_PORT = 3478
 #: TCP connections idle this long are closed.
 TCP_IDLE_TIMEOUT = 30.0
 MAX_TCP_CONNECTIONS = 1024
+MAGIC_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 
 
 class _UdpEndpoint(asyncio.DatagramProtocol):
@@ -144,11 +145,12 @@ class StunServer:
                 # RFC 8489 6.2.2: over TCP, messages are framed by their own length field.
                 header = await asyncio.wait_for(reader.readexactly(HEADER_LENGTH), TCP_IDLE_TIMEOUT)
                 (length,) = struct.unpack("!H", header[2:4])
+                if header[0] & 0xC0 or length % 4 or header[4:8] != MAGIC_COOKIE_BYTES:
+                    self.responder.counters.dropped_malformed += 1
+                    return  # not STUN: a byte stream cannot be resynchronised, so hang up
                 body = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE_TIMEOUT)
                 reply = self.responder.handle(header + body, source, key, self.clock(), tcp=True)
                 if reply is None:
-                    if header[0] & 0xC0:
-                        return  # not STUN at all: the stream cannot be resynchronised
                     continue
                 writer.write(reply.data)
                 await writer.drain()
