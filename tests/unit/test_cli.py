@@ -1,0 +1,86 @@
+"""The `peerpath` command: help everywhere, exit code 2 for usage errors, 1 for failures, JSON out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PEERPATH = [sys.executable, "-m", "peerpath"]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PEERPATH, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.parametrize("command", [[], ["netcheck"], ["server"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    proc = run(*command, "--help")
+    assert proc.returncode == 0
+    assert "Usage" in proc.stdout
+
+
+def test_version() -> None:
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("peerpath ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["netcheck"], "--stun"),
+        (["netcheck", "--stun", "x", "--timeout", "0"], "--timeout"),
+        (["server", "--public-ip", "not-an-ip"], "not an IP address"),
+        (["server", "--public-ip", "127.0.0.1", "--public-ip", "127.0.0.1"], "must differ"),
+        (["server", "--public-ip", "1.1.1.1", "--public-ip", "2.2.2.2", "--public-ip", "3.3.3.3"], "at most two"),
+        (["server", "--public-ip", "127.0.0.1", "--stun-port", "70000"], "--stun-port"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
+    proc = run(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_failures_exit_1_with_one_line() -> None:
+    proc = run("netcheck", "--stun", "host:99999")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "peerpath: bad port '99999' in 'host:99999' (expected 1-65535)"
+    proc = run("server", "--public-ip", "192.0.2.77", "--stun-port", "3478")  # not an address of this host
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("peerpath: cannot listen:")
+    assert "Traceback" not in proc.stderr
+
+
+def test_server_and_netcheck_json_on_loopback() -> None:
+    server = subprocess.Popen(
+        [*PEERPATH, "server", "--public-ip", "127.0.0.1", "--public-ip", "127.0.0.2", "--stun-port", "23478"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        assert "listening on udp 127.0.0.1:23478" in line
+        proc = run("netcheck", "--stun", "127.0.0.1:23478", "--json")
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["udp"] is True and result["nat"] is False
+        assert result["mapping"] == result["filtering"] == "endpoint-independent"
+        human = run("netcheck", "--stun", "127.0.0.1:23478")
+        assert "no NAT" in human.stdout
+    finally:
+        server.terminate()
+        server.wait(10)
+        if server.stderr is not None:
+            server.stderr.close()
+
+
+def test_netcheck_without_answer_reports_udp_false() -> None:
+    proc = run("netcheck", "--stun", "127.0.0.1:9", "--json", "--timeout", "0.3")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["udp"] is False
