@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from peerpath.testing.netlab import Impairment, Lab, NatKind, Node, available
+from peerpath.testing.netlab import Impairment, Lab, Node, available, every_router_kind
 
 PEERPATH = [sys.executable, "-m", "peerpath"]
 SERVER_IPS = ["203.0.113.10", "203.0.113.11"]
@@ -19,14 +19,8 @@ def build(lab: Lab) -> dict[str, Node]:
     """The server and one host behind each router kind."""
     server = lab.public_host("server", SERVER_IPS)
     server.start([*PEERPATH, "server", "--public-ip", SERVER_IPS[0], "--public-ip", SERVER_IPS[1]], ready="listening")
-    hosts = {"public": lab.public_host("public")}
-    for kind in (NatKind.FULL_CONE, NatKind.ADDRESS_RESTRICTED, NatKind.PORT_RESTRICTED, NatKind.SYMMETRIC):
-        hosts[kind.value] = lab.host(f"h-{kind.value}", behind=lab.router(kind.value, kind))
-    carrier = lab.router("carrier", NatKind.CARRIER)
-    hosts["cgnat"] = lab.host("h-cgnat", behind=lab.router("cg-home", NatKind.PORT_RESTRICTED, upstream=carrier))
-    hosts["udp-blocked"] = lab.host("h-blocked", behind=lab.router("blocked", NatKind.UDP_BLOCKED))
-    slow = lab.router("slow", NatKind.PORT_RESTRICTED, link=Impairment(delay_ms=50, loss=0.02))
-    hosts["port-restricted, 50 ms, 2% loss"] = lab.host("h-slow", behind=slow)
+    hosts = every_router_kind(lab, impaired=Impairment(delay_ms=50, loss=0.02))
+    hosts["port-restricted, 50 ms, 2% loss"] = hosts.pop("impaired")
     return hosts
 
 

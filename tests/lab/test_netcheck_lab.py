@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from peerpath.testing.netlab import Impairment, Lab, NatKind, Node
+from peerpath.testing.netlab import Impairment, Lab, Node, every_router_kind
 
 from .conftest import SERVER_IPS, run_netcheck, start_peerpath_server
 
@@ -39,25 +39,8 @@ EXPECTED = {
 
 @pytest.fixture(scope="module")
 def hosts(lab: Lab) -> dict[str, Node]:
-    server = lab.public_host("server", SERVER_IPS)
-    start_peerpath_server(server)
-    out: dict[str, Node] = {"public": lab.public_host("public")}
-    for kind in (
-        NatKind.FULL_CONE,
-        NatKind.ADDRESS_RESTRICTED,
-        NatKind.PORT_RESTRICTED,
-        NatKind.SYMMETRIC,
-        NatKind.UDP_BLOCKED,
-    ):
-        out[kind.value] = lab.host(f"h-{kind.value}", behind=lab.router(kind.value, kind))
-    carrier = lab.router("carrier", NatKind.CARRIER)
-    out["cgnat"] = lab.host("h-cgnat", behind=lab.router("cg-home", NatKind.PORT_RESTRICTED, upstream=carrier))
-    shared = lab.router("shared", NatKind.PORT_RESTRICTED, hairpinning=True)
-    out["same-nat-1"] = lab.host("h-same-1", behind=shared)
-    out["same-nat-2"] = lab.host("h-same-2", behind=shared)
-    slow = lab.router("slow", NatKind.PORT_RESTRICTED, link=Impairment(delay_ms=25, jitter_ms=2, loss=0.02))
-    out["impaired"] = lab.host("h-impaired", behind=slow)
-    return out
+    start_peerpath_server(lab.public_host("server", SERVER_IPS))
+    return every_router_kind(lab, impaired=Impairment(delay_ms=25, jitter_ms=2, loss=0.02))
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
