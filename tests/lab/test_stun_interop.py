@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from peerpath.testing.netlab import Lab, NatKind, Node
+from peerpath.testing.netlab import Lab, Node, every_router_kind
 
 from .conftest import SERVER_IPS, start_peerpath_server
 
@@ -19,16 +19,11 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("turnserver") is None, reason="needs the Debian coturn package"),
 ]
 
-KINDS = [NatKind.FULL_CONE, NatKind.ADDRESS_RESTRICTED, NatKind.PORT_RESTRICTED, NatKind.SYMMETRIC]
-
 
 @pytest.fixture(scope="module")
 def world(lab: Lab) -> Iterator[tuple[Node, dict[str, Node]]]:
     server = lab.public_host("server", SERVER_IPS)
-    hosts = {"public": lab.public_host("public")}
-    for kind in KINDS:
-        hosts[kind.value] = lab.host(f"h-{kind.value}", behind=lab.router(kind.value, kind))
-    yield server, hosts
+    yield server, every_router_kind(lab)
 
 
 def classify(host: Node) -> str:
@@ -89,3 +84,5 @@ def test_stun_client_agrees_between_peerpath_and_coturn(
     assert ours["address-restricted"].startswith("Primary: Independent Mapping, Address Dependent Filter")
     assert ours["port-restricted"].startswith("Primary: Independent Mapping, Port Dependent Filter")
     assert ours["symmetric"].startswith("Primary: Dependent Mapping")
+    assert ours["cgnat"].startswith("Primary: Independent Mapping, Port Dependent Filter")
+    assert ours["udp-blocked"].startswith("Primary: Blocked")
