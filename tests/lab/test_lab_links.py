@@ -67,3 +67,14 @@ def test_lab_refuses_duplicate_names() -> None:
         lab.public_host("a")
         with pytest.raises(netlab.LabError, match="exists already"):
             lab.public_host("a")
+
+
+def test_gateway_mac_stays_when_hosts_join_later() -> None:
+    # Seen in CI: a host added after others could not reach anything for a while, because the
+    # internet bridge took the new port's (lower) MAC and the routers' ARP caches went stale.
+    with Lab() as lab:
+        lab.public_host("first")
+        before = lab.internet.run(["cat", "/sys/class/net/lan0/address"])
+        for i in range(8):
+            lab.public_host(f"later-{i}")
+        assert lab.internet.run(["cat", "/sys/class/net/lan0/address"]) == before

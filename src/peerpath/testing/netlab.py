@@ -217,6 +217,7 @@ class Lab:
         self.nodes: dict[str, Node] = {}
         self._processes: list[subprocess.Popen[str]] = []
         self._links = itertools.count(1)
+        self._bridges = itertools.count(1)
         self._lan_numbers = itertools.count(1)
         self._public_hosts = itertools.count(20)
         self._servers = itertools.count(10)
@@ -275,7 +276,7 @@ class Lab:
         """The internet: a router namespace with one bridge for all public addresses."""
         if self._internet is None:
             inet: Router = self._namespace("inet", Router)
-            inet.run(["ip", "link", "add", "lan0", "type", "bridge"])
+            self._bridge(inet)
             inet.run(["ip", "link", "set", "lan0", "up"])
             inet.run(["ip", "addr", "add", "203.0.113.1/24", "dev", "lan0"])
             inet.run(["ip", "addr", "add", "198.51.100.1/24", "dev", "lan0"])
@@ -283,6 +284,16 @@ class Lab:
             inet.addresses = ["203.0.113.1", "198.51.100.1"]
             self._internet = inet
         return self._internet
+
+    def _bridge(self, node: Node) -> None:
+        """Create ``node``'s LAN bridge with a fixed MAC.
+
+        A bridge without one takes the lowest MAC of its ports, so attaching a host later
+        could change the gateway's MAC under neighbours' cached ARP entries.
+        """
+        number = next(self._bridges)
+        mac = f"02:70:70:{self.id[:2]}:{number >> 8:02x}:{number & 0xFF:02x}"
+        node.run(["ip", "link", "add", "lan0", "address", mac, "type", "bridge"])
 
     def _link(self, node: Node, upstream: Router, ifname: str, impairment: Impairment | None) -> None:
         """Join ``node``'s ``ifname`` to ``upstream``'s LAN bridge."""
@@ -360,7 +371,7 @@ class Lab:
         router.addresses = [wan_ip]
         router.run(["ip", "addr", "add", f"{wan_ip}/24", "dev", "wan"])
         router.run(["ip", "route", "add", "default", "via", gateway])
-        router.run(["ip", "link", "add", "lan0", "type", "bridge"])
+        self._bridge(router)
         router.run(["ip", "addr", "add", f"{router.lan_ip}/24", "dev", "lan0"])
         router.run(["ip", "link", "set", "lan0", "up"])
         router.sysctl("net.ipv4.ip_forward", "1")
