@@ -1,0 +1,116 @@
+"""Identities and overlay addresses: key files, self-certification, typo-proof text form."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peerpath.identity import Address, AddressError, Identity, KeyFileError, verify
+
+KEY = Identity(
+    serialization.load_pem_private_key(
+        b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n"
+        b"-----END PRIVATE KEY-----\n",
+        password=None,
+    )  # type: ignore[arg-type]
+)
+
+
+def test_address_is_derived_from_the_public_key() -> None:
+    address = KEY.address
+    assert address.matches(KEY.public_key)
+    assert not address.matches(Identity.generate().public_key)
+    assert Identity.generate().address != address
+
+
+def test_text_form_round_trips_case_insensitively() -> None:
+    text = str(KEY.address)
+    assert text.startswith("pp1") and len(text) == 35
+    assert Address.parse(text) == KEY.address
+    assert Address.parse(text.upper()) == KEY.address
+    assert Address.parse(f"  {text}\n") == KEY.address
+
+
+def test_every_single_character_typo_is_caught_as_a_typo() -> None:
+    text = str(KEY.address)
+    alphabet = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+    for i in range(3, len(text)):
+        for c in alphabet:
+            if c == text[i]:
+                continue
+            with pytest.raises(AddressError, match="checksum: a typo"):
+                Address.parse(text[:i] + c + text[i + 1 :])
+
+
+def test_swapped_neighbours_are_caught() -> None:
+    text = str(KEY.address)
+    for i in range(3, len(text) - 1):
+        if text[i] != text[i + 1]:
+            with pytest.raises(AddressError):
+                Address.parse(text[:i] + text[i + 1] + text[i] + text[i + 2 :])
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "not a peerpath address"),
+        ("xx1qqqq", "not a peerpath address"),
+        ("pp1qqq", "characters after"),
+        ("pp1" + "b" * 32, "characters that no address contains"),
+        ("Pp1" + "q" * 32, "mixes upper and lower case"),
+    ],
+)
+def test_malformed_addresses_say_what_is_wrong(text: str, reason: str) -> None:
+    with pytest.raises(AddressError, match=reason):
+        Address.parse(text)
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_any_digest_round_trips(digest: bytes) -> None:
+    assert Address.parse(str(Address(digest))) == Address(digest)
+
+
+def test_signatures_verify_only_for_the_right_key_and_data() -> None:
+    signature = KEY.sign(b"nonce")
+    assert verify(KEY.public_key, signature, b"nonce")
+    assert not verify(KEY.public_key, signature, b"other")
+    assert not verify(Identity.generate().public_key, signature, b"nonce")
+    assert not verify(b"short", signature, b"nonce")
+
+
+def test_key_file_is_created_0600_and_reloaded(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = Identity.load_or_create(state)
+    path = state / "identity.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Identity.load_or_create(state).address == first.address
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    Identity.load_or_create(tmp_path)
+    path = tmp_path / "identity.key"
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match=r"readable by others; run chmod 600 on it"):
+        Identity.load_or_create(tmp_path)
+
+
+def test_key_file_with_another_kind_of_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "identity.key"
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, pem)
+    os.close(fd)
+    with pytest.raises(KeyFileError, match="not an Ed25519 key"):
+        Identity.load(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(KeyFileError, match="not a PEM Ed25519 private key"):
+        Identity.load(path)
