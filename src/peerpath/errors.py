@@ -25,3 +25,35 @@ class RemoteError(PeerpathError):
 
 class NetworkError(PeerpathError):
     """The network failed: nothing answered in time, or a socket could not be used."""
+
+
+class NotTrustedError(LocalError):
+    """This node does not trust the address it was asked to connect to."""
+
+
+class PeerAuthenticationError(RemoteError):
+    """The peer did not prove that it holds the key of the address it claims or was dialled at."""
+
+
+class PeerRefusedError(RemoteError):
+    """The peer refused the session (for example: it does not trust us)."""
+
+
+class ServiceNotFoundError(RemoteError):
+    """The peer has no service on the requested port."""
+
+
+class MessageError(RemoteError):
+    """The peer's message handler failed, or the message was too large."""
+
+
+class SessionClosedError(NetworkError):
+    """The session is closed or died; pending and later operations fail with this."""
+
+
+class ConnectTimeoutError(NetworkError, TimeoutError):
+    """No session could be established in time."""
+
+
+class RequestTimeoutError(NetworkError, TimeoutError):
+    """A request got no reply in time."""

@@ -1,0 +1,132 @@
+"""What the session says on top of QUIC: the in-band initiator proof and stream headers.
+
+Every frame is a 4-byte big-endian length and a msgpack-encoded struct. The control
+streams (one unidirectional stream each way) carry :class:`Hello`, :class:`Challenge`,
+:class:`Auth`, :class:`Welcome` and :class:`Refused`; every application stream starts
+with :class:`OpenStream` or :class:`Message`, and its answer starts with :class:`Accept`
+or :class:`Reply`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+from peerpath.identity import Address
+
+PROTOCOL_VERSION = 1
+ALPN = f"peerpath/{PROTOCOL_VERSION}"
+#: Control frames and stream headers are small; anything larger is an attack or a bug.
+MAX_FRAME = 16 * 1024
+_AUTH_CONTEXT = b"peerpath-session-auth-v1\x00"
+
+
+class ControlError(ValueError):
+    """A malformed frame from the peer."""
+
+
+class Hello(msgspec.Struct, tag="hello", frozen=True):
+    """Initiator -> responder: who I claim to be."""
+
+    version: int
+    public_key: bytes
+
+
+class Challenge(msgspec.Struct, tag="challenge", frozen=True):
+    """Responder -> initiator: a fresh nonce to sign."""
+
+    nonce: bytes
+
+
+class Auth(msgspec.Struct, tag="auth", frozen=True):
+    """Initiator -> responder: the signature over :func:`auth_payload`."""
+
+    signature: bytes
+
+
+class Welcome(msgspec.Struct, tag="welcome", frozen=True):
+    """Responder -> initiator: proof accepted, you are trusted."""
+
+
+class Refused(msgspec.Struct, tag="refused", frozen=True):
+    """Either side: the session is refused, and why."""
+
+    reason: str
+
+
+class OpenStream(msgspec.Struct, tag="open", frozen=True):
+    """First frame of a byte stream to a numbered service port."""
+
+    port: int
+
+
+class Accept(msgspec.Struct, tag="accept", frozen=True):
+    """Answer to :class:`OpenStream`."""
+
+    ok: bool
+    error: str = ""
+
+
+class Message(msgspec.Struct, tag="message", frozen=True):
+    """First frame of a message; the payload follows until the end of the stream."""
+
+    request: bool
+
+
+class Reply(msgspec.Struct, tag="reply", frozen=True):
+    """First frame of the answer to a request; the payload follows until the end of the stream."""
+
+    ok: bool
+    error: str = ""
+
+
+Frame = Hello | Challenge | Auth | Welcome | Refused | OpenStream | Accept | Message | Reply
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+def encode(frame: Frame) -> bytes:
+    """One frame with its length prefix."""
+    body = _encoder.encode(frame)
+    return struct.pack("!I", len(body)) + body
+
+
+class FrameReader:
+    """Reassembles frames from stream data that arrives in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add data; return every complete frame. Raises :class:`ControlError` on garbage."""
+        self._buffer += data
+        frames: list[Frame] = []
+        while len(self._buffer) >= 4:
+            (length,) = struct.unpack_from("!I", self._buffer)
+            if length > MAX_FRAME:
+                raise ControlError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+            if len(self._buffer) < 4 + length:
+                break
+            body = bytes(self._buffer[4 : 4 + length])
+            del self._buffer[: 4 + length]
+            try:
+                frames.append(_decoder.decode(body))
+            except msgspec.DecodeError as exc:
+                raise ControlError(f"malformed frame: {exc}") from exc
+        return frames
+
+    def take_rest(self) -> bytes:
+        """Whatever follows the frames read so far (a stream's payload)."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
+
+
+def auth_payload(nonce: bytes, initiator: Address, responder: Address) -> bytes:
+    """What the initiator signs: the responder's nonce and both addresses.
+
+    The nonce makes the signature fresh (no replay); the responder's address makes it
+    useless to anyone but the peer the initiator meant to reach (no relaying it onward).
+    """
+    return _AUTH_CONTEXT + nonce + initiator.digest + responder.digest

@@ -1,0 +1,110 @@
+"""The path set: QUIC sees one stable peer; the path set moves its datagrams.
+
+Every path carries the same already-encrypted QUIC datagrams, so a path adds no
+security of its own and needs none. This module is pure: paths send through a
+callable their owner supplies, and time comes in as ``now``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: The address QUIC believes its peer has; the real one is the path set's business.
+VIRTUAL_PEER = ("peerpath-peer", 0)
+
+
+class PathKind(enum.StrEnum):
+    """How a path reaches the peer. Order of preference: direct first."""
+
+    DIRECT_UDP = "direct udp"
+    DIRECT_TCP = "direct tcp"
+    RELAY = "relay"
+
+
+_PREFERENCE = {PathKind.DIRECT_UDP: 0, PathKind.DIRECT_TCP: 1, PathKind.RELAY: 2}
+
+
+@dataclass(eq=False)
+class Path:
+    """One way to reach the peer, with its counters."""
+
+    kind: PathKind
+    remote: str
+    send_datagram: Callable[[bytes], None]
+    created: float = 0.0
+    last_received: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+
+    @property
+    def key(self) -> tuple[PathKind, str]:
+        """What identifies the path within its set."""
+        return (self.kind, self.remote)
+
+    def describe(self) -> str:
+        """Human form, e.g. ``direct udp 198.51.100.7:41641``."""
+        return f"{self.kind.value} {self.remote}"
+
+
+@dataclass
+class PathSet:
+    """The paths to one peer and the choice of the current one."""
+
+    paths: dict[tuple[PathKind, str], Path] = field(default_factory=dict)
+    current: Path | None = None
+    #: Called with (old, new) when the current path changes.
+    on_change: Callable[[Path | None, Path], None] | None = None
+
+    def add(self, path: Path) -> Path:
+        """Add a path (or return the one already there with the same key)."""
+        existing = self.paths.get(path.key)
+        if existing is not None:
+            return existing
+        self.paths[path.key] = path
+        if self.current is None:
+            self._switch(path)
+        return path
+
+    def remove(self, path: Path) -> None:
+        """Forget a path; pick another current one if it was current."""
+        self.paths.pop(path.key, None)
+        if self.current is path:
+            self.current = None
+            best = self._best()
+            if best is not None:
+                self._switch(best)
+
+    def send(self, datagram: bytes) -> bool:
+        """Send over the current path; False when there is none."""
+        path = self.current
+        if path is None:
+            return False
+        path.bytes_sent += len(datagram)
+        path.datagrams_sent += 1
+        path.send_datagram(datagram)
+        return True
+
+    def received(self, path: Path, size: int, now: float) -> None:
+        """Account a datagram that arrived over ``path`` (already accepted by QUIC's AEAD)."""
+        path = self.add(path)
+        path.bytes_received += size
+        path.datagrams_received += 1
+        path.last_received = now
+        best = self._best()
+        if best is not None and best is not self.current:
+            self._switch(best)
+
+    def _best(self) -> Path | None:
+        if not self.paths:
+            return None
+        # Prefer the more direct kind; among equals the one heard from most recently.
+        return min(self.paths.values(), key=lambda p: (_PREFERENCE[p.kind], -(p.last_received or p.created)))
+
+    def _switch(self, path: Path) -> None:
+        old, self.current = self.current, path
+        if self.on_change is not None:
+            self.on_change(old, path)
