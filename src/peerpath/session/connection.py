@@ -211,7 +211,9 @@ class Connection:
             accept: control.Accept = await asyncio.wait_for(stream.answer, timeout)
         except TimeoutError:
             self._cancel_stream(stream)
-            raise errors.RequestTimeoutError(f"{self.peer} did not answer on port {port} within {timeout:g} s") from None
+            raise errors.RequestTimeoutError(
+                f"{self.peer} did not answer on port {port} within {timeout:g} s"
+            ) from None
         if not accept.ok:
             raise errors.ServiceNotFoundError(f"{self.peer}: {accept.error}")
         assert stream.reader is not None
@@ -231,6 +233,20 @@ class Connection:
         if not reply.ok:
             raise errors.MessageError(f"{self.peer} could not handle the request: {reply.error}")
         return bytes(payload)
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """One round trip through the session, answered by the peer's session layer; seconds."""
+        self._check_open()
+        stream = self._new_local_stream("await-reply")
+        start = self._loop.time()
+        self._send_stream(stream.stream_id, control.encode(control.Ping()), end_stream=True)
+        assert stream.answer is not None
+        try:
+            await asyncio.wait_for(stream.answer, timeout)
+        except TimeoutError:
+            self._cancel_stream(stream)
+            raise errors.RequestTimeoutError(f"no pong from {self.peer} within {timeout:g} s") from None
+        return self._loop.time() - start
 
     async def send(self, data: bytes) -> None:
         """Send a one-way message (delivered reliably; no reply)."""
@@ -520,14 +536,14 @@ class Connection:
             return
         data, fin = event.data, event.end_stream
         if stream.header is not None:
-            frames = stream.header.feed(data)
-            if not frames:
+            frame = stream.header.feed_header(data)
+            if frame is None:
                 if fin:
                     raise control.ControlError("stream ended before its header")
                 return
             data = stream.header.take_rest()
             stream.header = None
-            self._on_header(stream, frames[0])
+            self._on_header(stream, frame)
         self._on_payload(stream, data, fin)
 
     def _on_header(self, stream: _Stream, frame: control.Frame) -> None:
@@ -559,6 +575,9 @@ class Connection:
         elif isinstance(frame, control.Message):
             stream.kind = "request" if frame.request else "oneway"
             stream.payload = bytearray()
+        elif isinstance(frame, control.Ping):
+            stream.kind = "refused"  # nothing more is read from it
+            self._send_stream(stream.stream_id, control.encode(control.Reply(True)), end_stream=True)
         else:
             raise control.ControlError(f"unexpected {type(frame).__name__} opening stream {stream.stream_id}")
 
@@ -674,4 +693,3 @@ class Connection:
         self.closed.set_result(None)
         if self._on_closed is not None:
             self._on_closed(self)
-

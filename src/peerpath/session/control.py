@@ -74,6 +74,10 @@ class Message(msgspec.Struct, tag="message", frozen=True):
     request: bool
 
 
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    """First frame of a ping; answered by the session itself with a :class:`Reply` and the same payload."""
+
+
 class Reply(msgspec.Struct, tag="reply", frozen=True):
     """First frame of the answer to a request; the payload follows until the end of the stream."""
 
@@ -81,7 +85,7 @@ class Reply(msgspec.Struct, tag="reply", frozen=True):
     error: str = ""
 
 
-Frame = Hello | Challenge | Auth | Welcome | Refused | OpenStream | Accept | Message | Reply
+Frame = Hello | Challenge | Auth | Welcome | Refused | OpenStream | Accept | Message | Ping | Reply
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
 
@@ -102,19 +106,29 @@ class FrameReader:
         """Add data; return every complete frame. Raises :class:`ControlError` on garbage."""
         self._buffer += data
         frames: list[Frame] = []
-        while len(self._buffer) >= 4:
-            (length,) = struct.unpack_from("!I", self._buffer)
-            if length > MAX_FRAME:
-                raise ControlError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
-            if len(self._buffer) < 4 + length:
-                break
-            body = bytes(self._buffer[4 : 4 + length])
-            del self._buffer[: 4 + length]
-            try:
-                frames.append(_decoder.decode(body))
-            except msgspec.DecodeError as exc:
-                raise ControlError(f"malformed frame: {exc}") from exc
+        while (frame := self._next()) is not None:
+            frames.append(frame)
         return frames
+
+    def feed_header(self, data: bytes) -> Frame | None:
+        """Add data; return the first frame once complete, leaving what follows it unread."""
+        self._buffer += data
+        return self._next()
+
+    def _next(self) -> Frame | None:
+        if len(self._buffer) < 4:
+            return None
+        (length,) = struct.unpack_from("!I", self._buffer)
+        if length > MAX_FRAME:
+            raise ControlError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte limit")
+        if len(self._buffer) < 4 + length:
+            return None
+        body = bytes(self._buffer[4 : 4 + length])
+        del self._buffer[: 4 + length]
+        try:
+            return _decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise ControlError(f"malformed frame: {exc}") from exc
 
     def take_rest(self) -> bytes:
         """Whatever follows the frames read so far (a stream's payload)."""

@@ -1,0 +1,386 @@
+"""The node: one identity, one UDP socket serving every peer, and the sessions over it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Generator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+
+from peerpath import errors
+from peerpath.identity import Address, Identity
+from peerpath.node.trust import TrustStore
+from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
+from peerpath.session.pathset import Path as NetPath
+from peerpath.session.pathset import PathKind, PathSet
+
+log = logging.getLogger(__name__)
+
+#: Responder sessions still handshaking; more Initial packets than this are dropped.
+MAX_PENDING_HANDSHAKES = 256
+_CID_LENGTH = 8
+
+
+def _format_endpoint(addr: tuple[str, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _UdpEndpoint(asyncio.DatagramProtocol):
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.node._datagram_received(data, addr)
+        except Exception:
+            # Whatever a datagram does, the node keeps running.
+            self.node.counters["datagrams_failed"] += 1
+            log.exception("datagram from %s could not be handled", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP error: %s", exc)
+
+
+class Node:
+    """A peerpath agent node.
+
+    ``async with Node.start(state_dir=...) as node`` (or ``node = await Node.start(...)``
+    and later ``await node.close()``).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        trust: TrustStore,
+        *,
+        config: SessionConfig | None = None,
+    ) -> None:
+        self.identity = identity
+        self.trust = trust
+        self.config = config or SessionConfig()
+        self.counters = {
+            "datagrams_received": 0,
+            "datagrams_dropped": 0,
+            "datagrams_failed": 0,
+            "sessions_refused": 0,
+        }
+        self._endpoint: _UdpEndpoint | None = None
+        self._by_cid: dict[bytes, Connection] = {}
+        self._connections: set[Connection] = set()
+        self._services: dict[int, StreamHandler] = {}
+        self._message_handler: MessageHandler | None = None
+        self._connecting: dict[Address, asyncio.Task[Connection]] = {}
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        state_dir: str | Path | None = None,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        identity: Identity | None = None,
+        trust: TrustStore | None = None,
+        config: SessionConfig | None = None,
+    ) -> _Starting:
+        """Start a node: load (or create) the identity in ``state_dir`` and bind one UDP socket.
+
+        Give ``identity`` and ``trust`` instead of ``state_dir`` to run without files (tests).
+        """
+        return _Starting(cls, state_dir, host, port, identity, trust, config)
+
+    async def _bind(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, port))
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+            _, endpoint = await loop.create_datagram_endpoint(lambda: _UdpEndpoint(self), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._endpoint = endpoint
+
+    @property
+    def address(self) -> Address:
+        """This node's overlay address."""
+        return self.identity.address
+
+    @property
+    def local_endpoint(self) -> tuple[str, int]:
+        """The (host, port) the node's UDP socket is bound to."""
+        if self._endpoint is None or self._endpoint.transport is None:
+            raise errors.LocalError("node is not started")
+        sockname = self._endpoint.transport.get_extra_info("sockname")
+        return (str(sockname[0]), int(sockname[1]))
+
+    async def close(self) -> None:
+        """Close every session and the socket."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._connecting.values():
+            task.cancel()
+        await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
+        if self._endpoint is not None and self._endpoint.transport is not None:
+            self._endpoint.transport.close()
+
+    async def __aenter__(self) -> Node:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- services (what sessions ask of the node) -----------------------------------------
+
+    def is_trusted(self, address: Address) -> bool:
+        """Whether sessions with ``address`` are allowed (deny by default)."""
+        return self.trust.is_trusted(address)
+
+    def stream_handler(self, port: int) -> StreamHandler | None:
+        """The handler registered for ``port``."""
+        return self._services.get(port)
+
+    def message_handler(self) -> MessageHandler | None:
+        """The handler for incoming messages."""
+        return self._message_handler
+
+    def serve(self, port: int, handler: StreamHandler) -> None:
+        """Serve byte streams that peers open to ``port``: ``await handler(reader, writer)``."""
+        if not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port {port} out of range 0-65535")
+        self._services[port] = handler
+
+    def unserve(self, port: int) -> None:
+        """Stop serving ``port`` (streams already open are not affected)."""
+        self._services.pop(port, None)
+
+    def on_message(self, handler: MessageHandler | None) -> None:
+        """Handle incoming messages: ``await handler(connection, data)`` returns the reply (requests)."""
+        self._message_handler = handler
+
+    # -- sessions -----------------------------------------------------------------------
+
+    @property
+    def connections(self) -> list[Connection]:
+        """Every live session."""
+        return [c for c in self._connections if not c.closed.done()]
+
+    def connection_to(self, address: Address) -> Connection | None:
+        """The established session with ``address``, if any."""
+        for conn in self._connections:
+            if conn.peer == address and conn.is_established:
+                return conn
+        return None
+
+    async def connect(
+        self, address: Address | str, via: tuple[str, int], *, timeout: float | None = None
+    ) -> Connection:
+        """A session with the peer at ``address``, reached at the UDP endpoint ``via``.
+
+        Reuses an established session. Raises :class:`~peerpath.errors.NotTrustedError` for
+        an address this node does not trust, and fails closed if the endpoint cannot prove it
+        holds ``address``'s key.
+        """
+        peer = Address.parse(address) if isinstance(address, str) else address
+        if self._closed:
+            raise errors.LocalError("node is closed")
+        if peer == self.address:
+            raise errors.LocalError("cannot connect to this node's own address")
+        if not self.is_trusted(peer):
+            raise errors.NotTrustedError(f"{peer} is not trusted; run: peerpath trust add {peer}")
+        existing = self.connection_to(peer)
+        if existing is not None:
+            return existing
+        task = self._connecting.get(peer)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._dial(peer, via, timeout))
+            self._connecting[peer] = task
+            task.add_done_callback(lambda _t: self._connecting.pop(peer, None))
+        return await asyncio.shield(task)
+
+    async def _dial(self, peer: Address, via: tuple[str, int], timeout: float | None) -> Connection:
+        remote = await self._resolve(via)
+        paths = PathSet()
+        conn = self._new_connection(Role.INITIATOR, paths, expected_peer=peer)
+        paths.add(self._udp_path(remote))
+        self._register_cid(conn, conn.quic.host_cid, True)
+        conn.start()
+        try:
+            await conn.wait_established(timeout)
+        except BaseException:
+            await conn.close("connect failed", timeout=0.2)
+            raise
+        log.info("session with %s over %s", peer, conn.path and conn.path.describe())
+        return conn
+
+    async def _resolve(self, via: tuple[str, int]) -> tuple[str, int]:
+        host, port = via
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+            return (host, int(port))
+        except OSError:
+            pass
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise errors.NetworkError(f"cannot resolve {host}")
+        return (str(infos[0][4][0]), int(infos[0][4][1]))
+
+    def _new_connection(
+        self, role: Role, paths: PathSet, *, expected_peer: Address | None = None, original_dcid: bytes | None = None
+    ) -> Connection:
+        conn = Connection(
+            self.identity,
+            role,
+            paths,
+            self,
+            self.config,
+            expected_peer=expected_peer,
+            original_destination_connection_id=original_dcid,
+            on_connection_id=self._register_cid,
+            on_closed=self._forget,
+        )
+        self._connections.add(conn)
+        return conn
+
+    def _udp_path(self, remote: tuple[str, int]) -> NetPath:
+        endpoint = self._endpoint
+
+        def send(datagram: bytes) -> None:
+            if endpoint is not None and endpoint.transport is not None and not endpoint.transport.is_closing():
+                endpoint.transport.sendto(datagram, remote)
+
+        return NetPath(PathKind.DIRECT_UDP, _format_endpoint(remote), send, created=asyncio.get_running_loop().time())
+
+    def _register_cid(self, conn: Connection, cid: bytes, issued: bool) -> None:
+        if issued:
+            self._by_cid[cid] = conn
+        elif self._by_cid.get(cid) is conn:
+            del self._by_cid[cid]
+
+    def _forget(self, conn: Connection) -> None:
+        self._connections.discard(conn)
+        for cid in [cid for cid, c in self._by_cid.items() if c is conn]:
+            del self._by_cid[cid]
+
+    # -- the socket -----------------------------------------------------------------------
+
+    def _datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.counters["datagrams_received"] += 1
+        # RFC 9000 17: every QUIC packet has the fixed bit (0x40) set; STUN (RFC 7983) does not.
+        if not data or not data[0] & 0x40:
+            self.counters["datagrams_dropped"] += 1
+            return
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+        except ValueError:
+            self.counters["datagrams_dropped"] += 1
+            return
+        conn = self._by_cid.get(header.destination_cid)
+        remote = (str(addr[0]), int(addr[1]))
+        if conn is None:
+            conn = self._accept(header.packet_type, header.destination_cid, len(data), remote)
+            if conn is None:
+                self.counters["datagrams_dropped"] += 1
+                return
+        path = conn.paths.paths.get((PathKind.DIRECT_UDP, _format_endpoint(remote))) or self._udp_path(remote)
+        conn.datagram_received(data, path)
+
+    def _accept(
+        self, packet_type: QuicPacketType, dcid: bytes, size: int, remote: tuple[str, int]
+    ) -> Connection | None:
+        # RFC 9000 14.1: a client's Initial is padded to at least 1200 bytes.
+        if self._closed or packet_type != QuicPacketType.INITIAL or size < 1200:
+            return None
+        pending = sum(1 for c in self._connections if not c.established.done())
+        if pending >= MAX_PENDING_HANDSHAKES:
+            return None
+        paths = PathSet()
+        paths.add(self._udp_path(remote))
+        conn = self._new_connection(Role.RESPONDER, paths, original_dcid=dcid)
+        self._register_cid(conn, dcid, True)
+        self._register_cid(conn, conn.quic.host_cid, True)
+        conn.established.add_done_callback(lambda f: self._refused(conn, f))
+        return conn
+
+    def _refused(self, conn: Connection, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.counters["sessions_refused"] += 1
+            asyncio.get_running_loop().call_later(5.0, self._forget, conn)
+        else:
+            log.info("session from %s over %s", conn.peer, conn.path and conn.path.describe())
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot of the node: address, endpoint, sessions and counters."""
+        return {
+            "address": str(self.address),
+            "endpoint": _format_endpoint(self.local_endpoint) if self._endpoint else None,
+            "sessions": [c.describe() for c in self.connections],
+            "counters": dict(self.counters),
+        }
+
+
+class _Starting:
+    """What :meth:`Node.start` returns: await it, or use it with ``async with``."""
+
+    def __init__(
+        self,
+        cls: type[Node],
+        state_dir: str | Path | None,
+        host: str,
+        port: int,
+        identity: Identity | None,
+        trust: TrustStore | None,
+        config: SessionConfig | None,
+    ) -> None:
+        self._args = (cls, state_dir, host, port, identity, trust, config)
+        self._node: Node | None = None
+
+    async def _start(self) -> Node:
+        cls, state_dir, host, port, identity, trust, config = self._args
+        if identity is None or trust is None:
+            if state_dir is None:
+                from peerpath.node.state import default_state_dir
+
+                state_dir = default_state_dir()
+            directory = Path(state_dir)
+            identity = identity or Identity.load_or_create(directory)
+            trust = trust or TrustStore.in_state_dir(directory)
+        node = cls(identity, trust, config=config)
+        try:
+            await node._bind(host, port)
+        except OSError as exc:
+            raise errors.LocalError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from exc
+        self._node = node
+        return node
+
+    def __await__(self) -> Generator[Any, None, Node]:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> Node:
+        return await self._start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._node is not None:
+            await self._node.close()
