@@ -16,6 +16,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from peerpath import errors
 from peerpath.identity import Address, Identity
+from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
@@ -359,8 +360,6 @@ class _Starting:
         cls, state_dir, host, port, identity, trust, config = self._args
         if identity is None or trust is None:
             if state_dir is None:
-                from peerpath.node.state import default_state_dir
-
                 state_dir = default_state_dir()
             directory = Path(state_dir)
             identity = identity or Identity.load_or_create(directory)

@@ -166,7 +166,7 @@ class Connection:
         self._control_reader = control.FrameReader()
         self._nonce: bytes | None = None
         self._claimed_key: bytes | None = None
-        self._early: list[events.QuicEvent] = []
+        self._early: list[events.StreamDataReceived | events.StreamReset] = []
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -204,29 +204,26 @@ class Connection:
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"port {port} out of range 0-65535")
         self._check_open()
-        stream = self._new_local_stream("await-accept")
+        stream, answer = self._new_local_stream("await-accept")
         self._send_stream(stream.stream_id, control.encode(control.OpenStream(port)))
-        assert stream.answer is not None
         try:
-            accept: control.Accept = await asyncio.wait_for(stream.answer, timeout)
+            accept: control.Accept = await asyncio.wait_for(answer, timeout)
         except TimeoutError:
             self._cancel_stream(stream)
             raise errors.RequestTimeoutError(
                 f"{self.peer} did not answer on port {port} within {timeout:g} s"
             ) from None
-        if not accept.ok:
+        if not accept.ok or stream.reader is None:
             raise errors.ServiceNotFoundError(f"{self.peer}: {accept.error}")
-        assert stream.reader is not None
         return stream.reader, StreamWriter(self, stream.stream_id)
 
     async def request(self, data: bytes, timeout: float = 30.0) -> bytes:
         """Send a message and wait for the peer's reply."""
         self._check_message(data)
-        stream = self._new_local_stream("await-reply")
+        stream, answer = self._new_local_stream("await-reply")
         self._send_stream(stream.stream_id, control.encode(control.Message(request=True)) + data, end_stream=True)
-        assert stream.answer is not None
         try:
-            reply, payload = await asyncio.wait_for(stream.answer, timeout)
+            reply, payload = await asyncio.wait_for(answer, timeout)
         except TimeoutError:
             self._cancel_stream(stream)
             raise errors.RequestTimeoutError(f"no reply from {self.peer} within {timeout:g} s") from None
@@ -237,12 +234,11 @@ class Connection:
     async def ping(self, timeout: float = 5.0) -> float:
         """One round trip through the session, answered by the peer's session layer; seconds."""
         self._check_open()
-        stream = self._new_local_stream("await-reply")
+        stream, answer = self._new_local_stream("await-reply")
         start = self._loop.time()
         self._send_stream(stream.stream_id, control.encode(control.Ping()), end_stream=True)
-        assert stream.answer is not None
         try:
-            await asyncio.wait_for(stream.answer, timeout)
+            await asyncio.wait_for(answer, timeout)
         except TimeoutError:
             self._cancel_stream(stream)
             raise errors.RequestTimeoutError(f"no pong from {self.peer} within {timeout:g} s") from None
@@ -251,7 +247,7 @@ class Connection:
     async def send(self, data: bytes) -> None:
         """Send a one-way message (delivered reliably; no reply)."""
         self._check_message(data)
-        stream = self._new_local_stream("oneway")
+        stream, _ = self._new_local_stream("oneway")
         self._send_stream(stream.stream_id, control.encode(control.Message(request=False)) + data, end_stream=True)
         await self._drain(stream.stream_id, self.config.max_stream_data)
 
@@ -394,14 +390,14 @@ class Connection:
             self._send_control(control.Challenge(self._nonce))
 
     def _send_control(self, frame: control.Frame) -> None:
-        assert self._control_out is not None
+        if self._control_out is None:
+            raise RuntimeError("control stream used before the handshake completed")
         self._send_stream(self._control_out, control.encode(frame))
 
-    def _on_control(self, event: events.QuicEvent) -> None:
+    def _on_control(self, event: events.StreamDataReceived | events.StreamReset) -> None:
         if isinstance(event, events.StreamReset):
             self._abort(_ERR_PROTOCOL, "control stream reset")
             return
-        assert isinstance(event, events.StreamDataReceived)
         self._control_in = event.stream_id
         for frame in self._control_reader.feed(event.data):
             self._on_control_frame(frame)
@@ -413,13 +409,17 @@ class Connection:
                     self._refuse(f"protocol version {frame.version} not supported")
                     return
                 self._claimed_key = frame.public_key
-            elif isinstance(frame, control.Auth) and self._claimed_key is not None and self.peer is None:
-                self._check_auth(frame)
+            elif (
+                isinstance(frame, control.Auth)
+                and self._claimed_key is not None
+                and self._nonce is not None
+                and self.peer is None
+            ):
+                self._check_auth(frame, self._claimed_key, self._nonce)
             else:
                 raise control.ControlError(f"unexpected {type(frame).__name__} from the initiator")
-        elif isinstance(frame, control.Challenge) and self._nonce is None:
+        elif isinstance(frame, control.Challenge) and self._nonce is None and self.peer is not None:
             self._nonce = frame.nonce
-            assert self.peer is not None
             payload = control.auth_payload(frame.nonce, self.identity.address, self.peer)
             self._send_control(control.Auth(self.identity.sign(payload)))
         elif isinstance(frame, control.Welcome) and self._nonce is not None:
@@ -429,15 +429,14 @@ class Connection:
         else:
             raise control.ControlError(f"unexpected {type(frame).__name__} from the responder")
 
-    def _check_auth(self, frame: control.Auth) -> None:
-        assert self._claimed_key is not None and self._nonce is not None
+    def _check_auth(self, frame: control.Auth, claimed_key: bytes, nonce: bytes) -> None:
         try:
-            claimed = Address.from_public_key(self._claimed_key)
+            claimed = Address.from_public_key(claimed_key)
         except ValueError:
             self._refuse("authentication failed: malformed key", _ERR_AUTH)
             return
-        payload = control.auth_payload(self._nonce, claimed, self.identity.address)
-        if not verify(self._claimed_key, frame.signature, payload):
+        payload = control.auth_payload(nonce, claimed, self.identity.address)
+        if not verify(claimed_key, frame.signature, payload):
             self._refuse("authentication failed: bad signature", _ERR_AUTH)
             return
         if not self._services.is_trusted(claimed):
@@ -480,15 +479,15 @@ class Connection:
         if len(data) > self.config.max_message_size:
             raise ValueError(f"message of {len(data)} bytes exceeds max_message_size {self.config.max_message_size}")
 
-    def _new_local_stream(self, kind: str) -> _Stream:
+    def _new_local_stream(self, kind: str) -> tuple[_Stream, asyncio.Future[Any]]:
         stream_id = self.quic.get_next_available_stream_id()
-        stream = _Stream(stream_id, local=True, kind=kind)
-        if kind != "oneway":
-            stream.answer = self._loop.create_future()
+        answer: asyncio.Future[Any] = self._loop.create_future()
+        stream = _Stream(stream_id, local=True, kind=kind, answer=answer)
         if kind == "await-reply":
             stream.payload = bytearray()
-        self._streams[stream_id] = stream
-        return stream
+        if kind != "oneway":
+            self._streams[stream_id] = stream
+        return stream, answer
 
     def _send_stream(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         if self.closed.done():
@@ -523,8 +522,7 @@ class Connection:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _on_stream_event(self, event: events.QuicEvent) -> None:
-        assert isinstance(event, events.StreamDataReceived | events.StreamReset)
+    def _on_stream_event(self, event: events.StreamDataReceived | events.StreamReset) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is None:
             if self._is_local(event.stream_id):
@@ -582,8 +580,7 @@ class Connection:
             raise control.ControlError(f"unexpected {type(frame).__name__} opening stream {stream.stream_id}")
 
     def _on_payload(self, stream: _Stream, data: bytes, fin: bool) -> None:
-        if stream.kind == "open":
-            assert stream.reader is not None
+        if stream.kind == "open" and stream.reader is not None:
             if data:
                 stream.reader.feed_data(data)
             if fin:

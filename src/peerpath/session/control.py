@@ -126,9 +126,10 @@ class FrameReader:
         body = bytes(self._buffer[4 : 4 + length])
         del self._buffer[: 4 + length]
         try:
-            return _decoder.decode(body)
+            frame: Frame = _decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise ControlError(f"malformed frame: {exc}") from exc
+        return frame
 
     def take_rest(self) -> bytes:
         """Whatever follows the frames read so far (a stream's payload)."""
