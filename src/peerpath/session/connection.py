@@ -346,7 +346,7 @@ class Connection:
             self._on_handshake(event)
         elif isinstance(event, events.ConnectionTerminated):
             reason = event.reason_phrase or f"error {event.error_code:#x}"
-            if event.error_code == _ERR_REFUSED and not self.established.done():
+            if event.error_code in (_ERR_REFUSED, _ERR_AUTH) and not self.established.done():
                 self._fail_establish(errors.PeerRefusedError(f"{self.peer} refused the session: {reason}"))
             self._terminated(f"closed by peer: {reason}" if event.error_code in (0, _ERR_REFUSED) else reason)
         elif isinstance(event, events.StreamDataReceived | events.StreamReset):
@@ -424,8 +424,6 @@ class Connection:
             self._send_control(control.Auth(self.identity.sign(payload)))
         elif isinstance(frame, control.Welcome) and self._nonce is not None:
             self._established()
-        elif isinstance(frame, control.Refused):
-            self._fail_establish(errors.PeerRefusedError(f"{self.peer} refused the session: {frame.reason}"))
         else:
             raise control.ControlError(f"unexpected {type(frame).__name__} from the responder")
 
@@ -448,7 +446,7 @@ class Connection:
         self._established()
 
     def _refuse(self, reason: str, code: int = _ERR_REFUSED) -> None:
-        self._send_control(control.Refused(reason))
+        # The reason travels in CONNECTION_CLOSE (RFC 9000 19.19); stream data queued now would be lost.
         self._abort(code, reason)
 
     def _established(self) -> None:
@@ -586,8 +584,10 @@ class Connection:
             if fin:
                 stream.reader.feed_eof()
             return
-        if stream.payload is None:
-            return  # a refused stream, or one that has already ended
+        if stream.payload is None:  # refused or discarded: drop what still arrives
+            if fin:
+                self._streams.pop(stream.stream_id, None)
+            return
         stream.payload += data
         if len(stream.payload) > self.config.max_message_size:
             self._stream_too_large(stream)
@@ -606,10 +606,13 @@ class Connection:
         self._spawn(self._run_message_handler(stream, payload))
 
     def _stream_too_large(self, stream: _Stream) -> None:
+        # Keep the stream known (as "discard") so data still in flight is dropped, not parsed.
         stream.payload = None
-        self._streams.pop(stream.stream_id, None)
+        stream.kind = "discard"
         with contextlib.suppress(Exception):
             self.quic.stop_stream(stream.stream_id, _STREAM_TOO_LARGE)
+            if not stream.local:
+                self.quic.reset_stream(stream.stream_id, _STREAM_TOO_LARGE)
         if stream.answer is not None and not stream.answer.done():
             stream.answer.set_exception(errors.MessageError(f"reply from {self.peer} exceeds max_message_size"))
         self._schedule_transmit()

@@ -2,7 +2,7 @@
 
 Every frame is a 4-byte big-endian length and a msgpack-encoded struct. The control
 streams (one unidirectional stream each way) carry :class:`Hello`, :class:`Challenge`,
-:class:`Auth`, :class:`Welcome` and :class:`Refused`; every application stream starts
+:class:`Auth` and :class:`Welcome` (a refusal is a CONNECTION_CLOSE with its reason); every application stream starts
 with :class:`OpenStream` or :class:`Message`, and its answer starts with :class:`Accept`
 or :class:`Reply`.
 """
@@ -49,12 +49,6 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     """Responder -> initiator: proof accepted, you are trusted."""
 
 
-class Refused(msgspec.Struct, tag="refused", frozen=True):
-    """Either side: the session is refused, and why."""
-
-    reason: str
-
-
 class OpenStream(msgspec.Struct, tag="open", frozen=True):
     """First frame of a byte stream to a numbered service port."""
 
@@ -85,7 +79,7 @@ class Reply(msgspec.Struct, tag="reply", frozen=True):
     error: str = ""
 
 
-Frame = Hello | Challenge | Auth | Welcome | Refused | OpenStream | Accept | Message | Ping | Reply
+Frame = Hello | Challenge | Auth | Welcome | OpenStream | Accept | Message | Ping | Reply
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
 

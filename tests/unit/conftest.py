@@ -1,0 +1,43 @@
+"""Shared fixtures for unit tests: pairs of nodes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from peerpath.identity import Identity
+from peerpath.node.node import Node
+from peerpath.node.trust import TrustStore
+from peerpath.session.connection import SessionConfig
+
+
+class NodeFactory:
+    """Makes started nodes on 127.0.0.1 and closes them at the end of the test."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.nodes: list[Node] = []
+
+    async def __call__(self, name: str, config: SessionConfig | None = None, identity: Identity | None = None) -> Node:
+        trust = TrustStore(self.tmp_path / f"{name}-trust.json")
+        node = await Node.start(identity=identity or Identity.generate(), trust=trust, host="127.0.0.1", config=config)
+        self.nodes.append(node)
+        return node
+
+
+@pytest.fixture
+async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+    factory = NodeFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        for node in factory.nodes:
+            await node.close()
+
+
+def trust_each_other(a: Node, b: Node) -> None:
+    """Make ``a`` and ``b`` trust each other."""
+    a.trust.add(b.address)
+    b.trust.add(a.address)
