@@ -8,15 +8,23 @@ import json
 import logging
 import signal
 import sys
-from typing import Annotated, NoReturn
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from peerpath import __version__
+from peerpath import __version__, errors
+from peerpath.identity import Address as PeerAddress
+from peerpath.identity import Identity
 from peerpath.nat.netcheck import DEFAULT_TIMEOUT, NetcheckResult, netcheck, resolve
 from peerpath.nat.stun_server import DEFAULT_STUN_PORT, StunServer
+from peerpath.node import control
+from peerpath.node.node import Node
+from peerpath.node.state import default_state_dir
+from peerpath.node.trust import TrustStore
 from peerpath.wire.stun import Address
 
 app = typer.Typer(
@@ -27,13 +35,27 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
+trust_app = typer.Typer(help="Manage which peers this node trusts (deny by default).", no_args_is_help=True)
+app.add_typer(trust_app, name="trust")
 _state = {"debug": False}
 log = logging.getLogger("peerpath")
+T = TypeVar("T")
+
+StateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        metavar="DIR",
+        envvar="PEERPATH_STATE_DIR",
+        help="Where the identity key, trust store and control socket live [default: per-user data dir].",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print one line ``peerpath: MESSAGE`` on stderr and exit with ``code``."""
-    Console(stderr=True, highlight=False).print(f"peerpath: {message}", markup=False)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"peerpath: {message}", markup=False)
     raise typer.Exit(code)
 
 
@@ -57,6 +79,53 @@ def main_options(
         format="%(asctime)s %(name)s: %(message)s" if debug else "peerpath: %(message)s",
         stream=sys.stderr,
     )
+    if not debug:
+        logging.getLogger("quic").setLevel(logging.WARNING)
+
+
+def _run(coro: Awaitable[T]) -> T:
+    """Run ``coro``; expected failures become one line on stderr and exit code 1."""
+
+    async def main() -> T:
+        return await coro
+
+    try:
+        return asyncio.run(main())
+    except errors.PeerpathError as exc:
+        if _state["debug"]:
+            raise
+        fail(str(exc))
+    except OSError as exc:
+        if _state["debug"]:
+            raise
+        fail(str(exc.strerror or exc))
+
+
+def _state_dir(value: Path | None) -> Path:
+    return value if value is not None else default_state_dir()
+
+
+def _identity(state_dir: Path) -> Identity:
+    try:
+        return Identity.load_or_create(state_dir)
+    except errors.PeerpathError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot use state directory {state_dir}: {exc.strerror or exc}")
+
+
+def _peer_address(text: str) -> PeerAddress:
+    try:
+        return PeerAddress.parse(text)
+    except ValueError as exc:
+        fail(str(exc), 2)
+
+
+def _trust_store(state_dir: Path) -> TrustStore:
+    try:
+        return TrustStore.in_state_dir(state_dir)
+    except errors.PeerpathError as exc:
+        fail(str(exc))
 
 
 @app.command("netcheck")
@@ -176,6 +245,183 @@ def server_command(
             log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
 
     asyncio.run(run())
+
+
+@app.command("address")
+def address_command(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
+    """Print this node's overlay address (creating its identity on first use)."""
+    directory = _state_dir(state_dir)
+    identity = _identity(directory)
+    if json_out:
+        typer.echo(json.dumps({"address": str(identity.address), "state_dir": str(directory)}))
+    else:
+        typer.echo(str(identity.address))
+
+
+@app.command("up")
+def up_command(
+    state_dir: StateDir = None,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="UDP port to listen on (0: any).")] = 0,
+    host: Annotated[str, typer.Option("--host", help="Local address to bind.")] = "0.0.0.0",
+) -> None:
+    """Run this machine's agent node in the foreground (Ctrl-C stops it)."""
+    directory = _state_dir(state_dir)
+    identity = _identity(directory)
+    trust = _trust_store(directory)
+
+    async def run() -> None:
+        node = await Node.start(identity=identity, trust=trust, host=host, port=port)
+        server = control.ControlServer(node, control.socket_path(directory))
+        try:
+            await server.start()
+            endpoint = node.local_endpoint
+            log.info("node %s up on udp %s:%d (state %s)", node.address, endpoint[0], endpoint[1], directory)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await server.close()
+            await node.close()
+
+    _run(run())
+
+
+@app.command("ping")
+def ping_command(
+    target: Annotated[str, typer.Argument(metavar="ADDR[@HOST:PORT]", help="The peer, and where to reach it.")],
+    count: Annotated[int, typer.Option("--count", "-c", min=1, max=100000, help="How many pings.")] = 4,
+    interval: Annotated[float, typer.Option("--interval", "-i", min=0.0, help="Seconds between pings.")] = 1.0,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for each pong.")] = 5.0,
+    state_dir: StateDir = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Round trips to a peer through the overlay, with the path each took."""
+    text, _, via = target.partition("@")
+    address = _peer_address(text)
+    if via:
+        try:
+            control.parse_endpoint(via)
+        except ValueError as exc:
+            fail(str(exc), 2)
+    request: dict[str, Any] = {"op": "ping", "address": str(address), "via": via or None, "count": count}
+    request |= {"interval": interval, "timeout": timeout}
+    replies: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        async for answer in control.call(_state_dir(state_dir), request):
+            replies.append(answer)
+            if not json_out:
+                if answer.get("timeout"):
+                    typer.echo(f"seq={answer['seq']} timeout")
+                else:
+                    typer.echo(
+                        f"pong from {address} via {answer['path']}: seq={answer['seq']} time={answer['rtt_ms']} ms"
+                    )
+
+    _run(run())
+    rtts = [r["rtt_ms"] for r in replies if "rtt_ms" in r]
+    summary = {"address": str(address), "sent": len(replies), "received": len(rtts), "replies": replies}
+    if rtts:
+        summary |= {"rtt_min_ms": min(rtts), "rtt_avg_ms": round(sum(rtts) / len(rtts), 3), "rtt_max_ms": max(rtts)}
+    if json_out:
+        typer.echo(json.dumps(summary))
+    else:
+        loss = 100 * (1 - len(rtts) / max(1, len(replies)))
+        line = f"{len(replies)} sent, {len(rtts)} received, {loss:.0f}% loss"
+        if rtts:
+            line += f", rtt min/avg/max {summary['rtt_min_ms']}/{summary['rtt_avg_ms']}/{summary['rtt_max_ms']} ms"
+        typer.echo(line)
+    if not rtts:
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
+    """Show the running node: its address and every session with its path, RTT and bytes."""
+
+    async def run() -> dict[str, Any]:
+        async for answer in control.call(_state_dir(state_dir), {"op": "status"}):
+            return answer
+        raise errors.LocalError("the node sent no status")
+
+    status = _run(run())
+    if json_out:
+        typer.echo(json.dumps(status))
+        return
+    # Addresses are copied from this output: never wrap or truncate them.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    console.print(f"address   {status['address']}\nendpoint  udp {status['endpoint']}")
+    if not status["sessions"]:
+        console.print("no sessions")
+        return
+    table = Table(box=None, pad_edge=False)
+    table.add_column("peer", no_wrap=True, min_width=35)
+    for name in ("role", "path", "rtt", "sent", "received"):
+        table.add_column(name, no_wrap=True)
+    for session in status["sessions"]:
+        rtt = f"{session['rtt_ms']} ms" if session["rtt_ms"] is not None else "-"
+        table.add_row(
+            session["peer"] or "(authenticating)",
+            session["role"],
+            session["path"] or "-",
+            rtt,
+            _bytes(session["bytes_sent"]),
+            _bytes(session["bytes_received"]),
+        )
+    console.print(table)
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@trust_app.command("add")
+def trust_add(
+    address: Annotated[str, typer.Argument(metavar="ADDR", help="The peer's address.")],
+    note: Annotated[str, typer.Option("--note", help="A note to remember the peer by.")] = "",
+    state_dir: StateDir = None,
+) -> None:
+    """Trust a peer: accept its sessions and allow connecting to it."""
+    peer = _peer_address(address)
+    directory = _state_dir(state_dir)
+    if peer == _identity(directory).address:
+        fail("that is this node's own address", 2)
+    added = _trust_store(directory).add(peer, note)
+    typer.echo(f"trusted {peer}" if added else f"{peer} was trusted already")
+
+
+@trust_app.command("remove")
+def trust_remove(
+    address: Annotated[str, typer.Argument(metavar="ADDR", help="The peer's address.")],
+    state_dir: StateDir = None,
+) -> None:
+    """Stop trusting a peer (new sessions are refused; open ones stay until they close)."""
+    peer = _peer_address(address)
+    if not _trust_store(_state_dir(state_dir)).remove(peer):
+        fail(f"{peer} is not trusted")
+    typer.echo(f"no longer trusting {peer}")
+
+
+@trust_app.command("list")
+def trust_list(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
+    """List trusted peers."""
+    entries = _trust_store(_state_dir(state_dir)).entries()
+    if json_out:
+        typer.echo(json.dumps([{"address": str(e.address), "note": e.note, "added": e.added} for e in entries]))
+        return
+    if not entries:
+        typer.echo("no trusted peers (add one with: peerpath trust add ADDR)")
+        return
+    for entry in entries:
+        typer.echo(f"{entry.address}  {entry.added}  {entry.note}".rstrip())
 
 
 def main() -> None:
