@@ -1,0 +1,141 @@
+"""`peerpath address | trust | up | ping | status` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PEERPATH = [sys.executable, "-m", "peerpath"]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PEERPATH, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_address_creates_a_private_identity_once(tmp_path: Path) -> None:
+    first = run("address", "--state-dir", str(tmp_path))
+    assert first.returncode == 0 and first.stdout.startswith("pp1")
+    assert stat.S_IMODE((tmp_path / "identity.key").stat().st_mode) == 0o600
+    assert run("address", "--state-dir", str(tmp_path)).stdout == first.stdout
+    as_json = json.loads(run("address", "--json", "--state-dir", str(tmp_path)).stdout)
+    assert as_json["address"] == first.stdout.strip()
+
+
+def test_key_file_readable_by_others_is_refused_with_a_fix(tmp_path: Path) -> None:
+    run("address", "--state-dir", str(tmp_path))
+    os.chmod(tmp_path / "identity.key", 0o644)
+    proc = run("address", "--state-dir", str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"peerpath: key file {tmp_path / 'identity.key'} is readable by others; run chmod 600 on it"
+
+
+def test_trust_add_list_remove(tmp_path: Path) -> None:
+    other = run("address", "--state-dir", str(tmp_path / "other")).stdout.strip()
+    state = ["--state-dir", str(tmp_path / "me")]
+    assert run("trust", "list", *state).stdout.startswith("no trusted peers")
+    assert run("trust", "add", other, "--note", "build agent", *state).stdout.strip() == f"trusted {other}"
+    assert "already" in run("trust", "add", other.upper(), *state).stdout
+    listed = json.loads(run("trust", "list", "--json", *state).stdout)
+    assert [(e["address"], e["note"]) for e in listed] == [(other, "build agent")]
+    assert run("trust", "remove", other, *state).returncode == 0
+    proc = run("trust", "remove", other, *state)
+    assert proc.returncode == 1 and "not trusted" in proc.stderr
+
+
+def test_mistyped_address_is_a_usage_error_that_says_typo(tmp_path: Path) -> None:
+    good = run("address", "--state-dir", str(tmp_path / "x")).stdout.strip()
+    typo = good[:-3] + ("q" if good[-3] != "q" else "p") + good[-2:]
+    proc = run("trust", "add", typo, "--state-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "a typo?" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("ping", "not-an-address", "--state-dir", str(tmp_path))
+    assert proc.returncode == 2 and "not a peerpath address" in proc.stderr
+    proc = run("ping", f"{good}@nohost", "--state-dir", str(tmp_path))
+    assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
+
+
+def test_commands_that_need_the_daemon_say_how_to_start_it(tmp_path: Path) -> None:
+    good = run("address", "--state-dir", str(tmp_path / "x")).stdout.strip()
+    for args in (["status"], ["ping", good]):
+        proc = run(*args, "--state-dir", str(tmp_path))
+        assert proc.returncode == 1
+        assert "no node is running" in proc.stderr and "peerpath up" in proc.stderr
+
+
+@pytest.fixture
+def two_daemons(tmp_path: Path) -> Iterator[tuple[list[tuple[Path, str, int]], list[subprocess.Popen[str]]]]:
+    nodes, procs = [], []
+    try:
+        for name in ("one", "two"):
+            state = tmp_path / name
+            address = run("address", "--state-dir", str(state)).stdout.strip()
+            nodes.append((state, address, free_udp_port()))
+        run("trust", "add", nodes[1][1], "--state-dir", str(nodes[0][0]))
+        run("trust", "add", nodes[0][1], "--state-dir", str(nodes[1][0]))
+        for state, _, port in nodes:
+            procs.append(
+                subprocess.Popen(
+                    [*PEERPATH, "up", "--state-dir", str(state), "--host", "127.0.0.1", "--port", str(port)],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for state, _, _ in nodes:
+            deadline = time.monotonic() + 20
+            while not (state / "control.sock").exists():
+                assert time.monotonic() < deadline, "the daemon did not start"
+                time.sleep(0.05)
+        yield nodes, procs
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def test_up_ping_status(two_daemons) -> None:
+    nodes, procs = two_daemons
+    (one, _, _), (_, two_address, two_port) = nodes
+    proc = run("ping", f"{two_address}@127.0.0.1:{two_port}", "-c", "3", "-i", "0.1", "--state-dir", str(one))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"pong from {two_address} via direct udp 127.0.0.1:{two_port}: seq=1 time=")
+    assert lines[-1].startswith("3 sent, 3 received, 0% loss")
+    # Now that a session exists, the address alone is enough.
+    summary = json.loads(run("ping", two_address, "-c", "1", "--json", "--state-dir", str(one)).stdout)
+    assert summary["received"] == 1 and summary["replies"][0]["path"] == f"direct udp 127.0.0.1:{two_port}"
+    status = json.loads(run("status", "--json", "--state-dir", str(one)).stdout)
+    assert [s["peer"] for s in status["sessions"]] == [two_address]
+    human = run("status", "--state-dir", str(one)).stdout
+    assert two_address in human and "direct udp" in human
+    # A second daemon on the same state directory is refused.
+    again = run("up", "--state-dir", str(one), "--port", "0", timeout=30)
+    assert again.returncode == 1 and "already running" in again.stderr
+
+
+def test_ping_an_untrusted_peer_fails_clearly(two_daemons, tmp_path: Path) -> None:
+    nodes, _ = two_daemons
+    (one, one_address, _), (two, _, two_port) = nodes
+    run("trust", "remove", one_address, "--state-dir", str(two))
+    stranger = run("address", "--state-dir", str(tmp_path / "stranger")).stdout.strip()
+    proc = run("ping", f"{stranger}@127.0.0.1:{two_port}", "--state-dir", str(one))
+    assert proc.returncode == 1 and "is not trusted; run: peerpath trust add" in proc.stderr
+    two_address = nodes[1][1]
+    proc = run("ping", f"{two_address}@127.0.0.1:{two_port}", "-c", "1", "--state-dir", str(one))
+    assert proc.returncode == 1 and "refused the session" in proc.stderr and "does not trust" in proc.stderr
