@@ -41,7 +41,10 @@ def test_key_file_readable_by_others_is_refused_with_a_fix(tmp_path: Path) -> No
     os.chmod(tmp_path / "identity.key", 0o644)
     proc = run("address", "--state-dir", str(tmp_path))
     assert proc.returncode == 1
-    assert proc.stderr.strip() == f"peerpath: key file {tmp_path / 'identity.key'} is readable by others; run chmod 600 on it"
+    assert (
+        proc.stderr.strip()
+        == f"peerpath: key file {tmp_path / 'identity.key'} is readable by others; run chmod 600 on it"
+    )
 
 
 def test_trust_add_list_remove(tmp_path: Path) -> None:
@@ -110,7 +113,7 @@ def two_daemons(tmp_path: Path) -> Iterator[tuple[list[tuple[Path, str, int]], l
 
 
 def test_up_ping_status(two_daemons) -> None:
-    nodes, procs = two_daemons
+    nodes, _ = two_daemons
     (one, _, _), (_, two_address, two_port) = nodes
     proc = run("ping", f"{two_address}@127.0.0.1:{two_port}", "-c", "3", "-i", "0.1", "--state-dir", str(one))
     assert proc.returncode == 0, proc.stderr

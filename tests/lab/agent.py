@@ -1,0 +1,95 @@
+"""A test agent for the lab: serves echo on port 7 and digests messages; or exercises a peer.
+
+python agent.py serve STATE_DIR PORT          -> prints "ready ADDRESS PORT", runs until killed
+python agent.py exercise STATE_DIR ADDR@HOST:PORT  -> prints one JSON object of results
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+
+from peerpath.node.node import Node
+from peerpath.session.connection import Connection
+
+
+async def echo(reader: asyncio.StreamReader, writer) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def stream_round_trip(conn: Connection, size: int) -> bool:
+    payload = os.urandom(size)
+    reader, writer = await conn.open_stream(7)
+
+    async def send() -> None:
+        for i in range(0, len(payload), 32768):
+            writer.write(payload[i : i + 32768])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.ensure_future(send())
+    got = await reader.read()
+    await sender
+    return got == payload
+
+
+async def handle(conn: Connection, data: bytes) -> bytes:
+    if data == b"call me back":
+        # The responder opens streams and sends a request to the initiator: both ways.
+        streams_ok = all(await asyncio.gather(*(stream_round_trip(conn, 20000) for _ in range(5))))
+        blob = os.urandom(1_000_000)
+        reply = await conn.request(blob, timeout=60)
+        return json.dumps({"streams_ok": streams_ok, "request_ok": reply == hashlib.sha256(blob).digest()}).encode()
+    return hashlib.sha256(data).digest()
+
+
+async def serve(state_dir: str, port: int) -> None:
+    async with Node.start(state_dir, port=port) as node:
+        node.serve(7, echo)
+        node.on_message(handle)
+        print("ready", node.address, node.local_endpoint[1], flush=True)
+        await asyncio.Event().wait()
+
+
+async def exercise(state_dir: str, target: str) -> dict[str, object]:
+    address, _, endpoint = target.partition("@")
+    host, _, port = endpoint.rpartition(":")
+    async with Node.start(state_dir) as node:
+        node.serve(7, echo)
+        node.on_message(handle)
+        start = time.perf_counter()
+        conn = await node.connect(address, (host, int(port)), timeout=20)
+        connect_s = time.perf_counter() - start
+        sizes = [1000 + 3000 * i for i in range(30)]
+        streams = await asyncio.gather(*(stream_round_trip(conn, n) for n in sizes))
+        big = os.urandom(5 * 1024 * 1024)
+        digest_ok = await conn.request(big, timeout=120) == hashlib.sha256(big).digest()
+        back = json.loads(await conn.request(b"call me back", timeout=120))
+        return {
+            "peer": str(conn.peer),
+            "path": conn.path.describe() if conn.path else None,
+            "connect_s": round(connect_s, 3),
+            "streams_ok": all(streams),
+            "large_message_ok": digest_ok,
+            "reverse": back,
+        }
+
+
+def main() -> None:
+    """Command-line entry."""
+    command, state_dir, arg = sys.argv[1:4]
+    if command == "serve":
+        asyncio.run(serve(state_dir, int(arg)))
+    else:
+        print(json.dumps(asyncio.run(exercise(state_dir, arg))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
