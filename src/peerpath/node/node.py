@@ -9,7 +9,7 @@ import socket
 from collections.abc import Generator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.quic.packet import QuicPacketType, pull_quic_header
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: Responder sessions still handshaking; more Initial packets than this are dropped.
 MAX_PENDING_HANDSHAKES = 256
+#: Datagrams read per socket wakeup.
+RECV_BATCH = 64
 _CID_LENGTH = 8
 
 
@@ -34,24 +36,52 @@ def _format_endpoint(addr: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _UdpEndpoint(asyncio.DatagramProtocol):
-    def __init__(self, node: Node) -> None:
+class _UdpSocket:
+    """The node's one UDP socket, read in batches straight from the event loop's selector.
+
+    asyncio's datagram transport delivers one datagram per loop turn; reading up to
+    :data:`RECV_BATCH` per wakeup lets every session process a burst and answer it with
+    one transmit (one ACK instead of one per packet).
+    """
+
+    def __init__(self, node: Node, sock: socket.socket) -> None:
         self.node = node
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.closed = False
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def _readable(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP errors surface here on Linux; the next read goes on
+                log.debug("UDP receive error: %s", exc)
+                continue
+            try:
+                self.node._datagram_received(data, addr)
+            except Exception:
+                # Whatever a datagram does, the node keeps running.
+                self.node.counters["datagrams_failed"] += 1
+                log.exception("datagram from %s could not be handled", addr)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.closed:
+            return
         try:
-            self.node._datagram_received(data, addr)
-        except Exception:
-            # Whatever a datagram does, the node keeps running.
-            self.node.counters["datagrams_failed"] += 1
-            log.exception("datagram from %s could not be handled", addr)
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.node.counters["send_dropped"] += 1  # a full socket buffer is a lost packet to QUIC
+        except OSError as exc:
+            log.debug("UDP send to %s failed: %s", addr, exc)
 
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP error: %s", exc)
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class Node:
@@ -76,8 +106,9 @@ class Node:
             "datagrams_dropped": 0,
             "datagrams_failed": 0,
             "sessions_refused": 0,
+            "send_dropped": 0,
         }
-        self._endpoint: _UdpEndpoint | None = None
+        self._socket: _UdpSocket | None = None
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
         self._services: dict[int, StreamHandler] = {}
@@ -105,7 +136,6 @@ class Node:
         return _Starting(cls, state_dir, host, port, identity, trust, config)
 
     async def _bind(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -113,11 +143,10 @@ class Node:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-            _, endpoint = await loop.create_datagram_endpoint(lambda: _UdpEndpoint(self), sock=sock)
+            self._socket = _UdpSocket(self, sock)
         except BaseException:
             sock.close()
             raise
-        self._endpoint = endpoint
 
     @property
     def address(self) -> Address:
@@ -127,9 +156,9 @@ class Node:
     @property
     def local_endpoint(self) -> tuple[str, int]:
         """The (host, port) the node's UDP socket is bound to."""
-        if self._endpoint is None or self._endpoint.transport is None:
+        if self._socket is None or self._socket.closed:
             raise errors.LocalError("node is not started")
-        sockname = self._endpoint.transport.get_extra_info("sockname")
+        sockname = self._socket.sock.getsockname()
         return (str(sockname[0]), int(sockname[1]))
 
     async def close(self) -> None:
@@ -140,8 +169,8 @@ class Node:
         for task in self._connecting.values():
             task.cancel()
         await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
-        if self._endpoint is not None and self._endpoint.transport is not None:
-            self._endpoint.transport.close()
+        if self._socket is not None:
+            self._socket.close()
 
     async def __aenter__(self) -> Node:
         return self
@@ -264,11 +293,12 @@ class Node:
         return conn
 
     def _udp_path(self, remote: tuple[str, int]) -> NetPath:
-        endpoint = self._endpoint
+        udp = self._socket
+        if udp is None:
+            raise errors.LocalError("node is not started")
 
         def send(datagram: bytes) -> None:
-            if endpoint is not None and endpoint.transport is not None and not endpoint.transport.is_closing():
-                endpoint.transport.sendto(datagram, remote)
+            udp.sendto(datagram, remote)
 
         return NetPath(PathKind.DIRECT_UDP, _format_endpoint(remote), send, created=asyncio.get_running_loop().time())
 
@@ -334,7 +364,7 @@ class Node:
         """A snapshot of the node: address, endpoint, sessions and counters."""
         return {
             "address": str(self.address),
-            "endpoint": _format_endpoint(self.local_endpoint) if self._endpoint else None,
+            "endpoint": _format_endpoint(self.local_endpoint) if self._socket else None,
             "sessions": [c.describe() for c in self.connections],
             "counters": dict(self.counters),
         }

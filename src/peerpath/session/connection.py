@@ -296,7 +296,8 @@ class Connection:
         if self.quic.authentic_packets > before:
             self.paths.received(path, len(data), now)
         self._process_events()
-        self.transmit()
+        # Coalesced: a burst of datagrams read in one wakeup is answered by one transmit.
+        self._schedule_transmit()
 
     def transmit(self) -> None:
         """Send what QUIC wants sent and re-arm its timer."""
