@@ -58,6 +58,8 @@ class PathSet:
     current: Path | None = None
     #: Called with (old, new) when the current path changes.
     on_change: Callable[[Path | None, Path], None] | None = None
+    #: Seconds of silence on the current path before another path of its kind takes over.
+    stale_after: float = 3.0
 
     def add(self, path: Path) -> Path:
         """Add a path (or return the one already there with the same key)."""
@@ -102,7 +104,17 @@ class PathSet:
         if not self.paths:
             return None
         # Prefer the more direct kind; among equals the one heard from most recently.
-        return min(self.paths.values(), key=lambda p: (_PREFERENCE[p.kind], -(p.last_received or p.created)))
+        best = min(self.paths.values(), key=lambda p: (_PREFERENCE[p.kind], -(p.last_received or p.created)))
+        current = self.current
+        if current is None or current.key not in self.paths or best is current:
+            return best
+        if _PREFERENCE[best.kind] < _PREFERENCE[current.kind]:
+            return best
+        # Same kind: stay unless the current path has gone quiet (a NAT rebinding), so one
+        # packet arriving from elsewhere cannot move the session.
+        heard = current.last_received or current.created
+        best_heard = best.last_received or best.created
+        return best if best_heard - heard > self.stale_after else current
 
     def _switch(self, path: Path) -> None:
         old, self.current = self.current, path
