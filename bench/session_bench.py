@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from peerpath.cli import run_event_loop
 from peerpath.node.node import Node
 
 CHUNK = 256 * 1024
@@ -184,6 +185,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _run(coro):  # type: ignore[no-untyped-def]
+    """peerpath's side runs on the event loop the CLI uses (uvloop where installed)."""
+    return run_event_loop(coro) if not os.environ.get("BENCH_ASYNCIO") else asyncio.run(coro)
+
+
+def _loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401, PLC0415
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def main() -> None:
     """Run every measurement and print one JSON object."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -197,6 +211,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "bytes": total,
         "requests": args.requests,
+        "peerpath_event_loop": "asyncio" if os.environ.get("BENCH_ASYNCIO") else _loop_name(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -226,9 +241,7 @@ def main() -> None:
         port = _free_port()
         server = _spawn("_serve", "peerpath", str(port), str(server_dir))
         try:
-            measured = asyncio.run(
-                _peerpath_client(str(client_dir), server_address.strip(), port, total, args.requests)
-            )
+            measured = _run(_peerpath_client(str(client_dir), server_address.strip(), port, total, args.requests))
         finally:
             server.kill()
             server.wait()
@@ -244,7 +257,7 @@ def main() -> None:
 
 def _serve(kind: str, port: int, directory: str) -> None:
     if kind == "peerpath":
-        asyncio.run(_peerpath_server(directory, port))
+        _run(_peerpath_server(directory, port))
         return
     tls = None
     if kind == "tls_tcp":

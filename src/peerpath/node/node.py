@@ -20,7 +20,7 @@ from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
-from peerpath.session.pathset import PathKind, PathSet
+from peerpath.session.pathset import PathKind, PathSet, clock
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ class Node:
         def send(datagram: bytes) -> None:
             udp.sendto(datagram, remote)
 
-        return NetPath(PathKind.DIRECT_UDP, _format_endpoint(remote), send, created=asyncio.get_running_loop().time())
+        return NetPath(PathKind.DIRECT_UDP, _format_endpoint(remote), send, created=clock())
 
     def _register_cid(self, conn: Connection, cid: bytes, issued: bool) -> None:
         if issued:

@@ -32,6 +32,7 @@ from peerpath.identity import Address, Identity, verify
 from peerpath.session import control
 from peerpath.session.certs import certificate_address, self_signed_certificate
 from peerpath.session.pathset import VIRTUAL_PEER, Path, PathSet
+from peerpath.session.pathset import clock as _clock
 from peerpath.session.streams import StreamWriter
 
 log = logging.getLogger(__name__)
@@ -235,14 +236,14 @@ class Connection:
         """One round trip through the session, answered by the peer's session layer; seconds."""
         self._check_open()
         stream, answer = self._new_local_stream("await-reply")
-        start = self._loop.time()
+        start = _clock()
         self._send_stream(stream.stream_id, control.encode(control.Ping()), end_stream=True)
         try:
             await asyncio.wait_for(answer, timeout)
         except TimeoutError:
             self._cancel_stream(stream)
             raise errors.RequestTimeoutError(f"no pong from {self.peer} within {timeout:g} s") from None
-        return self._loop.time() - start
+        return _clock() - start
 
     async def send(self, data: bytes) -> None:
         """Send a one-way message (delivered reliably; no reply)."""
@@ -283,14 +284,14 @@ class Connection:
     def start(self) -> None:
         """Start the handshake (initiator) or wait for it (responder)."""
         if self.role is Role.INITIATOR:
-            self.quic.connect(VIRTUAL_PEER, now=self._loop.time())
+            self.quic.connect(VIRTUAL_PEER, now=_clock())
         self.transmit()
 
     def datagram_received(self, data: bytes, path: Path) -> None:
         """A datagram for this session arrived over ``path``."""
         if self.closed.done():
             return
-        now = self._loop.time()
+        now = _clock()
         before = self.quic.authentic_packets
         self.quic.receive_datagram(data, VIRTUAL_PEER, now=now)
         if self.quic.authentic_packets > before:
@@ -302,7 +303,7 @@ class Connection:
     def transmit(self) -> None:
         """Send what QUIC wants sent and re-arm its timer."""
         self._transmit_soon = False
-        now = self._loop.time()
+        now = _clock()
         for datagram, _ in self.quic.datagrams_to_send(now=now):
             self.paths.send(datagram)
         if self._timer is not None:
@@ -310,7 +311,8 @@ class Connection:
             self._timer = None
         deadline = self.quic.get_timer()
         if deadline is not None and not self.closed.done():
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            # QUIC's clock is high-resolution; the loop's may tick in milliseconds (uvloop).
+            self._timer = self._loop.call_later(max(0.0, deadline - now), self._on_timer)
         self._wake_drains()
 
     def _schedule_transmit(self) -> None:
@@ -320,7 +322,7 @@ class Connection:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.quic.handle_timer(now=self._loop.time())
+        self.quic.handle_timer(now=_clock())
         self._process_events()
         self.transmit()
 
