@@ -25,6 +25,7 @@ from peerpath.node import control
 from peerpath.node.node import Node
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
+from peerpath.session.connection import SessionConfig
 from peerpath.wire.stun import Address
 
 app = typer.Typer(
@@ -272,14 +273,24 @@ def up_command(
     state_dir: StateDir = None,
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="UDP port to listen on (0: any).")] = 0,
     host: Annotated[str, typer.Option("--host", help="Local address to bind.")] = "0.0.0.0",
+    idle_timeout: Annotated[
+        float, typer.Option("--idle-timeout", min=1.0, metavar="S", help="Close sessions silent this long.")
+    ] = SessionConfig.idle_timeout,
+    keepalive: Annotated[
+        float,
+        typer.Option("--keepalive", min=0.0, metavar="S", help="Ping idle sessions this often (0: never)."),
+    ] = SessionConfig.keepalive_interval,
 ) -> None:
     """Run this machine's agent node in the foreground (Ctrl-C stops it)."""
     directory = _state_dir(state_dir)
     identity = _identity(directory)
     trust = _trust_store(directory)
+    if keepalive and keepalive >= idle_timeout:
+        fail("--keepalive must be shorter than --idle-timeout, or sessions time out between pings", 2)
+    config = SessionConfig(idle_timeout=idle_timeout, keepalive_interval=keepalive)
 
     async def run() -> None:
-        node = await Node.start(identity=identity, trust=trust, host=host, port=port)
+        node = await Node.start(identity=identity, trust=trust, host=host, port=port, config=config)
         server = control.ControlServer(node, control.socket_path(directory))
         try:
             await server.start()

@@ -72,6 +72,11 @@ def test_mistyped_address_is_a_usage_error_that_says_typo(tmp_path: Path) -> Non
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
 
 
+def test_up_refuses_a_keepalive_longer_than_the_idle_timeout(tmp_path: Path) -> None:
+    proc = run("up", "--state-dir", str(tmp_path), "--idle-timeout", "5", "--keepalive", "10")
+    assert proc.returncode == 2 and "--keepalive must be shorter" in proc.stderr
+
+
 def test_commands_that_need_the_daemon_say_how_to_start_it(tmp_path: Path) -> None:
     good = run("address", "--state-dir", str(tmp_path / "x")).stdout.strip()
     for args in (["status"], ["ping", good]):
