@@ -73,7 +73,7 @@ class UdpStunSocket(asyncio.DatagramProtocol):
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind(bind or (("::" if family == socket.AF_INET6 else "0.0.0.0"), 0))
-            local_ip = _route_source(family, toward)
+            local_ip = route_source(toward)
             loop = asyncio.get_running_loop()
             _, proto = await loop.create_datagram_endpoint(cls, sock=sock)
         except BaseException:
@@ -169,8 +169,9 @@ class UdpStunSocket(asyncio.DatagramProtocol):
             self._transport.close()
 
 
-def _route_source(family: int, toward: Address) -> str:
+def route_source(toward: Address) -> str:
     """The local IP the kernel would use toward ``toward`` (connect() on UDP sends nothing)."""
+    family = socket.AF_INET6 if toward.family == 2 else socket.AF_INET
     probe = socket.socket(family, socket.SOCK_DGRAM)
     try:
         probe.connect(toward.as_tuple())

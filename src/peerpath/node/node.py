@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -16,11 +16,15 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from peerpath import errors
 from peerpath.identity import Address, Identity
+from peerpath.nat.stun_client import route_source
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
+from peerpath.rendezvous.client import RendezvousClient
+from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
 from peerpath.session.pathset import PathKind, PathSet, clock
+from peerpath.wire.stun import Address as TransportAddress
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ class Node:
         self._message_handler: MessageHandler | None = None
         self._connecting: dict[Address, asyncio.Task[Connection]] = {}
         self._closed = False
+        self.rendezvous: RendezvousClient | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -128,12 +133,31 @@ class Node:
         identity: Identity | None = None,
         trust: TrustStore | None = None,
         config: SessionConfig | None = None,
+        rendezvous: str | RendezvousUrl | None = None,
     ) -> _Starting:
         """Start a node: load (or create) the identity in ``state_dir`` and bind one UDP socket.
 
-        Give ``identity`` and ``trust`` instead of ``state_dir`` to run without files (tests).
+        With ``rendezvous`` (a ``pp://ADDRESS@HOST:PORT`` URL) the node registers there, can
+        reach peers by address alone, and is reachable through the server's relay. Give
+        ``identity`` and ``trust`` instead of ``state_dir`` to run without files (tests).
         """
-        return _Starting(cls, state_dir, host, port, identity, trust, config)
+        url = RendezvousUrl.parse(rendezvous) if isinstance(rendezvous, str) else rendezvous
+        return _Starting(cls, state_dir, host, port, identity, trust, config, url)
+
+    async def _register(self, url: RendezvousUrl) -> None:
+        self.rendezvous = RendezvousClient(
+            self.identity, url, on_relay=self._relay_received, endpoints=lambda: self._local_endpoints(url)
+        )
+        await self.rendezvous.start()
+
+    def _local_endpoints(self, url: RendezvousUrl) -> list[str]:
+        host, port = self.local_endpoint
+        if host in ("0.0.0.0", "::"):
+            try:
+                host = route_source(TransportAddress(url.host, url.port))
+            except ValueError:
+                return []
+        return [_format_endpoint((host, port))]
 
     async def _bind(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -169,6 +193,8 @@ class Node:
         for task in self._connecting.values():
             task.cancel()
         await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
+        if self.rendezvous is not None:
+            await self.rendezvous.close()
         if self._socket is not None:
             self._socket.close()
 
@@ -223,13 +249,15 @@ class Node:
         return None
 
     async def connect(
-        self, address: Address | str, via: tuple[str, int], *, timeout: float | None = None
+        self, address: Address | str, via: tuple[str, int] | None = None, *, timeout: float | None = None
     ) -> Connection:
-        """A session with the peer at ``address``, reached at the UDP endpoint ``via``.
+        """A session with the peer at ``address``.
 
-        Reuses an established session. Raises :class:`~peerpath.errors.NotTrustedError` for
-        an address this node does not trust, and fails closed if the endpoint cannot prove it
-        holds ``address``'s key.
+        With ``via`` the peer is reached at that UDP endpoint; without it the rendezvous
+        server is asked whether the peer is online and the session starts over its relay
+        at once. Reuses an established session. Raises
+        :class:`~peerpath.errors.NotTrustedError` for an address this node does not trust,
+        and fails closed if the other end cannot prove it holds ``address``'s key.
         """
         peer = Address.parse(address) if isinstance(address, str) else address
         if self._closed:
@@ -248,11 +276,19 @@ class Node:
             task.add_done_callback(lambda _t: self._connecting.pop(peer, None))
         return await asyncio.shield(task)
 
-    async def _dial(self, peer: Address, via: tuple[str, int], timeout: float | None) -> Connection:
-        remote = await self._resolve(via)
+    async def _dial(self, peer: Address, via: tuple[str, int] | None, timeout: float | None) -> Connection:
         paths = PathSet()
+        if via is not None:
+            paths.add(self._udp_path(await self._resolve(via)))
+        else:
+            client = self.rendezvous
+            if client is None:
+                raise errors.LocalError(f"no endpoint for {peer} and no rendezvous server: give ADDR@HOST:PORT")
+            found = await client.lookup(peer, timeout=timeout or self.config.connect_timeout)
+            if not found.online:
+                raise errors.NetworkError(f"{peer} is not online at {client.url.endpoint}")
+            paths.add(self._relay_path(client, peer.digest))
         conn = self._new_connection(Role.INITIATOR, paths, expected_peer=peer)
-        paths.add(self._udp_path(remote))
         self._register_cid(conn, conn.quic.host_cid, True)
         conn.start()
         try:
@@ -302,6 +338,12 @@ class Node:
 
         return NetPath(PathKind.DIRECT_UDP, _format_endpoint(remote), send, created=clock())
 
+    def _relay_path(self, client: RendezvousClient, peer: bytes) -> NetPath:
+        def send(datagram: bytes) -> None:
+            client.send_relay(peer, datagram)
+
+        return NetPath(PathKind.RELAY, client.url.endpoint, send, created=clock())
+
     def _register_cid(self, conn: Connection, cid: bytes, issued: bool) -> None:
         if issued:
             self._by_cid[cid] = conn
@@ -316,6 +358,17 @@ class Node:
     # -- the socket -----------------------------------------------------------------------
 
     def _datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        remote = (str(addr[0]), int(addr[1]))
+        self._demux(data, (PathKind.DIRECT_UDP, _format_endpoint(remote)), lambda: self._udp_path(remote))
+
+    def _relay_received(self, source: bytes, data: bytes) -> None:
+        client = self.rendezvous
+        if client is None:
+            return
+        self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source))
+
+    def _demux(self, data: bytes, key: tuple[PathKind, str], make_path: Callable[[], NetPath]) -> None:
+        """Hand a datagram to its session by destination connection ID; an Initial may start one."""
         self.counters["datagrams_received"] += 1
         # RFC 9000 17: every QUIC packet has the fixed bit (0x40) set; STUN (RFC 7983) does not.
         if not data or not data[0] & 0x40:
@@ -327,17 +380,16 @@ class Node:
             self.counters["datagrams_dropped"] += 1
             return
         conn = self._by_cid.get(header.destination_cid)
-        remote = (str(addr[0]), int(addr[1]))
         if conn is None:
-            conn = self._accept(header.packet_type, header.destination_cid, len(data), remote)
+            conn = self._accept(header.packet_type, header.destination_cid, len(data), make_path)
             if conn is None:
                 self.counters["datagrams_dropped"] += 1
                 return
-        path = conn.paths.paths.get((PathKind.DIRECT_UDP, _format_endpoint(remote))) or self._udp_path(remote)
+        path = conn.paths.paths.get(key) or make_path()
         conn.datagram_received(data, path)
 
     def _accept(
-        self, packet_type: QuicPacketType, dcid: bytes, size: int, remote: tuple[str, int]
+        self, packet_type: QuicPacketType, dcid: bytes, size: int, make_path: Callable[[], NetPath]
     ) -> Connection | None:
         # RFC 9000 14.1: a client's Initial is padded to at least 1200 bytes.
         if self._closed or packet_type != QuicPacketType.INITIAL or size < 1200:
@@ -346,7 +398,7 @@ class Node:
         if pending >= MAX_PENDING_HANDSHAKES:
             return None
         paths = PathSet()
-        paths.add(self._udp_path(remote))
+        paths.add(make_path())
         conn = self._new_connection(Role.RESPONDER, paths, original_dcid=dcid)
         self._register_cid(conn, dcid, True)
         self._register_cid(conn, conn.quic.host_cid, True)
@@ -367,6 +419,7 @@ class Node:
             "endpoint": _format_endpoint(self.local_endpoint) if self._socket else None,
             "sessions": [c.describe() for c in self.connections],
             "counters": dict(self.counters),
+            "rendezvous": self.rendezvous.status() if self.rendezvous is not None else None,
         }
 
 
@@ -382,8 +435,10 @@ class _Starting:
         identity: Identity | None,
         trust: TrustStore | None,
         config: SessionConfig | None,
+        rendezvous: RendezvousUrl | None,
     ) -> None:
         self._args = (cls, state_dir, host, port, identity, trust, config)
+        self._rendezvous = rendezvous
         self._node: Node | None = None
 
     async def _start(self) -> Node:
@@ -399,6 +454,8 @@ class _Starting:
             await node._bind(host, port)
         except OSError as exc:
             raise errors.LocalError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from exc
+        if self._rendezvous is not None:
+            await node._register(self._rendezvous)
         self._node = node
         return node
 

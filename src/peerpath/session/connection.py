@@ -28,9 +28,9 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from peerpath import errors
+from peerpath.certs import certificate_address, self_signed_certificate
 from peerpath.identity import Address, Identity, verify
 from peerpath.session import control
-from peerpath.session.certs import certificate_address, self_signed_certificate
 from peerpath.session.pathset import VIRTUAL_PEER, Path, PathSet
 from peerpath.session.pathset import clock as _clock
 from peerpath.session.streams import StreamWriter

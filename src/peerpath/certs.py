@@ -9,6 +9,9 @@ No CA is involved: the address is the trust anchor.
 from __future__ import annotations
 
 import datetime
+import os
+import ssl
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -49,3 +52,45 @@ def certificate_address(certificate: x509.Certificate) -> Address | None:
     """The overlay address that ``certificate``'s key certifies, or None."""
     key = certificate_public_key(certificate)
     return Address.from_public_key(key) if key is not None else None
+
+
+def tls_server_context(identity: Identity, directory: Path) -> ssl.SSLContext:
+    """A TLS 1.3 server context presenting ``identity``'s self-signed certificate.
+
+    OpenSSL loads certificates from files: the certificate and key are written (0600) to
+    ``directory``.
+    """
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert_path, key_path = directory / "tls-cert.pem", directory / "tls-key.pem"
+    certificate = self_signed_certificate(identity)
+    key_pem = identity.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    for path, data in ((cert_path, certificate.public_bytes(serialization.Encoding.PEM)), (key_path, key_pem)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+def tls_client_context() -> ssl.SSLContext:
+    """A TLS 1.3 client context that accepts any certificate: the caller checks the
+    certificate's key against the address it expects (:func:`tls_peer_address`)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def tls_peer_address(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> Address | None:
+    """The overlay address certified by the peer's TLS certificate, or None."""
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return None
+    return certificate_address(x509.load_der_x509_certificate(der))

@@ -1,0 +1,221 @@
+"""An agent's long-lived connection to its rendezvous server: registration, lookups, and
+the relay transport. Reconnects with jittered exponential backoff when the server goes
+away; sessions riding on other paths are not affected by an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from peerpath import errors
+from peerpath.certs import tls_client_context, tls_peer_address
+from peerpath.identity import Address, Identity
+from peerpath.rendezvous.url import RendezvousUrl
+from peerpath.wire import rendezvous as rv
+
+log = logging.getLogger(__name__)
+
+#: Keepalive toward the server (it drops agents silent for three of its ping intervals).
+KEEPALIVE = 10.0
+#: Relay frames beyond this many queued bytes are dropped instead of buffered.
+SEND_HIGH_WATER = 1 << 20
+
+RelayHandler = Callable[[bytes, bytes], None]
+
+
+class RendezvousError(errors.RemoteError):
+    """The server refused us or broke the protocol."""
+
+
+class RendezvousClient:
+    """Keeps this agent registered with one server. :meth:`start`, then :meth:`close`."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        url: RendezvousUrl,
+        *,
+        on_relay: RelayHandler,
+        endpoints: Callable[[], list[str]] = list,
+        nat: Callable[[], dict[str, Any] | None] = lambda: None,
+        backoff: tuple[float, float] = (0.25, 30.0),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.url = url
+        self.on_relay = on_relay
+        self._endpoints = endpoints
+        self._nat = nat
+        self._backoff = backoff
+        self._rng = rng or random.Random()
+        self.registered = asyncio.Event()
+        self.observed: str | None = None
+        self.last_error: str | None = None
+        self.registrations = 0
+        self.counters = {"relay_sent": 0, "relay_received": 0, "relay_dropped": 0}
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lookups: dict[int, asyncio.Future[rv.LookupResult]] = {}
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start connecting in the background (returns at once)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def wait_registered(self, timeout: float) -> None:
+        """Wait until registered; raise a NetworkError that says why not."""
+        try:
+            await asyncio.wait_for(self.registered.wait(), timeout)
+        except TimeoutError:
+            reason = f": {self.last_error}" if self.last_error else ""
+            raise errors.NetworkError(f"not registered with {self.url.endpoint} within {timeout:g} s{reason}") from None
+
+    async def close(self) -> None:
+        """Disconnect and stop reconnecting."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._drop_connection("client closed")
+
+    def status(self) -> dict[str, Any]:
+        """Where we are registered and the relay counters."""
+        return {
+            "url": str(self.url),
+            "registered": self.registered.is_set(),
+            "observed": self.observed,
+            "last_error": self.last_error,
+            "registrations": self.registrations,
+            **self.counters,
+        }
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def lookup(self, address: Address, timeout: float = 5.0) -> rv.LookupResult:
+        """Ask the server whether ``address`` is online and how to reach it."""
+        await self.wait_registered(timeout)
+        request_id = next(self._ids)
+        future: asyncio.Future[rv.LookupResult] = asyncio.get_running_loop().create_future()
+        self._lookups[request_id] = future
+        try:
+            self._send(rv.encode_control(rv.Lookup(request_id, str(address))))
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise errors.NetworkError(f"lookup of {address} got no answer within {timeout:g} s") from None
+        finally:
+            self._lookups.pop(request_id, None)
+
+    def send_relay(self, destination: bytes, datagram: bytes) -> bool:
+        """Hand a session datagram to the relay for ``destination``; False if it was dropped."""
+        writer = self._writer
+        if writer is None or not self.registered.is_set() or writer.transport.is_closing():
+            self.counters["relay_dropped"] += 1
+            return False
+        if writer.transport.get_write_buffer_size() > SEND_HIGH_WATER:
+            self.counters["relay_dropped"] += 1
+            return False
+        writer.write(rv.encode_relay(destination, datagram))
+        self.counters["relay_sent"] += 1
+        return True
+
+    def _send(self, frame: bytes) -> None:
+        if self._writer is None or self._writer.transport.is_closing():
+            raise errors.NetworkError(f"not connected to {self.url.endpoint}")
+        self._writer.write(frame)
+
+    # -- the connection -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        low, high = self._backoff
+        delay = low
+        while not self._closed:
+            try:
+                await self._connect_and_serve()
+                delay = low  # it was up: the next outage starts from the shortest backoff
+            except (OSError, TimeoutError, rv.FrameError, RendezvousError, asyncio.IncompleteReadError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.info("rendezvous %s: %s", self.url.endpoint, self.last_error)
+            finally:
+                self._drop_connection("disconnected")
+            if self._closed:
+                return
+            # Full jitter (AWS architecture blog's "exponential backoff and jitter").
+            await asyncio.sleep(self._rng.uniform(low, delay))
+            delay = min(high, delay * 2)
+
+    async def _connect_and_serve(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.url.host, self.url.port, ssl=tls_client_context()), 10
+        )
+        self._writer = writer
+        proven = tls_peer_address(writer.get_extra_info("ssl_object"))
+        if proven != self.url.address:
+            raise RendezvousError(
+                f"the server at {self.url.endpoint} is {proven or 'not a peerpath server'}, not {self.url.address}"
+            )
+        decoder = rv.FrameDecoder()
+        keepalive = asyncio.get_running_loop().create_task(self._keepalive())
+        try:
+            while data := await asyncio.wait_for(reader.read(65536), KEEPALIVE * 4):
+                for message, datagram in decoder.feed(data):
+                    if datagram is None:
+                        self._on_control(message)  # type: ignore[arg-type]
+                    else:
+                        self.counters["relay_received"] += 1
+                        self.on_relay(message, datagram)  # type: ignore[arg-type]
+            self.last_error = "the server closed the connection"
+        finally:
+            keepalive.cancel()
+
+    def _on_control(self, message: rv.Message) -> None:
+        if isinstance(message, rv.Challenge):
+            if message.server != str(self.url.address):
+                raise RendezvousError(f"server names itself {message.server}, expected {self.url.address}")
+            payload = rv.register_payload(message.nonce, self.identity.address.digest, self.url.address.digest)
+            register = rv.Register(
+                self.identity.public_key, self.identity.sign(payload), self._endpoints(), self._nat()
+            )
+            self._send(rv.encode_control(register))
+        elif isinstance(message, rv.Registered):
+            self.observed = message.observed
+            self.registrations += 1
+            self.last_error = None
+            self.registered.set()
+            log.info(
+                "registered with %s as %s (seen from %s)", self.url.endpoint, self.identity.address, message.observed
+            )
+        elif isinstance(message, rv.Refused):
+            raise RendezvousError(f"refused by {self.url.endpoint}: {message.reason}")
+        elif isinstance(message, rv.LookupResult):
+            future = self._lookups.get(message.id)
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif isinstance(message, rv.Ping):
+            self._send(rv.encode_control(rv.Pong(message.id)))
+        elif isinstance(message, rv.Pong | rv.Unreachable):
+            pass
+        else:
+            raise RendezvousError(f"unexpected {type(message).__name__} from the server")
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE)
+            with contextlib.suppress(errors.NetworkError):
+                self._send(rv.encode_control(rv.Ping(next(self._ids))))
+
+    def _drop_connection(self, reason: str) -> None:
+        self.registered.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        for future in self._lookups.values():
+            if not future.done():
+                future.set_exception(errors.NetworkError(f"rendezvous connection lost: {reason}"))

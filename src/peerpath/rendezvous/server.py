@@ -1,0 +1,314 @@
+"""The rendezvous server: agents register over TLS by signing a challenge; the server keeps
+their presence, answers lookups for agents that are online, and relays their end-to-end
+encrypted session datagrams (over the same connection) within per-agent quotas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peerpath.certs import tls_server_context
+from peerpath.identity import Address, Identity, verify
+from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
+from peerpath.wire import rendezvous as rv
+
+log = logging.getLogger(__name__)
+
+#: An agent must register this soon after connecting.
+REGISTER_TIMEOUT = 10.0
+#: The server pings agents this often and drops one silent for three intervals.
+PING_INTERVAL = 15.0
+#: Relayed frames queued for a slow agent beyond this many bytes are dropped (UDP-like).
+SEND_HIGH_WATER = 1 << 20
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """Per-agent relay quotas."""
+
+    #: Sustained relayed bytes per second an agent may send.
+    rate: float = 16 * 1024 * 1024
+    #: Burst allowance in bytes.
+    burst: float = 32 * 1024 * 1024
+    #: An agent that keeps exceeding its quota is cut off after this many dropped frames in a row.
+    cutoff_drops: int = 5000
+
+
+@dataclass(eq=False)
+class _Agent:
+    address: Address
+    writer: asyncio.StreamWriter
+    observed: str
+    endpoints: list[str]
+    nat: dict[str, Any] | None
+    connected: float
+    tokens: float
+    updated: float
+    last_seen: float
+    rtt: float | None = None
+    overquota_run: int = 0
+    relayed_in: int = 0
+    relayed_out: int = 0
+    ping_sent: dict[int, float] = field(default_factory=dict)
+
+    def send(self, frame: bytes) -> bool:
+        transport = self.writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > SEND_HIGH_WATER:
+            return False
+        self.writer.write(frame)
+        return True
+
+
+class RendezvousServer:
+    """A running rendezvous + relay server. :meth:`start`, then :meth:`close`."""
+
+    def __init__(self, identity: Identity, state_dir: Path, *, limits: RelayLimits | None = None) -> None:
+        self.identity = identity
+        self.state_dir = state_dir
+        self.limits = limits or RelayLimits()
+        self.agents: dict[bytes, _Agent] = {}
+        self.counters = {
+            "connections": 0,
+            "registered": 0,
+            "refused": 0,
+            "malformed": 0,
+            "lookups": 0,
+            "relay_frames": 0,
+            "relay_bytes": 0,
+            "relay_dropped_offline": 0,
+            "relay_dropped_quota": 0,
+            "relay_dropped_backpressure": 0,
+            "agents_cut_off": 0,
+        }
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pinger: asyncio.Task[None] | None = None
+        self.port = DEFAULT_PORT
+        self.hosts: list[str] = []
+
+    @property
+    def address(self) -> Address:
+        """The server's overlay address (agents check its TLS key against it)."""
+        return self.identity.address
+
+    def url(self, host: str | None = None) -> RendezvousUrl:
+        """The URL agents use to reach this server at ``host`` (default: its first address)."""
+        return RendezvousUrl(self.address, host or self.hosts[0], self.port)
+
+    async def start(self, hosts: list[str], port: int = DEFAULT_PORT) -> None:
+        """Listen with TLS on ``port`` of every host address (0: a free port, tests)."""
+        context = tls_server_context(self.identity, self.state_dir)
+        for host in hosts:
+            server = await asyncio.start_server(self._accept, host, port, ssl=context, reuse_address=True)
+            self._servers.append(server)
+            port = port or server.sockets[0].getsockname()[1]
+        self.port, self.hosts = port, list(hosts)
+        self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
+
+    async def close(self) -> None:
+        """Stop listening and drop every agent."""
+        for server in self._servers:
+            server.close()
+        if self._pinger is not None:
+            self._pinger.cancel()
+        for agent in list(self.agents.values()):
+            agent.writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, *(t for t in [self._pinger] if t), return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+
+    def status(self) -> dict[str, Any]:
+        """Counters and the agents online."""
+        return {
+            "address": str(self.address),
+            "agents_online": len(self.agents),
+            "counters": dict(self.counters),
+        }
+
+    # -- one agent ------------------------------------------------------------------------
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.counters["connections"] += 1
+        peer = writer.get_extra_info("peername")
+        observed = _endpoint(peer)
+        agent: _Agent | None = None
+        decoder = rv.FrameDecoder()
+        try:
+            agent = await self._register(reader, writer, decoder, observed)
+            if agent is None:
+                return
+            while data := await asyncio.wait_for(reader.read(65536), PING_INTERVAL * 3):
+                agent.last_seen = time.monotonic()
+                for message, datagram in decoder.feed(data):
+                    if datagram is None:
+                        self._on_control(agent, message)  # type: ignore[arg-type]
+                    else:
+                        self._relay(agent, message, datagram)  # type: ignore[arg-type]
+        except rv.FrameError as exc:
+            self.counters["malformed"] += 1
+            log.info("dropping %s: %s", agent.address if agent else observed, exc)
+            with contextlib.suppress(Exception):
+                writer.write(rv.encode_control(rv.Refused(f"protocol error: {exc}")))
+        except _CutOff as exc:
+            self.counters["agents_cut_off"] += 1
+            log.warning("cutting off %s: %s", agent.address if agent else observed, exc)
+            with contextlib.suppress(Exception):
+                writer.write(rv.encode_control(rv.Refused(str(exc))))
+        except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if agent is not None and self.agents.get(agent.address.digest) is agent:
+                del self.agents[agent.address.digest]
+                log.info("%s offline", agent.address)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _register(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: rv.FrameDecoder, observed: str
+    ) -> _Agent | None:
+        nonce = os.urandom(32)
+        writer.write(rv.encode_control(rv.Challenge(nonce, str(self.address))))
+        frames: list[Any] = []
+        async with asyncio.timeout(REGISTER_TIMEOUT):
+            while not frames:
+                data = await reader.read(65536)
+                if not data:
+                    return None
+                frames = decoder.feed(data)
+        message, datagram = frames[0]
+        if datagram is not None or not isinstance(message, rv.Register):
+            self._refuse(writer, "the first message must be a registration")
+            return None
+        try:
+            claimed = Address.from_public_key(message.public_key)
+        except ValueError:
+            self._refuse(writer, "registration carries a malformed key")
+            return None
+        payload = rv.register_payload(nonce, claimed.digest, self.address.digest)
+        if not verify(message.public_key, message.signature, payload):
+            self._refuse(writer, "registration signature does not verify")
+            return None
+        now = time.monotonic()
+        agent = _Agent(
+            claimed,
+            writer,
+            observed,
+            list(message.endpoints)[:16],
+            message.nat,
+            connected=now,
+            tokens=self.limits.burst,
+            updated=now,
+            last_seen=now,
+        )
+        previous = self.agents.get(claimed.digest)
+        if previous is not None:
+            previous.writer.close()  # the same agent reconnected: the newest connection wins
+        self.agents[claimed.digest] = agent
+        self.counters["registered"] += 1
+        writer.write(rv.encode_control(rv.Registered(observed, [str(self.url(h)) for h in self.hosts])))
+        log.info("%s online from %s", claimed, observed)
+        for message, datagram in frames[1:]:
+            if datagram is None:
+                self._on_control(agent, message)
+            else:
+                self._relay(agent, message, datagram)
+        return agent
+
+    def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
+        self.counters["refused"] += 1
+        log.info("refused %s: %s", _endpoint(writer.get_extra_info("peername")), reason)
+        writer.write(rv.encode_control(rv.Refused(reason)))
+
+    def _on_control(self, agent: _Agent, message: rv.Message) -> None:
+        if isinstance(message, rv.Lookup):
+            self.counters["lookups"] += 1
+            agent.send(rv.encode_control(self._lookup(message)))
+        elif isinstance(message, rv.Ping):
+            agent.send(rv.encode_control(rv.Pong(message.id)))
+        elif isinstance(message, rv.Pong):
+            sent = agent.ping_sent.pop(message.id, None)
+            if sent is not None:
+                agent.rtt = time.monotonic() - sent
+        else:
+            raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
+
+    def _lookup(self, request: rv.Lookup) -> rv.LookupResult:
+        try:
+            target = self.agents.get(Address.parse(request.address).digest)
+        except ValueError:
+            target = None
+        if target is None:
+            return rv.LookupResult(request.id, request.address, online=False)
+        return rv.LookupResult(
+            request.id,
+            request.address,
+            online=True,
+            endpoints=target.endpoints,
+            observed=target.observed,
+            nat=target.nat,
+            relay=str(self.url(self.hosts[0])),
+        )
+
+    def _relay(self, source: _Agent, destination: bytes, datagram: bytes) -> None:
+        now = time.monotonic()
+        limits = self.limits
+        source.tokens = min(limits.burst, source.tokens + (now - source.updated) * limits.rate)
+        source.updated = now
+        size = len(datagram)
+        if source.tokens < size:
+            self.counters["relay_dropped_quota"] += 1
+            source.overquota_run += 1
+            if source.overquota_run >= limits.cutoff_drops:
+                raise _CutOff(f"relay quota exceeded {source.overquota_run} times in a row")
+            return
+        source.overquota_run = 0
+        source.tokens -= size
+        target = self.agents.get(destination)
+        if target is None:
+            self.counters["relay_dropped_offline"] += 1
+            return
+        if not target.send(rv.encode_relay(source.address.digest, datagram)):
+            self.counters["relay_dropped_backpressure"] += 1
+            return
+        source.relayed_out += size
+        target.relayed_in += size
+        self.counters["relay_frames"] += 1
+        self.counters["relay_bytes"] += size
+
+    async def _ping_loop(self) -> None:
+        ids = 0
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            now = time.monotonic()
+            for agent in list(self.agents.values()):
+                ids += 1
+                agent.ping_sent = {k: v for k, v in agent.ping_sent.items() if now - v < PING_INTERVAL * 3}
+                agent.ping_sent[ids] = now
+                agent.send(rv.encode_control(rv.Ping(ids)))
+
+
+class _CutOff(Exception):
+    """An agent broke its limits and is disconnected."""
+
+
+def _endpoint(peer: Any) -> str:
+    if not peer:
+        return "unknown"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

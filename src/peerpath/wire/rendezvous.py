@@ -1,0 +1,174 @@
+"""The rendezvous protocol between an agent and the server: frames and messages.
+
+Sans-I/O. A byte stream (TLS over TCP) carries frames: a 1-byte type, a 3-byte length
+and a body. ``CONTROL`` bodies are msgpack-encoded messages (the structs below);
+``RELAY`` bodies are a 16-byte overlay address (the destination when an agent sends,
+the source when the server delivers) followed by one opaque, already end-to-end
+encrypted session datagram. Malformed input raises :class:`FrameError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+ADDRESS_BYTES = 16
+#: Largest control message body.
+MAX_CONTROL = 64 * 1024
+#: Largest relayed datagram (QUIC datagrams are at most ~1500 bytes on real paths).
+MAX_DATAGRAM = 2048
+_HEADER = struct.Struct("!I")  # type in the top byte, length in the low 24 bits
+REGISTER_CONTEXT = b"peerpath-rendezvous-register-v1\x00"
+
+
+class FrameError(ValueError):
+    """Bytes that are not a well-formed rendezvous frame or message."""
+
+
+class FrameType(enum.IntEnum):
+    """What a frame carries."""
+
+    CONTROL = 1
+    RELAY = 2
+
+
+# -- control messages --------------------------------------------------------------------
+
+
+class Challenge(msgspec.Struct, tag="challenge", frozen=True):
+    """Server -> agent, first: prove your key by signing this nonce (with both addresses)."""
+
+    nonce: bytes
+    server: str
+    version: int = PROTOCOL_VERSION
+
+
+class Register(msgspec.Struct, tag="register", frozen=True):
+    """Agent -> server: my key, the signature over :func:`register_payload`, how to reach me."""
+
+    public_key: bytes
+    signature: bytes
+    endpoints: list[str] = []
+    nat: dict[str, Any] | None = None
+
+
+class Registered(msgspec.Struct, tag="registered", frozen=True):
+    """Server -> agent: welcome; the address the server sees you at, and the relays."""
+
+    observed: str
+    relays: list[str] = []
+
+
+class Refused(msgspec.Struct, tag="refused", frozen=True):
+    """Server -> agent: the connection is refused (the server closes it next)."""
+
+    reason: str
+
+
+class Lookup(msgspec.Struct, tag="lookup", frozen=True):
+    """Agent -> server: is this agent online, and how can it be reached?"""
+
+    id: int
+    address: str
+
+
+class LookupResult(msgspec.Struct, tag="lookup-result", frozen=True):
+    """Server -> agent: the answer to :class:`Lookup` (``online`` false: nothing else is said)."""
+
+    id: int
+    address: str
+    online: bool
+    endpoints: list[str] = []
+    observed: str | None = None
+    nat: dict[str, Any] | None = None
+    relay: str | None = None
+
+
+class Unreachable(msgspec.Struct, tag="unreachable", frozen=True):
+    """Server -> agent: a relayed datagram was dropped because its destination is offline."""
+
+    address: str
+
+
+class Ping(msgspec.Struct, tag="ping", frozen=True):
+    """Either way: answer with :class:`Pong` (keepalive, and RTT for synchronised punching)."""
+
+    id: int
+
+
+class Pong(msgspec.Struct, tag="pong", frozen=True):
+    """The answer to :class:`Ping`."""
+
+    id: int
+
+
+Message = Challenge | Register | Registered | Refused | Lookup | LookupResult | Unreachable | Ping | Pong
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode_control(message: Message) -> bytes:
+    """A CONTROL frame."""
+    body = _encoder.encode(message)
+    if len(body) > MAX_CONTROL:
+        raise FrameError(f"control message of {len(body)} bytes exceeds {MAX_CONTROL}")
+    return _HEADER.pack(FrameType.CONTROL << 24 | len(body)) + body
+
+
+def encode_relay(address: bytes, datagram: bytes) -> bytes:
+    """A RELAY frame: a 16-byte overlay address and a datagram."""
+    if len(address) != ADDRESS_BYTES:
+        raise FrameError(f"relay address must be {ADDRESS_BYTES} bytes, got {len(address)}")
+    if len(datagram) > MAX_DATAGRAM:
+        raise FrameError(f"datagram of {len(datagram)} bytes exceeds {MAX_DATAGRAM}")
+    return _HEADER.pack(FrameType.RELAY << 24 | (ADDRESS_BYTES + len(datagram))) + address + datagram
+
+
+def _header(data: bytes | bytearray) -> tuple[int, int]:
+    (word,) = _HEADER.unpack_from(data)
+    return word >> 24, word & 0xFFFFFF
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames; yields ``(Message, None)`` or ``(address, datagram)``."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[Message | bytes, bytes | None]]:
+        """Add stream data; return every complete frame. Raises :class:`FrameError`."""
+        self._buffer += data
+        out: list[tuple[Message | bytes, bytes | None]] = []
+        while len(self._buffer) >= _HEADER.size:
+            kind, length = _header(self._buffer)
+            if kind == FrameType.CONTROL:
+                limit = MAX_CONTROL
+            elif kind == FrameType.RELAY:
+                limit = ADDRESS_BYTES + MAX_DATAGRAM
+            else:
+                raise FrameError(f"unknown frame type {kind}")
+            if length > limit:
+                raise FrameError(f"{FrameType(kind).name} frame of {length} bytes exceeds {limit}")
+            if len(self._buffer) < _HEADER.size + length:
+                break
+            body = bytes(self._buffer[_HEADER.size : _HEADER.size + length])
+            del self._buffer[: _HEADER.size + length]
+            if kind == FrameType.CONTROL:
+                try:
+                    out.append((_decoder.decode(body), None))
+                except msgspec.DecodeError as exc:
+                    raise FrameError(f"malformed control message: {exc}") from exc
+            else:
+                if length < ADDRESS_BYTES + 1:
+                    raise FrameError("relay frame without a datagram")
+                out.append((body[:ADDRESS_BYTES], body[ADDRESS_BYTES:]))
+        return out
+
+
+def register_payload(nonce: bytes, agent: bytes, server: bytes) -> bytes:
+    """What an agent signs to register: the server's nonce and both 16-byte addresses."""
+    return REGISTER_CONTEXT + nonce + agent + server
