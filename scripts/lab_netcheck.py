@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 from peerpath.testing.netlab import Impairment, Lab, Node, available, every_router_kind
 
@@ -18,7 +19,9 @@ SERVER_IPS = ["203.0.113.10", "203.0.113.11"]
 def build(lab: Lab) -> dict[str, Node]:
     """The server and one host behind each router kind."""
     server = lab.public_host("server", SERVER_IPS)
-    server.start([*PEERPATH, "server", "--public-ip", SERVER_IPS[0], "--public-ip", SERVER_IPS[1]], ready="listening")
+    state = tempfile.mkdtemp(prefix="pp-server-")
+    ips = ["--public-ip", SERVER_IPS[0], "--public-ip", SERVER_IPS[1]]
+    server.start([*PEERPATH, "server", "--state-dir", state, *ips], ready="STUN server")
     hosts = every_router_kind(lab, impaired=Impairment(delay_ms=50, loss=0.02))
     hosts["port-restricted, 50 ms, 2% loss"] = hosts.pop("impaired")
     return hosts

@@ -25,6 +25,9 @@ from peerpath.node import control
 from peerpath.node.node import Node
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
+from peerpath.rendezvous.server import RelayLimits, RendezvousServer
+from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
+from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import SessionConfig
 from peerpath.wire.stun import Address
 
@@ -41,6 +44,7 @@ app.add_typer(trust_app, name="trust")
 _state = {"debug": False}
 log = logging.getLogger("peerpath")
 T = TypeVar("T")
+URL_FILE = "rendezvous.url"
 
 StateDir = Annotated[
     Path | None,
@@ -131,6 +135,19 @@ def _peer_address(text: str) -> PeerAddress:
         fail(str(exc), 2)
 
 
+def _rendezvous_url(value: str) -> RendezvousUrl:
+    text = value
+    if not value.startswith("pp://"):
+        try:
+            text = Path(value).read_text().strip()
+        except OSError as exc:
+            fail(f"--rendezvous {value!r} is neither a pp:// URL nor a readable file: {exc.strerror or exc}", 2)
+    try:
+        return RendezvousUrl.parse(text)
+    except ValueError as exc:
+        fail(f"--rendezvous: {exc}", 2)
+
+
 def _trust_store(state_dir: Path) -> TrustStore:
     try:
         return TrustStore.in_state_dir(state_dir)
@@ -207,6 +224,13 @@ def server_command(
             help="A public IP to serve on; give two for RFC 5780 behaviour discovery.",
         ),
     ],
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", metavar="DIR", help="The server's key and state [default: per-user dir/server]."),
+    ] = None,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Rendezvous and relay port (TLS over TCP; 0: any).")
+    ] = DEFAULT_RENDEZVOUS_PORT,
     stun_port: Annotated[int, typer.Option("--stun-port", min=1, max=65535, help="Primary STUN port.")] = (
         DEFAULT_STUN_PORT
     ),
@@ -215,12 +239,20 @@ def server_command(
         typer.Option("--alternate-port", min=1, max=65535, help="Alternate STUN port (default: primary + 1)."),
     ] = None,
     tcp: Annotated[bool, typer.Option("--tcp/--no-tcp", help="Also answer STUN over TCP.")] = True,
-    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Requests per second allowed per source IP.")] = 50.0,
-    burst: Annotated[float, typer.Option("--burst", min=1, help="Burst of requests allowed per source IP.")] = 100.0,
+    rate: Annotated[
+        float, typer.Option("--rate", min=0.1, help="STUN requests per second allowed per source IP.")
+    ] = 50.0,
+    burst: Annotated[float, typer.Option("--burst", min=1, help="STUN request burst allowed per source IP.")] = 100.0,
+    relay_rate: Annotated[
+        float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
+    ] = RelayLimits.rate,
+    relay_burst: Annotated[
+        float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
+    ] = RelayLimits.burst,
 ) -> None:
-    """Run the peerpath server: STUN (RFC 8489/5780) on UDP and TCP.
+    """Run the peerpath server: rendezvous and relay (TLS), and STUN (RFC 8489/5780) on UDP and TCP.
 
-    It grows into the rendezvous and relay server in later releases.
+    Prints the rendezvous URL agents use (also written to STATE_DIR/rendezvous.url).
     """
     if len(public_ip) > 2:
         fail("give at most two --public-ip addresses", 2)
@@ -234,14 +266,28 @@ def server_command(
     alternate = alternate_port if alternate_port is not None else stun_port + 1
     if alternate == stun_port or alternate > 65535:
         fail("--alternate-port must differ from --stun-port and be at most 65535", 2)
+    directory = state_dir if state_dir is not None else default_state_dir() / "server"
+    identity = _identity(directory)
+    limits = RelayLimits(rate=relay_rate, burst=max(relay_burst, relay_rate / 10))
 
     async def run() -> None:
         try:
-            server = await StunServer.start(public_ip, stun_port, alternate, tcp=tcp, rate=rate, burst=burst)
+            stun = await StunServer.start(public_ip, stun_port, alternate, tcp=tcp, rate=rate, burst=burst)
         except OSError as exc:
             fail(f"cannot listen: {exc.strerror or exc} (is the address on this host, and the port free?)")
-        mode = "RFC 5780 behaviour discovery" if server.responder.full else "single address, no CHANGE-REQUEST"
-        log.info("STUN server (%s) listening on %s", mode, ", ".join(server.listening()))
+        rendezvous = RendezvousServer(identity, directory, limits=limits)
+        try:
+            await rendezvous.start(public_ip, port)
+        except OSError as exc:
+            await stun.close()
+            fail(f"cannot listen on port {port}: {exc.strerror or exc}")
+        url = str(rendezvous.url())
+        (directory / URL_FILE).write_text(url + "\n")
+        typer.echo(url)
+        sys.stdout.flush()
+        mode = "RFC 5780 behaviour discovery" if stun.responder.full else "single address, no CHANGE-REQUEST"
+        log.info("rendezvous and relay on tls %s", ", ".join(f"{h}:{rendezvous.port}" for h in public_ip))
+        log.info("STUN server (%s) listening on %s", mode, ", ".join(stun.listening()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -250,8 +296,9 @@ def server_command(
         try:
             await stop.wait()
         finally:
-            await server.close()
-            counts = server.responder.counters.as_dict()
+            await rendezvous.close()
+            await stun.close()
+            counts = {**stun.responder.counters.as_dict(), **rendezvous.counters}
             log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
 
     run_event_loop(run())
@@ -280,8 +327,18 @@ def up_command(
         float,
         typer.Option("--keepalive", min=0.0, metavar="S", help="Ping idle sessions this often (0: never)."),
     ] = SessionConfig.keepalive_interval,
+    rendezvous: Annotated[
+        str | None,
+        typer.Option(
+            "--rendezvous",
+            metavar="URL|FILE",
+            envvar="PEERPATH_RENDEZVOUS",
+            help="The rendezvous server: its pp://ADDRESS@HOST:PORT URL, or a rendezvous.url file.",
+        ),
+    ] = None,
 ) -> None:
     """Run this machine's agent node in the foreground (Ctrl-C stops it)."""
+    url = _rendezvous_url(rendezvous) if rendezvous else None
     directory = _state_dir(state_dir)
     identity = _identity(directory)
     trust = _trust_store(directory)
@@ -290,7 +347,7 @@ def up_command(
     config = SessionConfig(idle_timeout=idle_timeout, keepalive_interval=keepalive)
 
     async def run() -> None:
-        node = await Node.start(identity=identity, trust=trust, host=host, port=port, config=config)
+        node = await Node.start(identity=identity, trust=trust, host=host, port=port, config=config, rendezvous=url)
         server = control.ControlServer(node, control.socket_path(directory))
         try:
             await server.start()
@@ -375,6 +432,12 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
     # Addresses are copied from this output: never wrap or truncate them.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     console.print(f"address   {status['address']}\nendpoint  udp {status['endpoint']}")
+    rendezvous = status.get("rendezvous")
+    if rendezvous:
+        state = f"registered, seen from {rendezvous['observed']}" if rendezvous["registered"] else "not registered"
+        if not rendezvous["registered"] and rendezvous["last_error"]:
+            state += f" ({rendezvous['last_error']})"
+        console.print(f"rendezvous {rendezvous['url']}: {state}")
     if not status["sessions"]:
         console.print("no sessions")
         return

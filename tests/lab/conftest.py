@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,10 +39,17 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
-def start_peerpath_server(server: Node, *extra: str) -> None:
-    """Start ``peerpath server`` on the server host's two addresses and wait until it listens."""
+def start_peerpath_server(server: Node, *extra: str) -> str:
+    """Start ``peerpath server`` on the server host's two addresses; wait until it listens.
+
+    Returns the rendezvous URL it printed. Its state lives in a fresh temporary directory.
+    """
     args = [a for ip in SERVER_IPS for a in ("--public-ip", ip)]
-    server.start([*PEERPATH, "server", *args, *extra], ready="listening on")
+    state = tempfile.mkdtemp(prefix="pp-server-")
+    proc = server.start([*PEERPATH, "server", "--state-dir", state, *args, *extra], ready="STUN server")
+    url = (Path(state) / "rendezvous.url").read_text().strip()
+    assert proc.poll() is None
+    return url
 
 
 def run_netcheck(host: Node, *extra: str) -> dict[str, object]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -89,7 +90,8 @@ def test_netcheck_against_single_address_server(lab: Lab, hosts: dict[str, Node]
     lone = lab.public_host("lone", ["203.0.113.20"])
     from .conftest import PEERPATH
 
-    lone.start([*PEERPATH, "server", "--public-ip", "203.0.113.20"], ready="listening on")
+    state = tempfile.mkdtemp(prefix="pp-server-")
+    lone.start([*PEERPATH, "server", "--state-dir", state, "--public-ip", "203.0.113.20"], ready="STUN server")
     proc = hosts["port-restricted"].run_proc([*PEERPATH, "netcheck", "--stun", "203.0.113.20", "--json"])
     import json
 

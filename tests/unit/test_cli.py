@@ -46,26 +46,31 @@ def test_usage_errors_exit_2_with_a_clear_message(args: list[str], message: str)
     assert "Traceback" not in proc.stderr
 
 
-def test_failures_exit_1_with_one_line() -> None:
+def test_failures_exit_1_with_one_line(tmp_path) -> None:
     proc = run("netcheck", "--stun", "host:99999")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "peerpath: bad port '99999' in 'host:99999' (expected 1-65535)"
-    proc = run("server", "--public-ip", "192.0.2.77", "--stun-port", "3478")  # not an address of this host
+    proc = run("server", "--public-ip", "192.0.2.77", "--state-dir", str(tmp_path))  # not an address of this host
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("peerpath: cannot listen:")
     assert "Traceback" not in proc.stderr
 
 
-def test_server_and_netcheck_json_on_loopback() -> None:
+def test_server_and_netcheck_json_on_loopback(tmp_path) -> None:
+    ips = ["--public-ip", "127.0.0.1", "--public-ip", "127.0.0.2"]
     server = subprocess.Popen(
-        [*PEERPATH, "server", "--public-ip", "127.0.0.1", "--public-ip", "127.0.0.2", "--stun-port", "23478"],
+        [*PEERPATH, "server", *ips, "--stun-port", "23478", "--port", "0", "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert server.stderr is not None
-        line = server.stderr.readline()
-        assert "listening on udp 127.0.0.1:23478" in line
+        assert server.stdout is not None and server.stderr is not None
+        url = server.stdout.readline().strip()
+        assert url.startswith("pp://pp1") and url == (tmp_path / "rendezvous.url").read_text().strip()
+        lines = [server.stderr.readline(), server.stderr.readline()]
+        assert "rendezvous and relay on tls 127.0.0.1:" in lines[0]
+        assert "listening on udp 127.0.0.1:23478" in lines[1]
         proc = run("netcheck", "--stun", "127.0.0.1:23478", "--json")
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout)
@@ -76,8 +81,9 @@ def test_server_and_netcheck_json_on_loopback() -> None:
     finally:
         server.terminate()
         server.wait(10)
-        if server.stderr is not None:
-            server.stderr.close()
+        for stream in (server.stdout, server.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def test_netcheck_without_answer_reports_udp_false() -> None:

@@ -119,12 +119,8 @@ class ControlServer:
         count = int(request.get("count", 4))
         interval = float(request.get("interval", 1.0))
         timeout = float(request.get("timeout", 5.0))
-        conn = self.node.connection_to(address)
-        if conn is None:
-            via = request.get("via")
-            if not via:
-                raise ValueError(f"no session with {address} and no endpoint to reach it: use ADDR@HOST:PORT")
-            conn = await self.node.connect(address, parse_endpoint(str(via)), timeout=timeout)
+        via = request.get("via")
+        conn = await self.node.connect(address, parse_endpoint(str(via)) if via else None, timeout=timeout)
         for seq in range(1, count + 1):
             if seq > 1:
                 await asyncio.sleep(interval)

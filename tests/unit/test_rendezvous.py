@@ -1,0 +1,243 @@
+"""Rendezvous and relay on loopback: reach a peer by address alone; the server refuses what it
+must refuse and survives it; agents re-register after an outage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from peerpath import errors
+from peerpath.certs import tls_client_context
+from peerpath.identity import Identity
+from peerpath.node.node import Node
+from peerpath.node.trust import TrustStore
+from peerpath.rendezvous.client import RendezvousClient
+from peerpath.rendezvous.server import RelayLimits, RendezvousServer
+from peerpath.rendezvous.url import RendezvousUrl
+from peerpath.session.connection import Connection
+from peerpath.wire import rendezvous as rv
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
+    srv = RendezvousServer(Identity.generate(), tmp_path / "server")
+    await srv.start(["127.0.0.1"], 0)
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+class Agents:
+    def __init__(self, tmp_path: Path, url: RendezvousUrl) -> None:
+        self.tmp_path, self.url, self.nodes = tmp_path, url, []
+
+    async def __call__(self, name: str) -> Node:
+        node = await Node.start(
+            identity=Identity.generate(),
+            trust=TrustStore(self.tmp_path / f"{name}.json"),
+            host="127.0.0.1",
+            rendezvous=self.url,
+        )
+        self.nodes.append(node)
+        assert node.rendezvous is not None
+        await node.rendezvous.wait_registered(5)
+        return node
+
+
+@pytest.fixture
+async def agents(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[Agents]:
+    made = Agents(tmp_path, server.url())
+    try:
+        yield made
+    finally:
+        for node in made.nodes:
+            await node.close()
+
+
+def befriend(a: Node, b: Node) -> None:
+    a.trust.add(b.address)
+    b.trust.add(a.address)
+
+
+async def answer(conn: Connection, data: bytes) -> bytes:
+    return b"re:" + data
+
+
+async def test_connect_by_address_alone_goes_over_the_relay(agents, server) -> None:
+    a, b = await agents("a"), await agents("b")
+    befriend(a, b)
+    a.on_message(answer)
+    b.on_message(answer)
+    conn = await a.connect(b.address)
+    assert conn.path is not None and conn.path.describe() == f"relay {server.url().endpoint}"
+    assert await conn.request(b"hello") == b"re:hello"
+    back = b.connection_to(a.address)
+    assert back is not None and await back.request(b"back") == b"re:back"
+    big = os.urandom(3 * 1024 * 1024)
+    assert await conn.request(big, timeout=60) == b"re:" + big
+    assert server.counters["relay_bytes"] > len(big)
+    assert server.counters["lookups"] == 1
+
+
+async def test_lookup_tells_presence_and_endpoints(agents) -> None:
+    a, b = await agents("a"), await agents("b")
+    assert a.rendezvous is not None
+    found = await a.rendezvous.lookup(b.address)
+    assert found.online and found.observed is not None and found.observed.startswith("127.0.0.1:")
+    assert found.endpoints == [f"127.0.0.1:{b.local_endpoint[1]}"]
+    stranger = Identity.generate().address
+    assert not (await a.rendezvous.lookup(stranger)).online
+    a.trust.add(stranger)
+    with pytest.raises(errors.NetworkError, match="is not online"):
+        await a.connect(stranger)
+
+
+async def test_without_endpoint_or_rendezvous_connect_says_what_to_give(tmp_path: Path) -> None:
+    async with Node.start(identity=Identity.generate(), trust=TrustStore(tmp_path / "t.json"), host="127.0.0.1") as a:
+        peer = Identity.generate().address
+        a.trust.add(peer)
+        with pytest.raises(errors.LocalError, match="ADDR@HOST:PORT"):
+            await a.connect(peer)
+
+
+async def test_client_refuses_an_impostor_server(tmp_path: Path, server: RendezvousServer) -> None:
+    wrong = RendezvousUrl(Identity.generate().address, "127.0.0.1", server.port)
+    client = RendezvousClient(Identity.generate(), wrong, on_relay=lambda a, d: None, backoff=(0.05, 0.1))
+    await client.start()
+    try:
+        with pytest.raises(errors.NetworkError, match=f"is {server.address}, not {wrong.address}"):
+            await client.wait_registered(1.0)
+    finally:
+        await client.close()
+    assert server.counters["registered"] == 0
+
+
+async def raw_connect(server: RendezvousServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, rv.Challenge]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=tls_client_context())
+    decoder = rv.FrameDecoder()
+    frames: list = []
+    while not frames:
+        frames = decoder.feed(await reader.read(65536))
+    challenge = frames[0][0]
+    assert isinstance(challenge, rv.Challenge)
+    return reader, writer, challenge
+
+
+async def read_refusal(reader: asyncio.StreamReader) -> str:
+    decoder = rv.FrameDecoder()
+    reasons = []
+    while data := await asyncio.wait_for(reader.read(65536), 5):
+        reasons += [m.reason for m, d in decoder.feed(data) if isinstance(m, rv.Refused)]
+    assert reasons, "the server closed without saying why"
+    return reasons[0]
+
+
+def register_frame(signer: Identity, claimed: Identity, nonce: bytes, server: RendezvousServer) -> bytes:
+    payload = rv.register_payload(nonce, claimed.address.digest, server.address.digest)
+    return rv.encode_control(rv.Register(claimed.public_key, signer.sign(payload)))
+
+
+async def test_server_refuses_bad_registrations(server: RendezvousServer) -> None:
+    me, victim = Identity.generate(), Identity.generate()
+    # Unauthenticated: relaying before registering.
+    reader, writer, _ = await raw_connect(server)
+    writer.write(rv.encode_relay(victim.address.digest, b"\x40" * 100))
+    assert "must be a registration" in await read_refusal(reader)
+    # Forged: someone else's key, our signature.
+    reader, writer, challenge = await raw_connect(server)
+    writer.write(register_frame(me, victim, challenge.nonce, server))
+    assert "does not verify" in await read_refusal(reader)
+    # Replayed: a valid registration for an old challenge.
+    old = register_frame(me, me, os.urandom(32), server)
+    reader, writer, _ = await raw_connect(server)
+    writer.write(old)
+    assert "does not verify" in await read_refusal(reader)
+    assert server.counters["refused"] == 3 and server.counters["registered"] == 0
+    # The honest registration still works.
+    reader, writer, challenge = await raw_connect(server)
+    writer.write(register_frame(me, me, challenge.nonce, server))
+    frames = rv.FrameDecoder().feed(await asyncio.wait_for(reader.read(65536), 5))
+    assert isinstance(frames[0][0], rv.Registered)
+    writer.close()
+
+
+async def test_malformed_and_oversized_frames_cut_off_only_their_sender(agents, server) -> None:
+    a, b = await agents("a"), await agents("b")
+    befriend(a, b)
+    b.on_message(answer)
+    conn = await a.connect(b.address)
+    for garbage in (b"\x07\x00\x00\x01x", b"\x01\xff\xff\xff", rv.encode_control(rv.Registered("x"))):
+        me = Identity.generate()
+        reader, writer, challenge = await raw_connect(server)
+        writer.write(register_frame(me, me, challenge.nonce, server) + garbage)
+        assert "protocol error" in await read_refusal(reader)
+    assert server.counters["malformed"] == 3
+    assert await conn.request(b"still here") == b"re:still here"
+
+
+async def test_relay_quota_drops_then_cuts_off_a_flooder(tmp_path: Path) -> None:
+    srv = RendezvousServer(
+        Identity.generate(), tmp_path / "s", limits=RelayLimits(rate=20_000, burst=20_000, cutoff_drops=50)
+    )
+    await srv.start(["127.0.0.1"], 0)
+    made = Agents(tmp_path, srv.url())
+    try:
+        flooder, target = await made("flooder"), await made("target")
+        received: list[bytes] = []
+        assert target.rendezvous is not None and flooder.rendezvous is not None
+        target.rendezvous.on_relay = lambda source, data: received.append(data)
+        for _ in range(200):
+            flooder.rendezvous.send_relay(target.address.digest, b"\x40" + bytes(999))
+        for _ in range(100):
+            if srv.counters["agents_cut_off"]:
+                break
+            await asyncio.sleep(0.02)
+        assert 10 <= len(received) <= 30  # about the 20 kB burst got through
+        assert srv.counters["relay_dropped_quota"] >= 50
+        assert srv.counters["agents_cut_off"] == 1
+        assert target.rendezvous.registered.is_set()  # the other agent is unaffected
+    finally:
+        for node in made.nodes:
+            await node.close()
+        await srv.close()
+
+
+async def test_agents_reregister_after_a_server_restart_and_the_session_survives(tmp_path: Path) -> None:
+    identity = Identity.generate()
+    srv = RendezvousServer(identity, tmp_path / "s")
+    await srv.start(["127.0.0.1"], 0)
+    port = srv.port
+    made = Agents(tmp_path, srv.url())
+    try:
+        a, b = await made("a"), await made("b")
+        for node in (a, b):
+            assert node.rendezvous is not None
+            node.rendezvous._backoff = (0.05, 0.2)
+        befriend(a, b)
+        b.on_message(answer)
+        conn = await a.connect(b.address)
+        await srv.close()
+        for node in (a, b):
+            assert node.rendezvous is not None
+            for _ in range(100):
+                if not node.rendezvous.registered.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            assert not node.rendezvous.registered.is_set()
+        srv = RendezvousServer(identity, tmp_path / "s")
+        await srv.start(["127.0.0.1"], port)
+        for node in (a, b):
+            assert node.rendezvous is not None
+            await node.rendezvous.wait_registered(5)
+            assert node.rendezvous.registrations == 2
+        assert conn.is_established
+        assert await conn.request(b"after the outage", timeout=10) == b"re:after the outage"
+    finally:
+        for node in made.nodes:
+            await node.close()
+        await srv.close()
