@@ -16,6 +16,9 @@ import time
 from peerpath.node.node import Node
 from peerpath.session.connection import Connection
 
+#: A recognisable plaintext inside the payloads; it must never show up on the wire.
+MARKER = b"PEERPATH-PLAINTEXT-MARKER-7f3a"
+
 
 async def echo(reader: asyncio.StreamReader, writer) -> None:
     while data := await reader.read(65536):
@@ -58,6 +61,42 @@ async def serve(state_dir: str, port: int) -> None:
         await asyncio.Event().wait()
 
 
+async def exercise_peer(node: Node, address: str) -> dict[str, object]:
+    """Connect by address alone; move data both ways; report."""
+    start = time.perf_counter()
+    try:
+        conn = await node.connect(address, timeout=20)
+        connect_s = time.perf_counter() - start
+        streams_ok = all(await asyncio.gather(*(stream_round_trip(conn, 50_000) for _ in range(3))))
+        blob = os.urandom(256 * 1024) + MARKER
+        digest_ok = await conn.request(blob, timeout=60) == hashlib.sha256(blob).digest()
+        back = json.loads(await conn.request(b"call me back", timeout=60))
+    except Exception as exc:
+        return {"peer": address, "error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "peer": address,
+        "path": conn.path.describe() if conn.path else None,
+        "connect_s": round(connect_s, 3),
+        "ok": streams_ok and digest_ok and back == {"streams_ok": True, "request_ok": True},
+    }
+
+
+async def mesh(state_dir: str, url: str) -> None:
+    loop = asyncio.get_running_loop()
+    async with Node.start(state_dir, rendezvous=url) as node:
+        node.serve(7, echo)
+        node.on_message(handle)
+        assert node.rendezvous is not None
+        await node.rendezvous.wait_registered(30)
+        print("ready", node.address, flush=True)
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            words = line.split()
+            if words[:1] == ["exercise"]:
+                for address in words[1:]:
+                    print(json.dumps(await exercise_peer(node, address)), flush=True)
+                print("done", flush=True)
+
+
 async def exercise(state_dir: str, target: str) -> dict[str, object]:
     address, _, endpoint = target.partition("@")
     host, _, port = endpoint.rpartition(":")
@@ -87,6 +126,8 @@ def main() -> None:
     command, state_dir, arg = sys.argv[1:4]
     if command == "serve":
         asyncio.run(serve(state_dir, int(arg)))
+    elif command == "mesh":
+        asyncio.run(mesh(state_dir, arg))
     else:
         print(json.dumps(asyncio.run(exercise(state_dir, arg))), flush=True)
 
