@@ -17,6 +17,15 @@ import pytest
 PEERPATH = [sys.executable, "-m", "peerpath"]
 
 
+@pytest.fixture(autouse=True)
+def private_local_rendezvous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemons in these tests share a local rendezvous of their own, not the user's."""
+    monkeypatch.setenv("PEERPATH_LOCAL_RENDEZVOUS_DIR", str(tmp_path / "local-rendezvous"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("PEERPATH_LOCAL_RENDEZVOUS_PORT", str(s.getsockname()[1]))
+
+
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PEERPATH, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -135,6 +144,26 @@ def test_up_ping_status(two_daemons) -> None:
     # A second daemon on the same state directory is refused.
     again = run("up", "--state-dir", str(one), "--port", "0", timeout=30)
     assert again.returncode == 1 and "already running" in again.stderr
+
+
+def test_daemons_find_each_other_by_address_through_the_local_rendezvous(two_daemons) -> None:
+    nodes, _ = two_daemons
+    (one, _, _), (two, two_address, _) = nodes
+    proc = run("ping", two_address, "-c", "2", "-i", "0.1", "--json", "--state-dir", str(one))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["received"] == 2
+    assert summary["replies"][0]["path"].startswith("relay 127.0.0.1:")
+    status = json.loads(run("status", "--json", "--state-dir", str(two)).stdout)
+    assert status["rendezvous"]["registered"] is True
+
+
+def test_demo_runs_two_agents_end_to_end() -> None:
+    proc = run("demo")
+    assert proc.returncode == 0, proc.stderr
+    assert "alice and bob trust each other" in proc.stdout
+    assert "hello alice, this is bob (you said: hi bob)" in proc.stdout
+    assert "1 MiB echoed intact" in proc.stdout
 
 
 def test_ping_an_untrusted_peer_fails_clearly(two_daemons, tmp_path: Path) -> None:
