@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -510,6 +511,64 @@ def trust_remove(
     typer.echo(f"no longer trusting {peer}")
 
 
+def _daemon_call(state_dir: Path | None, request: dict[str, Any]) -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any]]:
+        return [answer async for answer in control.call(_state_dir(state_dir), request)]
+
+    return _run(run())
+
+
+@trust_app.command("request")
+def trust_request(
+    address: Annotated[str, typer.Argument(metavar="ADDR", help="The peer to ask.")],
+    note: Annotated[str, typer.Option("--note", help="Who you are, for the peer to decide.")] = "",
+    state_dir: StateDir = None,
+) -> None:
+    """Ask a peer to trust this node; delivered through the rendezvous, even if the peer is offline now."""
+    peer = _peer_address(address)
+    if len(note) > 1000:
+        fail("--note is limited to 1000 characters", 2)
+    _daemon_call(state_dir, {"op": "trust-request", "address": str(peer), "note": note})
+    typer.echo(f"asked {peer} to trust this node; it is trusted back when it approves")
+
+
+@trust_app.command("pending")
+def trust_pending(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
+    """List trust requests waiting for your answer."""
+    pending = _daemon_call(state_dir, {"op": "trust-pending"})
+    if json_out:
+        typer.echo(json.dumps(pending))
+        return
+    if not pending:
+        typer.echo("no pending trust requests")
+        return
+    for item in pending:
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(item["created"]))
+        typer.echo(f"{item['address']}  {when}  {item['note']}".rstrip())
+
+
+@trust_app.command("approve")
+def trust_approve(
+    address: Annotated[str, typer.Argument(metavar="ADDR", help="The peer that asked.")],
+    state_dir: StateDir = None,
+) -> None:
+    """Trust a peer that asked, and tell it so (it then trusts this node too)."""
+    peer = _peer_address(address)
+    _daemon_call(state_dir, {"op": "trust-approve", "address": str(peer)})
+    typer.echo(f"trusted {peer} and sent the approval")
+
+
+@trust_app.command("deny")
+def trust_deny(
+    address: Annotated[str, typer.Argument(metavar="ADDR", help="The peer that asked.")],
+    state_dir: StateDir = None,
+) -> None:
+    """Drop a pending trust request without trusting the peer."""
+    peer = _peer_address(address)
+    _daemon_call(state_dir, {"op": "trust-deny", "address": str(peer)})
+    typer.echo(f"denied {peer}")
+
+
 @trust_app.command("list")
 def trust_list(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
     """List trusted peers."""
@@ -535,7 +594,6 @@ def demo_command(
     """
     import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
-    import time  # noqa: PLC0415
 
     root = Path(tempfile.mkdtemp(prefix="peerpath-demo-"))
     console = Console(highlight=False, soft_wrap=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,12 +173,17 @@ class Identity:
             pem = identity.private_key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
+            # Written whole to a temporary file, then linked into place: a process that
+            # races us sees either no key file or a complete one, never half of one.
+            fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".identity-")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(pem)
+                os.link(tmp, path)
             except FileExistsError:
                 return cls.load(path)  # another process created it first
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
+            finally:
+                os.unlink(tmp)
             return identity
         return cls.load(path)
 

@@ -94,16 +94,18 @@ def test_commands_that_need_the_daemon_say_how_to_start_it(tmp_path: Path) -> No
         assert "no node is running" in proc.stderr and "peerpath up" in proc.stderr
 
 
-@pytest.fixture
-def two_daemons(tmp_path: Path) -> Iterator[tuple[list[tuple[Path, str, int]], list[subprocess.Popen[str]]]]:
+def daemons(
+    tmp_path: Path, befriend: bool
+) -> Iterator[tuple[list[tuple[Path, str, int]], list[subprocess.Popen[str]]]]:
     nodes, procs = [], []
     try:
         for name in ("one", "two"):
             state = tmp_path / name
             address = run("address", "--state-dir", str(state)).stdout.strip()
             nodes.append((state, address, free_udp_port()))
-        run("trust", "add", nodes[1][1], "--state-dir", str(nodes[0][0]))
-        run("trust", "add", nodes[0][1], "--state-dir", str(nodes[1][0]))
+        if befriend:
+            run("trust", "add", nodes[1][1], "--state-dir", str(nodes[0][0]))
+            run("trust", "add", nodes[0][1], "--state-dir", str(nodes[1][0]))
         for state, _, port in nodes:
             procs.append(
                 subprocess.Popen(
@@ -112,9 +114,11 @@ def two_daemons(tmp_path: Path) -> Iterator[tuple[list[tuple[Path, str, int]], l
                     text=True,
                 )
             )
-        for state, _, _ in nodes:
+        for (state, _, _), proc in zip(nodes, procs, strict=True):
             deadline = time.monotonic() + 20
             while not (state / "control.sock").exists():
+                if proc.poll() is not None:
+                    raise AssertionError(f"the daemon exited: {proc.stderr.read() if proc.stderr else ''}")
                 assert time.monotonic() < deadline, "the daemon did not start"
                 time.sleep(0.05)
         yield nodes, procs
@@ -124,6 +128,40 @@ def two_daemons(tmp_path: Path) -> Iterator[tuple[list[tuple[Path, str, int]], l
             proc.wait(10)
             if proc.stderr is not None:
                 proc.stderr.close()
+
+
+@pytest.fixture
+def two_daemons(tmp_path: Path) -> Iterator[tuple[list[tuple[Path, str, int]], list[subprocess.Popen[str]]]]:
+    yield from daemons(tmp_path, befriend=True)
+
+
+@pytest.fixture
+def two_strangers(tmp_path: Path) -> Iterator[tuple[list[tuple[Path, str, int]], list[subprocess.Popen[str]]]]:
+    yield from daemons(tmp_path, befriend=False)
+
+
+def test_trust_request_pending_approve(two_strangers) -> None:
+    nodes, _ = two_strangers
+    (one, one_address, _), (two, two_address, _) = nodes
+    proc = run("trust", "request", two_address, "--note", "one, the build agent", "--state-dir", str(one))
+    assert proc.returncode == 0, proc.stderr
+    assert "trusted back when it approves" in proc.stdout
+    deadline = time.monotonic() + 10
+    while not json.loads(run("trust", "pending", "--json", "--state-dir", str(two)).stdout):
+        assert time.monotonic() < deadline, "the request never arrived"
+        time.sleep(0.1)
+    human = run("trust", "pending", "--state-dir", str(two)).stdout
+    assert one_address in human and "one, the build agent" in human
+    assert run("trust", "approve", one_address, "--state-dir", str(two)).returncode == 0
+    assert one_address in run("trust", "list", "--state-dir", str(two)).stdout
+    deadline = time.monotonic() + 10
+    while two_address not in run("trust", "list", "--state-dir", str(one)).stdout:
+        assert time.monotonic() < deadline, "the approval never arrived"
+        time.sleep(0.1)
+    ping = run("ping", two_address, "-c", "1", "--state-dir", str(one))
+    assert ping.returncode == 0, ping.stderr
+    again = run("trust", "approve", one_address, "--state-dir", str(two))
+    assert again.returncode == 1 and "no trust request" in again.stderr
 
 
 def test_up_ping_status(two_daemons) -> None:

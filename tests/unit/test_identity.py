@@ -114,3 +114,16 @@ def test_key_file_with_another_kind_of_key_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"garbage")
     with pytest.raises(KeyFileError, match="not a PEM Ed25519 private key"):
         Identity.load(path)
+
+
+def test_concurrent_first_starts_agree_on_one_key(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:
+        addresses = set(pool.map(_address_of, [tmp_path] * 16))
+    assert len(addresses) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["identity.key"]
+
+
+def _address_of(directory: Path) -> str:
+    return str(Identity.load_or_create(directory).address)

@@ -111,6 +111,18 @@ class ControlServer:
         elif op == "ping":
             async for answer in self._ping(request):
                 yield answer
+        elif op == "trust-request":
+            await self.node.request_trust(Address.parse(str(request.get("address", ""))), str(request.get("note", "")))
+            yield {"sent": True}
+        elif op == "trust-approve":
+            await self.node.approve_trust(Address.parse(str(request.get("address", ""))))
+            yield {"approved": True}
+        elif op == "trust-deny":
+            self.node.deny_trust(Address.parse(str(request.get("address", ""))))
+            yield {"denied": True}
+        elif op == "trust-pending":
+            for pending in self.node.pending_trust():
+                yield {"address": pending.address, "note": pending.note, "created": pending.created}
         else:
             raise ValueError(f"unknown op {op!r}")
 

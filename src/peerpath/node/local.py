@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 from peerpath.identity import Identity
@@ -60,10 +61,10 @@ class LocalRendezvous:
     async def _try_host(self) -> None:
         if self.server is not None:
             return
-        server = RendezvousServer(self.identity, self.directory / "tls")
+        server = RendezvousServer(self.identity, self.directory / "state")
         try:
             await server.start(["127.0.0.1"], self.port)
-        except OSError:
+        except (OSError, sqlite3.Error):
             await server.close()
             return  # another node hosts it
         self.server = server

@@ -17,6 +17,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from peerpath import errors
 from peerpath.identity import Address, Identity
 from peerpath.nat.stun_client import route_source
+from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.client import RendezvousClient
@@ -104,6 +105,7 @@ class Node:
     ) -> None:
         self.identity = identity
         self.trust = trust
+        self.broker = TrustBroker(identity, trust, trust.path.with_name("trust-requests.json"))
         self.config = config or SessionConfig()
         self.counters = {
             "datagrams_received": 0,
@@ -146,9 +148,17 @@ class Node:
 
     async def _register(self, url: RendezvousUrl) -> None:
         self.rendezvous = RendezvousClient(
-            self.identity, url, on_relay=self._relay_received, endpoints=lambda: self._local_endpoints(url)
+            self.identity,
+            url,
+            on_relay=self._relay_received,
+            on_letter=self._letter_received,
+            endpoints=lambda: self._local_endpoints(url),
         )
         await self.rendezvous.start()
+
+    def _letter_received(self, letter: Any) -> None:
+        outcome = self.broker.receive(letter)
+        log.debug("letter %s from the rendezvous: %s", letter.kind, outcome)
 
     def _local_endpoints(self, url: RendezvousUrl) -> list[str]:
         host, port = self.local_endpoint
@@ -233,6 +243,39 @@ class Node:
     def on_message(self, handler: MessageHandler | None) -> None:
         """Handle incoming messages: ``await handler(connection, data)`` returns the reply (requests)."""
         self._message_handler = handler
+
+    # -- trust requests -------------------------------------------------------------------
+
+    def _mail(self) -> RendezvousClient:
+        if self.rendezvous is None:
+            raise errors.LocalError("trust requests travel through a rendezvous server; start with one")
+        return self.rendezvous
+
+    async def request_trust(self, address: Address, note: str = "") -> None:
+        """Ask ``address`` to trust this node (delivered when it is online); it is trusted back on approval."""
+        client = self._mail()
+        await client.post(self.broker.request(address, note))
+
+    async def approve_trust(self, address: Address) -> None:
+        """Trust the peer that asked, and send it a signed approval."""
+        client = self._mail()
+        pending = self.broker.requests.incoming.get(str(address))
+        letter = self.broker.approve(address)
+        try:
+            await client.post(letter)
+        except BaseException:
+            if pending is not None:  # keep it pending so that approving again resends the approval
+                self.broker.requests.incoming[str(address)] = pending
+                self.broker.requests.save()
+            raise
+
+    def deny_trust(self, address: Address) -> None:
+        """Drop a pending trust request without answering."""
+        self.broker.deny(address)
+
+    def pending_trust(self) -> list[Request]:
+        """Trust requests waiting for an answer."""
+        return self.broker.pending()
 
     # -- sessions -----------------------------------------------------------------------
 

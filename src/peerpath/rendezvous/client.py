@@ -27,6 +27,7 @@ KEEPALIVE = 10.0
 SEND_HIGH_WATER = 1 << 20
 
 RelayHandler = Callable[[bytes, bytes], None]
+LetterHandler = Callable[[rv.Letter], None]
 
 
 class RendezvousError(errors.RemoteError):
@@ -42,6 +43,7 @@ class RendezvousClient:
         url: RendezvousUrl,
         *,
         on_relay: RelayHandler,
+        on_letter: LetterHandler | None = None,
         endpoints: Callable[[], list[str]] = list,
         nat: Callable[[], dict[str, Any] | None] = lambda: None,
         backoff: tuple[float, float] = (0.25, 30.0),
@@ -50,6 +52,7 @@ class RendezvousClient:
         self.identity = identity
         self.url = url
         self.on_relay = on_relay
+        self.on_letter = on_letter
         self._endpoints = endpoints
         self._nat = nat
         self._backoff = backoff
@@ -62,6 +65,7 @@ class RendezvousClient:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._lookups: dict[int, asyncio.Future[rv.LookupResult]] = {}
+        self._posts: dict[int, asyncio.Future[rv.PostResult]] = {}
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -112,6 +116,22 @@ class RendezvousClient:
             raise errors.NetworkError(f"lookup of {address} got no answer within {timeout:g} s") from None
         finally:
             self._lookups.pop(request_id, None)
+
+    async def post(self, letter: rv.Letter, timeout: float = 10.0) -> None:
+        """Hand a signed letter to the server, which keeps it until its recipient is online."""
+        await self.wait_registered(timeout)
+        request_id = next(self._ids)
+        future: asyncio.Future[rv.PostResult] = asyncio.get_running_loop().create_future()
+        self._posts[request_id] = future
+        try:
+            self._send(rv.encode_control(rv.Post(request_id, letter)))
+            result = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise errors.NetworkError(f"the server did not confirm the letter within {timeout:g} s") from None
+        finally:
+            self._posts.pop(request_id, None)
+        if not result.ok:
+            raise RendezvousError(f"the server refused the letter: {result.error}")
 
     def send_relay(self, destination: bytes, datagram: bytes) -> bool:
         """Hand a session datagram to the relay for ``destination``; False if it was dropped."""
@@ -198,6 +218,17 @@ class RendezvousClient:
             future = self._lookups.get(message.id)
             if future is not None and not future.done():
                 future.set_result(message)
+        elif isinstance(message, rv.PostResult):
+            posted = self._posts.get(message.id)
+            if posted is not None and not posted.done():
+                posted.set_result(message)
+        elif isinstance(message, rv.Deliver):
+            if self.on_letter is not None:
+                try:
+                    self.on_letter(message.letter)
+                except Exception:
+                    log.exception("handling a letter failed")
+            self._send(rv.encode_control(rv.Received(message.letter_id)))
         elif isinstance(message, rv.Ping):
             self._send(rv.encode_control(rv.Pong(message.id)))
         elif isinstance(message, rv.Pong | rv.Unreachable):
@@ -216,6 +247,7 @@ class RendezvousClient:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        for future in self._lookups.values():
+        pending: list[asyncio.Future[Any]] = [*self._lookups.values(), *self._posts.values()]
+        for future in pending:
             if not future.done():
                 future.set_exception(errors.NetworkError(f"rendezvous connection lost: {reason}"))

@@ -16,6 +16,8 @@ from typing import Any
 
 from peerpath.certs import tls_server_context
 from peerpath.identity import Address, Identity, verify
+from peerpath.rendezvous.letters import LetterError, check_letter
+from peerpath.rendezvous.mailbox import Mailbox
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
 from peerpath.wire import rendezvous as rv
 
@@ -86,7 +88,11 @@ class RendezvousServer:
             "relay_dropped_quota": 0,
             "relay_dropped_backpressure": 0,
             "agents_cut_off": 0,
+            "letters_posted": 0,
+            "letters_refused": 0,
+            "letters_delivered": 0,
         }
+        self.mailbox: Mailbox | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._pinger: asyncio.Task[None] | None = None
@@ -110,6 +116,9 @@ class RendezvousServer:
             self._servers.append(server)
             port = port or server.sockets[0].getsockname()[1]
         self.port, self.hosts = port, list(hosts)
+        # Opened only once the ports are ours: a second server on the same state directory
+        # fails to bind above instead of contending for the database.
+        self.mailbox = Mailbox(self.state_dir / "rendezvous.db")
         self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
 
     async def close(self) -> None:
@@ -126,6 +135,9 @@ class RendezvousServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
 
     def status(self) -> dict[str, Any]:
         """Counters and the agents online."""
@@ -223,6 +235,7 @@ class RendezvousServer:
         self.counters["registered"] += 1
         writer.write(rv.encode_control(rv.Registered(observed, [str(self.url(h)) for h in self.hosts])))
         log.info("%s online from %s", claimed, observed)
+        self._deliver_waiting(agent)
         for message, datagram in frames[1:]:
             if datagram is None:
                 self._on_control(agent, message)
@@ -245,8 +258,42 @@ class RendezvousServer:
             sent = agent.ping_sent.pop(message.id, None)
             if sent is not None:
                 agent.rtt = time.monotonic() - sent
+        elif isinstance(message, rv.Post):
+            agent.send(rv.encode_control(self._post(agent, message)))
+        elif isinstance(message, rv.Received):
+            if self.mailbox is not None:
+                self.mailbox.delete(message.letter_id, agent.address.digest)
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
+
+    def _post(self, agent: _Agent, request: rv.Post) -> rv.PostResult:
+        now = time.time()
+        try:
+            if self.mailbox is None:
+                raise LetterError("the server is shutting down")
+            sender, recipient = check_letter(request.letter, now)
+            if sender != agent.address:
+                raise LetterError("a letter must be signed by the agent that posts it")
+            letter_id = self.mailbox.post(request.letter, sender.digest, recipient.digest, now)
+        except LetterError as exc:
+            self.counters["letters_refused"] += 1
+            log.info("refused a letter from %s: %s", agent.address, exc)
+            return rv.PostResult(request.id, ok=False, error=str(exc))
+        self.counters["letters_posted"] += 1
+        target = self.agents.get(recipient.digest)
+        if target is not None:
+            self._deliver(target, letter_id, request.letter)
+        return rv.PostResult(request.id, ok=True)
+
+    def _deliver_waiting(self, agent: _Agent) -> None:
+        if self.mailbox is None:
+            return
+        for letter_id, letter in self.mailbox.waiting_for(agent.address.digest):
+            self._deliver(agent, letter_id, letter)
+
+    def _deliver(self, agent: _Agent, letter_id: int, letter: rv.Letter) -> None:
+        if agent.send(rv.encode_control(rv.Deliver(letter_id, letter))):
+            self.counters["letters_delivered"] += 1
 
     def _lookup(self, request: rv.Lookup) -> rv.LookupResult:
         try:

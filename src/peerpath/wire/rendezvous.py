@@ -106,7 +106,68 @@ class Pong(msgspec.Struct, tag="pong", frozen=True):
     id: int
 
 
-Message = Challenge | Register | Registered | Refused | Lookup | LookupResult | Unreachable | Ping | Pong
+class Letter(msgspec.Struct, frozen=True):
+    """A signed note from one agent to another, kept by the server until delivered.
+
+    ``kind`` is ``trust-request`` or ``trust-approval`` (whose ``reply_to`` is the
+    request's nonce). The signature covers every other field (:func:`letter_payload`), so
+    the server can neither forge nor alter one; ``nonce`` makes each one unique (replays
+    are refused by the server and ignored by the recipient).
+    """
+
+    kind: str
+    sender_key: bytes
+    recipient: str
+    created: int
+    nonce: bytes
+    note: str = ""
+    reply_to: bytes = b""
+    signature: bytes = b""
+
+
+class Post(msgspec.Struct, tag="post", frozen=True):
+    """Agent -> server: keep this letter for its recipient."""
+
+    id: int
+    letter: Letter
+
+
+class PostResult(msgspec.Struct, tag="post-result", frozen=True):
+    """Server -> agent: the letter was stored (and delivered if the recipient is online), or why not."""
+
+    id: int
+    ok: bool
+    error: str = ""
+
+
+class Deliver(msgspec.Struct, tag="deliver", frozen=True):
+    """Server -> agent: a letter for you; answer :class:`Received` to have it deleted."""
+
+    letter_id: int
+    letter: Letter
+
+
+class Received(msgspec.Struct, tag="received", frozen=True):
+    """Agent -> server: the letter was handled; forget it."""
+
+    letter_id: int
+
+
+Message = (
+    Challenge
+    | Register
+    | Registered
+    | Refused
+    | Lookup
+    | LookupResult
+    | Unreachable
+    | Ping
+    | Pong
+    | Post
+    | PostResult
+    | Deliver
+    | Received
+)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -167,6 +228,25 @@ class FrameDecoder:
                     raise FrameError("relay frame without a datagram")
                 out.append((body[:ADDRESS_BYTES], body[ADDRESS_BYTES:]))
         return out
+
+
+LETTER_CONTEXT = b"peerpath-letter-v1\x00"
+LETTER_KINDS = ("trust-request", "trust-approval")
+MAX_NOTE = 1000
+
+
+def letter_payload(letter: Letter) -> bytes:
+    """What the sender of a letter signs: every field but the signature, each length-prefixed."""
+    fields = [
+        letter.kind.encode(),
+        letter.sender_key,
+        letter.recipient.encode(),
+        struct.pack("!q", letter.created),
+        letter.nonce,
+        letter.note.encode(),
+        letter.reply_to,
+    ]
+    return LETTER_CONTEXT + b"".join(struct.pack("!I", len(f)) + f for f in fields)
 
 
 def register_payload(nonce: bytes, agent: bytes, server: bytes) -> bytes:
