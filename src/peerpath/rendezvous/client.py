@@ -28,6 +28,7 @@ SEND_HIGH_WATER = 1 << 20
 
 RelayHandler = Callable[[bytes, bytes], None]
 LetterHandler = Callable[[rv.Letter], None]
+SignalHandler = Callable[[rv.Signal], None]
 
 
 class RendezvousError(errors.RemoteError):
@@ -44,6 +45,7 @@ class RendezvousClient:
         *,
         on_relay: RelayHandler,
         on_letter: LetterHandler | None = None,
+        on_signal: SignalHandler | None = None,
         endpoints: Callable[[], list[str]] = list,
         nat: Callable[[], dict[str, Any] | None] = lambda: None,
         backoff: tuple[float, float] = (0.25, 30.0),
@@ -53,6 +55,7 @@ class RendezvousClient:
         self.url = url
         self.on_relay = on_relay
         self.on_letter = on_letter
+        self.on_signal = on_signal
         self._endpoints = endpoints
         self._nat = nat
         self._backoff = backoff
@@ -132,6 +135,12 @@ class RendezvousClient:
             self._posts.pop(request_id, None)
         if not result.ok:
             raise RendezvousError(f"the server refused the letter: {result.error}")
+
+    def signal(self, peer: Address, kind: str, payload: bytes) -> None:
+        """Send an offer, answer or candidate list to ``peer`` through the server (best effort)."""
+        if len(payload) > rv.MAX_SIGNAL:
+            raise ValueError(f"signal payload of {len(payload)} bytes exceeds {rv.MAX_SIGNAL}")
+        self._send(rv.encode_control(rv.Signal(str(peer), kind, payload)))
 
     def send_relay(self, destination: bytes, datagram: bytes) -> bool:
         """Hand a session datagram to the relay for ``destination``; False if it was dropped."""
@@ -231,6 +240,12 @@ class RendezvousClient:
             self._send(rv.encode_control(rv.Received(message.letter_id)))
         elif isinstance(message, rv.Ping):
             self._send(rv.encode_control(rv.Pong(message.id)))
+        elif isinstance(message, rv.Signal):
+            if self.on_signal is not None:
+                try:
+                    self.on_signal(message)
+                except Exception:
+                    log.exception("handling a signal failed")
         elif isinstance(message, rv.Pong | rv.Unreachable):
             pass
         else:

@@ -91,11 +91,14 @@ class RendezvousServer:
             "letters_posted": 0,
             "letters_refused": 0,
             "letters_delivered": 0,
+            "signals_forwarded": 0,
+            "signals_dropped": 0,
         }
         self.mailbox: Mailbox | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._pinger: asyncio.Task[None] | None = None
+        self._ping_ids = 0
         self.port = DEFAULT_PORT
         self.hosts: list[str] = []
 
@@ -235,6 +238,7 @@ class RendezvousServer:
         self.counters["registered"] += 1
         writer.write(rv.encode_control(rv.Registered(observed, [str(self.url(h)) for h in self.hosts])))
         log.info("%s online from %s", claimed, observed)
+        self._ping(agent)  # a first RTT sample right away, for signalling
         self._deliver_waiting(agent)
         for message, datagram in frames[1:]:
             if datagram is None:
@@ -257,14 +261,40 @@ class RendezvousServer:
         elif isinstance(message, rv.Pong):
             sent = agent.ping_sent.pop(message.id, None)
             if sent is not None:
-                agent.rtt = time.monotonic() - sent
+                sample = time.monotonic() - sent
+                agent.rtt = sample if agent.rtt is None else 0.875 * agent.rtt + 0.125 * sample  # RFC 6298
         elif isinstance(message, rv.Post):
             agent.send(rv.encode_control(self._post(agent, message)))
         elif isinstance(message, rv.Received):
             if self.mailbox is not None:
                 self.mailbox.delete(message.letter_id, agent.address.digest)
+        elif isinstance(message, rv.Signal):
+            self._signal(agent, message)
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
+
+    def _signal(self, source: _Agent, signal: rv.Signal) -> None:
+        if len(signal.payload) > rv.MAX_SIGNAL:
+            raise rv.FrameError(f"signal of {len(signal.payload)} bytes exceeds {rv.MAX_SIGNAL}")
+        try:
+            target = self.agents.get(Address.parse(signal.peer).digest)
+        except ValueError:
+            target = None
+        if target is None:
+            self.counters["signals_dropped"] += 1
+            source.send(rv.encode_control(rv.Unreachable(signal.peer)))
+            return
+        forwarded = rv.Signal(
+            peer=str(source.address),
+            kind=signal.kind,
+            payload=signal.payload,
+            sender_rtt_ms=_ms(source.rtt),
+            recipient_rtt_ms=_ms(target.rtt),
+        )
+        if target.send(rv.encode_control(forwarded)):
+            self.counters["signals_forwarded"] += 1
+        else:
+            self.counters["signals_dropped"] += 1
 
     def _post(self, agent: _Agent, request: rv.Post) -> rv.PostResult:
         now = time.time()
@@ -338,20 +368,26 @@ class RendezvousServer:
         self.counters["relay_frames"] += 1
         self.counters["relay_bytes"] += size
 
+    def _ping(self, agent: _Agent) -> None:
+        now = time.monotonic()
+        self._ping_ids += 1
+        agent.ping_sent = {k: v for k, v in agent.ping_sent.items() if now - v < PING_INTERVAL * 3}
+        agent.ping_sent[self._ping_ids] = now
+        agent.send(rv.encode_control(rv.Ping(self._ping_ids)))
+
     async def _ping_loop(self) -> None:
-        ids = 0
         while True:
             await asyncio.sleep(PING_INTERVAL)
-            now = time.monotonic()
             for agent in list(self.agents.values()):
-                ids += 1
-                agent.ping_sent = {k: v for k, v in agent.ping_sent.items() if now - v < PING_INTERVAL * 3}
-                agent.ping_sent[ids] = now
-                agent.send(rv.encode_control(rv.Ping(ids)))
+                self._ping(agent)
 
 
 class _CutOff(Exception):
     """An agent broke its limits and is disconnected."""
+
+
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 3) if seconds is not None else None
 
 
 def _endpoint(peer: Any) -> str:

@@ -153,6 +153,24 @@ class Received(msgspec.Struct, tag="received", frozen=True):
     letter_id: int
 
 
+class Signal(msgspec.Struct, tag="signal", frozen=True):
+    """Agent -> server: forward this to ``peer`` (an offer, an answer, candidates).
+
+    The server delivers it as a :class:`Signal` whose ``peer`` is the sender, adding its own
+    round-trip estimates to both agents so they can start probing at the same moment.
+    ``payload`` is opaque to the server (the agents sign what must be authentic).
+    """
+
+    peer: str
+    kind: str
+    payload: bytes
+    sender_rtt_ms: float | None = None
+    recipient_rtt_ms: float | None = None
+
+
+MAX_SIGNAL = 8 * 1024
+
+
 Message = (
     Challenge
     | Register
@@ -167,6 +185,7 @@ Message = (
     | PostResult
     | Deliver
     | Received
+    | Signal
 )
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
