@@ -270,3 +270,58 @@ async def test_signals_reach_the_peer_with_the_servers_rtt_to_both(agents, serve
     assert server.counters["signals_dropped"] == 1
     with pytest.raises(ValueError, match="exceeds"):
         a.rendezvous.signal(b.address, "offer", bytes(rv.MAX_SIGNAL + 1))
+
+
+async def wait_for(check, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_relay_goes_over_udp_when_the_server_acknowledges_it(agents, server) -> None:
+    a, b = await agents("a"), await agents("b")
+    befriend(a, b)
+    b.on_message(answer)
+    assert a.rendezvous is not None and b.rendezvous is not None
+    await wait_for(lambda: a.rendezvous.udp_ready and b.rendezvous.udp_ready)
+    conn = await a.connect(b.address)
+    assert await conn.request(b"over udp") == b"re:over udp"
+    assert a.rendezvous.counters["relay_sent_udp"] > 0
+    assert b.rendezvous.counters["relay_received_udp"] > 0
+    assert a.status()["rendezvous"]["relay_transport"] == "udp"
+
+
+async def test_relay_falls_back_to_tcp_when_udp_is_blocked(tmp_path, server) -> None:
+    for udp in server._udp:
+        udp.transport.close()  # the network drops UDP to the server
+    made = Agents(tmp_path, server.url())
+    try:
+        a, b = await made("a"), await made("b")
+        befriend(a, b)
+        b.on_message(answer)
+        conn = await a.connect(b.address)
+        assert await conn.request(b"over tcp") == b"re:over tcp"
+        assert a.rendezvous is not None and not a.rendezvous.udp_ready
+        assert a.rendezvous.counters["relay_sent_udp"] == 0
+    finally:
+        for node in made.nodes:
+            await node.close()
+
+
+async def test_stray_udp_relay_frames_are_counted_and_ignored(agents, server) -> None:
+    a = await agents("a")
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+    try:
+        target = ("127.0.0.1", server.port)
+        transport.sendto(bytes([rv.UDP_TO_SERVER]) + bytes(8) + bytes(16) + b"x", target)  # unknown token
+        transport.sendto(bytes([rv.UDP_HELLO]) + b"short", target)  # malformed
+        transport.sendto(bytes([0xBE, 1, 2, 3]), target)  # unknown kind
+        # And relay-looking frames from a stranger to an agent's socket are ignored too.
+        transport.sendto(rv.encode_udp_delivery(bytes(16), b"\x40" * 50), a.local_endpoint)
+        await wait_for(lambda: server.counters["udp_unknown_token"] == 1 and server.counters["udp_malformed"] == 2)
+    finally:
+        transport.close()
+    assert a.rendezvous is not None and a.rendezvous.counters["relay_received"] == 0

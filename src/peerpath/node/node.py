@@ -25,6 +25,7 @@ from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
 from peerpath.session.pathset import PathKind, PathSet, clock
+from peerpath.wire.rendezvous import is_udp_relay
 from peerpath.wire.stun import Address as TransportAddress
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,14 @@ class Node:
             url,
             on_relay=self._relay_received,
             on_letter=self._letter_received,
+            udp_send=self._send_udp,
             endpoints=lambda: self._local_endpoints(url),
         )
         await self.rendezvous.start()
+
+    def _send_udp(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._socket is not None:
+            self._socket.sendto(data, addr)
 
     def _letter_received(self, letter: Any) -> None:
         outcome = self.broker.receive(letter)
@@ -402,6 +408,12 @@ class Node:
 
     def _datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         remote = (str(addr[0]), int(addr[1]))
+        if is_udp_relay(data):
+            if self.rendezvous is not None:
+                self.rendezvous.udp_received(data, remote)
+            else:
+                self.counters["datagrams_dropped"] += 1
+            return
         self._demux(data, (PathKind.DIRECT_UDP, _format_endpoint(remote)), lambda: self._udp_path(remote))
 
     def _relay_received(self, source: bytes, data: bytes) -> None:

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 KEEPALIVE = 10.0
 #: Relay frames beyond this many queued bytes are dropped instead of buffered.
 SEND_HIGH_WATER = 1 << 20
+#: UDP relay hellos: how often, and how long without an acknowledgement before falling back to TCP.
+UDP_HELLO_INTERVAL = 10.0
+UDP_ACK_TIMEOUT = 25.0
+
+UdpSender = Callable[[bytes, tuple[str, int]], None]
 
 RelayHandler = Callable[[bytes, bytes], None]
 LetterHandler = Callable[[rv.Letter], None]
@@ -46,6 +51,7 @@ class RendezvousClient:
         on_relay: RelayHandler,
         on_letter: LetterHandler | None = None,
         on_signal: SignalHandler | None = None,
+        udp_send: UdpSender | None = None,
         endpoints: Callable[[], list[str]] = list,
         nat: Callable[[], dict[str, Any] | None] = lambda: None,
         backoff: tuple[float, float] = (0.25, 30.0),
@@ -56,6 +62,12 @@ class RendezvousClient:
         self.on_relay = on_relay
         self.on_letter = on_letter
         self.on_signal = on_signal
+        self._udp_send = udp_send
+        self.udp_ready = False
+        self._udp_endpoint: tuple[str, int] | None = None
+        self._token = b""
+        self._udp_acked = 0.0
+        self._udp_task: asyncio.Task[None] | None = None
         self._endpoints = endpoints
         self._nat = nat
         self._backoff = backoff
@@ -64,7 +76,13 @@ class RendezvousClient:
         self.observed: str | None = None
         self.last_error: str | None = None
         self.registrations = 0
-        self.counters = {"relay_sent": 0, "relay_received": 0, "relay_dropped": 0}
+        self.counters = {
+            "relay_sent": 0,
+            "relay_sent_udp": 0,
+            "relay_received": 0,
+            "relay_received_udp": 0,
+            "relay_dropped": 0,
+        }
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._lookups: dict[int, asyncio.Future[rv.LookupResult]] = {}
@@ -101,6 +119,7 @@ class RendezvousClient:
             "observed": self.observed,
             "last_error": self.last_error,
             "registrations": self.registrations,
+            "relay_transport": "udp" if self.udp_ready else "tcp",
             **self.counters,
         }
 
@@ -143,7 +162,16 @@ class RendezvousClient:
         self._send(rv.encode_control(rv.Signal(str(peer), kind, payload)))
 
     def send_relay(self, destination: bytes, datagram: bytes) -> bool:
-        """Hand a session datagram to the relay for ``destination``; False if it was dropped."""
+        """Hand a session datagram to the relay for ``destination``; False if it was dropped.
+
+        Over UDP when the server acknowledged our UDP hello (both directions work), else over
+        the TLS connection.
+        """
+        if self.udp_ready and self._udp_send is not None and self._udp_endpoint is not None:
+            self._udp_send(rv.encode_udp_relay(self._token, destination, datagram), self._udp_endpoint)
+            self.counters["relay_sent"] += 1
+            self.counters["relay_sent_udp"] += 1
+            return True
         writer = self._writer
         if writer is None or not self.registered.is_set() or writer.transport.is_closing():
             self.counters["relay_dropped"] += 1
@@ -154,6 +182,41 @@ class RendezvousClient:
         writer.write(rv.encode_relay(destination, datagram))
         self.counters["relay_sent"] += 1
         return True
+
+    def udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        """A UDP relay frame arrived on the node's socket."""
+        if addr != self._udp_endpoint:
+            return  # only the server we registered with speaks this protocol to us
+        try:
+            kind, token, source, datagram = rv.parse_udp_relay(data)
+        except rv.FrameError:
+            return
+        if kind == rv.UDP_FROM_SERVER:
+            self.counters["relay_received"] += 1
+            self.counters["relay_received_udp"] += 1
+            self.on_relay(source, datagram)
+        elif kind == rv.UDP_HELLO_ACK and token == self._token and self._token:
+            self._udp_acked = asyncio.get_running_loop().time()
+            if not self.udp_ready:
+                self.udp_ready = True
+                with contextlib.suppress(errors.NetworkError):
+                    self._send(rv.encode_control(rv.UdpReady(True)))
+                log.info("relay traffic to %s goes over UDP", self.url.endpoint)
+
+    async def _udp_hellos(self) -> None:
+        if self._udp_send is None or self._udp_endpoint is None:
+            return
+        loop = asyncio.get_running_loop()
+        hello = bytes([rv.UDP_HELLO]) + self._token
+        delays = [0.0, 0.3, 1.0, 3.0]
+        while True:
+            await asyncio.sleep(delays.pop(0) if delays else UDP_HELLO_INTERVAL)
+            self._udp_send(hello, self._udp_endpoint)
+            if self.udp_ready and loop.time() - self._udp_acked > UDP_ACK_TIMEOUT:
+                self.udp_ready = False
+                with contextlib.suppress(errors.NetworkError):
+                    self._send(rv.encode_control(rv.UdpReady(False)))
+                log.info("UDP relay to %s stopped answering; back to TCP", self.url.endpoint)
 
     def _send(self, frame: bytes) -> None:
         if self._writer is None or self._writer.transport.is_closing():
@@ -215,6 +278,11 @@ class RendezvousClient:
             self._send(rv.encode_control(register))
         elif isinstance(message, rv.Registered):
             self.observed = message.observed
+            self._token = message.token
+            self._udp_endpoint = _pick_udp_endpoint(message.udp_relay, self.url.host)
+            if self._udp_task is not None:
+                self._udp_task.cancel()
+            self._udp_task = asyncio.get_running_loop().create_task(self._udp_hellos())
             self.registrations += 1
             self.last_error = None
             self.registered.set()
@@ -259,6 +327,10 @@ class RendezvousClient:
 
     def _drop_connection(self, reason: str) -> None:
         self.registered.clear()
+        self.udp_ready = False
+        if self._udp_task is not None:
+            self._udp_task.cancel()
+            self._udp_task = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -266,3 +338,17 @@ class RendezvousClient:
         for future in pending:
             if not future.done():
                 future.set_exception(errors.NetworkError(f"rendezvous connection lost: {reason}"))
+
+
+def _pick_udp_endpoint(endpoints: list[str], preferred_host: str) -> tuple[str, int] | None:
+    """The server's UDP relay endpoint on the host we reached it at, else its first one."""
+    parsed = []
+    for text in endpoints:
+        host, _, port = text.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit():
+            parsed.append((host, int(port)))
+    for endpoint in parsed:
+        if endpoint[0] == preferred_host:
+            return endpoint
+    return parsed[0] if parsed else None

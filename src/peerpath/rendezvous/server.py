@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from peerpath.certs import tls_server_context
 from peerpath.identity import Address, Identity, verify
@@ -29,6 +29,8 @@ REGISTER_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
 #: Relayed frames queued for a slow agent beyond this many bytes are dropped (UDP-like).
 SEND_HIGH_WATER = 1 << 20
+#: The server delivers over UDP only to agents heard from over UDP this recently.
+UDP_FRESH = 30.0
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,51 @@ class _Agent:
     relayed_in: int = 0
     relayed_out: int = 0
     ping_sent: dict[int, float] = field(default_factory=dict)
+    token: bytes = b""
+    udp_ready: bool = False
+    udp_endpoint: tuple[str, int] | None = None
+    udp_socket: _RelayUdp | None = None
+    udp_seen: float = 0.0
 
     def send(self, frame: bytes) -> bool:
         transport = self.writer.transport
         if transport.is_closing() or transport.get_write_buffer_size() > SEND_HIGH_WATER:
             return False
         self.writer.write(frame)
+        return True
+
+    def deliver(self, source: bytes, datagram: bytes, now: float) -> bool:
+        """Hand a relayed datagram to this agent: over UDP when it asked for that, else TLS."""
+        if (
+            self.udp_ready
+            and self.udp_socket is not None
+            and self.udp_endpoint is not None
+            and now - self.udp_seen < UDP_FRESH
+        ):
+            return self.udp_socket.sendto(rv.encode_udp_delivery(source, datagram), self.udp_endpoint)
+        return self.send(rv.encode_relay(source, datagram))
+
+
+class _RelayUdp(asyncio.DatagramProtocol):
+    """One UDP relay socket of the server."""
+
+    def __init__(self, server: RendezvousServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.server._udp_received(data, (str(addr[0]), int(addr[1])), self)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP relay error: %s", exc)
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+        if self.transport is None or self.transport.is_closing():
+            return False
+        self.transport.sendto(data, addr)
         return True
 
 
@@ -93,7 +134,12 @@ class RendezvousServer:
             "letters_delivered": 0,
             "signals_forwarded": 0,
             "signals_dropped": 0,
+            "udp_frames": 0,
+            "udp_malformed": 0,
+            "udp_unknown_token": 0,
         }
+        self._tokens: dict[bytes, _Agent] = {}
+        self._udp: list[_RelayUdp] = []
         self.mailbox: Mailbox | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,10 +160,13 @@ class RendezvousServer:
     async def start(self, hosts: list[str], port: int = DEFAULT_PORT) -> None:
         """Listen with TLS on ``port`` of every host address (0: a free port, tests)."""
         context = tls_server_context(self.identity, self.state_dir)
+        loop = asyncio.get_running_loop()
         for host in hosts:
             server = await asyncio.start_server(self._accept, host, port, ssl=context, reuse_address=True)
             self._servers.append(server)
             port = port or server.sockets[0].getsockname()[1]
+            _, udp = await loop.create_datagram_endpoint(lambda: _RelayUdp(self), local_addr=(host, port))
+            self._udp.append(udp)
         self.port, self.hosts = port, list(hosts)
         # Opened only once the ports are ours: a second server on the same state directory
         # fails to bind above instead of contending for the database.
@@ -128,6 +177,9 @@ class RendezvousServer:
         """Stop listening and drop every agent."""
         for server in self._servers:
             server.close()
+        for udp in self._udp:
+            if udp.transport is not None:
+                udp.transport.close()
         if self._pinger is not None:
             self._pinger.cancel()
         for agent in list(self.agents.values()):
@@ -187,6 +239,8 @@ class RendezvousServer:
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
+            if agent is not None:
+                self._tokens.pop(agent.token, None)
             if agent is not None and self.agents.get(agent.address.digest) is agent:
                 del self.agents[agent.address.digest]
                 log.info("%s offline", agent.address)
@@ -230,13 +284,21 @@ class RendezvousServer:
             tokens=self.limits.burst,
             updated=now,
             last_seen=now,
+            token=os.urandom(rv.TOKEN_BYTES),
         )
+        self._tokens[agent.token] = agent
         previous = self.agents.get(claimed.digest)
         if previous is not None:
             previous.writer.close()  # the same agent reconnected: the newest connection wins
         self.agents[claimed.digest] = agent
         self.counters["registered"] += 1
-        writer.write(rv.encode_control(rv.Registered(observed, [str(self.url(h)) for h in self.hosts])))
+        registered = rv.Registered(
+            observed,
+            relays=[str(self.url(h)) for h in self.hosts],
+            udp_relay=[_endpoint((h, self.port)) for h in self.hosts],
+            token=agent.token,
+        )
+        writer.write(rv.encode_control(registered))
         log.info("%s online from %s", claimed, observed)
         self._ping(agent)  # a first RTT sample right away, for signalling
         self._deliver_waiting(agent)
@@ -270,6 +332,8 @@ class RendezvousServer:
                 self.mailbox.delete(message.letter_id, agent.address.digest)
         elif isinstance(message, rv.Signal):
             self._signal(agent, message)
+        elif isinstance(message, rv.UdpReady):
+            agent.udp_ready = message.ready
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
 
@@ -360,7 +424,7 @@ class RendezvousServer:
         if target is None:
             self.counters["relay_dropped_offline"] += 1
             return
-        if not target.send(rv.encode_relay(source.address.digest, datagram)):
+        if not target.deliver(source.address.digest, datagram, now):
             self.counters["relay_dropped_backpressure"] += 1
             return
         source.relayed_out += size
@@ -374,6 +438,31 @@ class RendezvousServer:
         agent.ping_sent = {k: v for k, v in agent.ping_sent.items() if now - v < PING_INTERVAL * 3}
         agent.ping_sent[self._ping_ids] = now
         agent.send(rv.encode_control(rv.Ping(self._ping_ids)))
+
+    def _udp_received(self, data: bytes, addr: tuple[str, int], sock: _RelayUdp) -> None:
+        try:
+            kind, token, destination, datagram = rv.parse_udp_relay(data)
+        except rv.FrameError:
+            self.counters["udp_malformed"] += 1
+            return
+        agent = self._tokens.get(token)
+        if agent is None:
+            self.counters["udp_unknown_token"] += 1
+            return
+        self.counters["udp_frames"] += 1
+        agent.udp_endpoint, agent.udp_socket, agent.udp_seen = addr, sock, time.monotonic()
+        if kind == rv.UDP_HELLO:
+            sock.sendto(bytes([rv.UDP_HELLO_ACK]) + token, addr)
+        elif kind == rv.UDP_TO_SERVER:
+            try:
+                self._relay(agent, destination, datagram)
+            except _CutOff as exc:
+                self.counters["agents_cut_off"] += 1
+                log.warning("cutting off %s: %s", agent.address, exc)
+                self._tokens.pop(agent.token, None)  # its next UDP frames are strangers'
+                with contextlib.suppress(Exception):
+                    agent.writer.write(rv.encode_control(rv.Refused(str(exc))))
+                agent.writer.close()
 
     async def _ping_loop(self) -> None:
         while True:

@@ -57,10 +57,16 @@ class Register(msgspec.Struct, tag="register", frozen=True):
 
 
 class Registered(msgspec.Struct, tag="registered", frozen=True):
-    """Server -> agent: welcome; the address the server sees you at, and the relays."""
+    """Server -> agent: welcome; the address the server sees you at, and the relays.
+
+    ``udp_relay`` lists the server's UDP relay endpoints and ``token`` is this
+    registration's secret for them (see :func:`encode_udp_relay`).
+    """
 
     observed: str
     relays: list[str] = []
+    udp_relay: list[str] = []
+    token: bytes = b""
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):
@@ -171,6 +177,16 @@ class Signal(msgspec.Struct, tag="signal", frozen=True):
 MAX_SIGNAL = 8 * 1024
 
 
+class UdpReady(msgspec.Struct, tag="udp-ready", frozen=True):
+    """Agent -> server: deliver my relayed datagrams over UDP (``ready``), or stop doing so.
+
+    Sent once the agent's UDP hello was acknowledged (so UDP works both ways), and again
+    with ``ready`` false when acknowledgements stop arriving.
+    """
+
+    ready: bool
+
+
 Message = (
     Challenge
     | Register
@@ -186,6 +202,7 @@ Message = (
     | Deliver
     | Received
     | Signal
+    | UdpReady
 )
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -266,6 +283,61 @@ def letter_payload(letter: Letter) -> bytes:
         letter.reply_to,
     ]
     return LETTER_CONTEXT + b"".join(struct.pack("!I", len(f)) + f for f in fields)
+
+
+# -- the UDP relay transport -------------------------------------------------------------
+#
+# Relay datagrams may also travel over UDP, on the agent's one UDP socket. Their first byte
+# lies in 0x80-0xBF: the long-header bit set and QUIC's fixed bit (0x40) clear, which no
+# QUIC packet of ours has (we never negotiate RFC 9287's greased bit), and no STUN message
+# has either (its two top bits are zero). An agent proves its registration with the token
+# the server gave it over TLS.
+
+UDP_TO_SERVER = 0x90  # token(8) dest(16) datagram
+UDP_FROM_SERVER = 0x91  # source(16) datagram
+UDP_HELLO = 0x92  # token(8): "this is my UDP endpoint"
+UDP_HELLO_ACK = 0x93  # token(8)
+TOKEN_BYTES = 8
+
+
+def is_udp_relay(data: bytes) -> bool:
+    """Whether a datagram on the node's socket belongs to the UDP relay transport."""
+    return bool(data) and 0x80 <= data[0] <= 0xBF
+
+
+def encode_udp_relay(token: bytes, destination: bytes, datagram: bytes) -> bytes:
+    """An agent's relay datagram for ``destination``."""
+    return bytes([UDP_TO_SERVER]) + token + destination + datagram
+
+
+def encode_udp_delivery(source: bytes, datagram: bytes) -> bytes:
+    """The server's delivery of a relayed datagram from ``source``."""
+    return bytes([UDP_FROM_SERVER]) + source + datagram
+
+
+def parse_udp_relay(data: bytes) -> tuple[int, bytes, bytes, bytes]:
+    """(kind, token, address, datagram) of a UDP relay frame; absent parts are empty.
+
+    Raises :class:`FrameError` for anything malformed.
+    """
+    if not is_udp_relay(data):
+        raise FrameError("not a UDP relay frame")
+    kind = data[0]
+    if kind in (UDP_HELLO, UDP_HELLO_ACK):
+        if len(data) != 1 + TOKEN_BYTES:
+            raise FrameError("hello of the wrong size")
+        return kind, data[1:], b"", b""
+    if kind == UDP_TO_SERVER:
+        head = 1 + TOKEN_BYTES + ADDRESS_BYTES
+        if not head < len(data) <= head + MAX_DATAGRAM:
+            raise FrameError("relay datagram of the wrong size")
+        return kind, data[1 : 1 + TOKEN_BYTES], data[1 + TOKEN_BYTES : head], data[head:]
+    if kind == UDP_FROM_SERVER:
+        head = 1 + ADDRESS_BYTES
+        if not head < len(data) <= head + MAX_DATAGRAM:
+            raise FrameError("relay delivery of the wrong size")
+        return kind, b"", data[1:head], data[head:]
+    raise FrameError(f"unknown UDP relay frame {kind:#04x}")
 
 
 def register_payload(nonce: bytes, agent: bytes, server: bytes) -> bytes:
