@@ -89,7 +89,8 @@ def main_options(
         stream=sys.stderr,
     )
     if not debug:
-        logging.getLogger("quic").setLevel(logging.WARNING)
+        for noisy in ("quic", "websockets"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _run(coro: Awaitable[T]) -> T:
@@ -233,8 +234,17 @@ def server_command(
         typer.Option("--state-dir", metavar="DIR", help="The server's key and state [default: per-user dir/server]."),
     ] = None,
     port: Annotated[
-        int, typer.Option("--port", min=0, max=65535, help="Rendezvous and relay port (TLS over TCP; 0: any).")
+        int, typer.Option("--port", min=0, max=65535, help="Rendezvous and relay port (TLS over TCP and UDP; 0: any).")
     ] = DEFAULT_RENDEZVOUS_PORT,
+    wss_port: Annotated[
+        int | None,
+        typer.Option(
+            "--wss-port",
+            min=0,
+            max=65535,
+            help="WebSocket-over-TLS port, for networks that let only HTTPS out (0: any) [default: 443 if free].",
+        ),
+    ] = None,
     stun_port: Annotated[int, typer.Option("--stun-port", min=1, max=65535, help="Primary STUN port.")] = (
         DEFAULT_STUN_PORT
     ),
@@ -281,16 +291,28 @@ def server_command(
             fail(f"cannot listen: {exc.strerror or exc} (is the address on this host, and the port free?)")
         rendezvous = RendezvousServer(identity, directory, limits=limits)
         try:
-            await rendezvous.start(public_ip, port)
+            await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port)
         except OSError as exc:
-            await stun.close()
-            fail(f"cannot listen on port {port}: {exc.strerror or exc}")
+            await rendezvous.close()
+            if wss_port is not None:
+                await stun.close()
+                fail(f"cannot listen on port {port} or --wss-port {wss_port}: {exc.strerror or exc}")
+            log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
+            rendezvous = RendezvousServer(identity, directory, limits=limits)
+            try:
+                await rendezvous.start(public_ip, port)
+            except OSError as again:
+                await stun.close()
+                fail(f"cannot listen on port {port}: {again.strerror or again}")
         url = str(rendezvous.url())
         (directory / URL_FILE).write_text(url + "\n")
         typer.echo(url)
         sys.stdout.flush()
         mode = "RFC 5780 behaviour discovery" if stun.responder.full else "single address, no CHANGE-REQUEST"
-        log.info("rendezvous and relay on tls %s", ", ".join(f"{h}:{rendezvous.port}" for h in public_ip))
+        listeners = [f"tls+udp {h}:{rendezvous.port}" for h in public_ip]
+        if rendezvous.wss_port:
+            listeners += [f"wss {h}:{rendezvous.wss_port}" for h in public_ip]
+        log.info("rendezvous and relay on %s", ", ".join(listeners))
         log.info("STUN server (%s) listening on %s", mode, ", ".join(stun.listening()))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

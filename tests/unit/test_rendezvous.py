@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -325,3 +326,47 @@ async def test_stray_udp_relay_frames_are_counted_and_ignored(agents, server) ->
     finally:
         transport.close()
     assert a.rendezvous is not None and a.rendezvous.counters["relay_received"] == 0
+
+
+async def test_websocket_over_tls_when_only_https_gets_out(tmp_path) -> None:
+    """TLS to the rendezvous port and UDP are blocked; WebSocket over TLS (443 in production)
+    carries registration, lookups and relayed sessions."""
+    srv = RendezvousServer(Identity.generate(), tmp_path / "s")
+    await srv.start(["127.0.0.1"], 0, wss_port=0)
+    for udp in srv._udp:
+        udp.transport.close()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        blocked_port = closed.getsockname()[1]
+    url = RendezvousUrl(srv.address, "127.0.0.1", blocked_port, srv.wss_port)
+    assert RendezvousUrl.parse(str(url)) == url and str(url).endswith(f"?wss={srv.wss_port}")
+    made = Agents(tmp_path, url)
+    try:
+        a, b = await made("a"), await made("b")
+        assert a.rendezvous is not None and a.rendezvous.transport_name == "wss"
+        befriend(a, b)
+        b.on_message(answer)
+        conn = await a.connect(b.address)
+        payload = os.urandom(500_000)
+        assert await conn.request(payload, timeout=30) == b"re:" + payload
+        assert a.status()["rendezvous"]["relay_transport"] == "wss"
+    finally:
+        for node in made.nodes:
+            await node.close()
+        await srv.close()
+
+
+async def test_websocket_endpoint_answers_404_elsewhere(tmp_path) -> None:
+    srv = RendezvousServer(Identity.generate(), tmp_path / "s")
+    await srv.start(["127.0.0.1"], 0, wss_port=0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.wss_port, ssl=tls_client_context())
+        writer.write(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 404")
+        writer.close()
+    finally:
+        await srv.close()

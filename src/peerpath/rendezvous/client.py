@@ -13,9 +13,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
 from peerpath import errors
 from peerpath.certs import tls_client_context, tls_peer_address
 from peerpath.identity import Address, Identity
+from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.wire import rendezvous as rv
 
@@ -30,6 +34,10 @@ UDP_HELLO_INTERVAL = 10.0
 UDP_ACK_TIMEOUT = 25.0
 
 UdpSender = Callable[[bytes, tuple[str, int]], None]
+#: Connecting: the whole attempt, and how long TLS over TCP goes alone before WebSocket joins.
+CONNECT_TIMEOUT = 10.0
+WSS_HEAD_START = 0.5
+_CONNECTION_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionClosed)
 
 RelayHandler = Callable[[bytes, bytes], None]
 LetterHandler = Callable[[rv.Letter], None]
@@ -83,7 +91,8 @@ class RendezvousClient:
             "relay_received_udp": 0,
             "relay_dropped": 0,
         }
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: Link | None = None
+        self.transport_name: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._lookups: dict[int, asyncio.Future[rv.LookupResult]] = {}
         self._posts: dict[int, asyncio.Future[rv.PostResult]] = {}
@@ -119,7 +128,8 @@ class RendezvousClient:
             "observed": self.observed,
             "last_error": self.last_error,
             "registrations": self.registrations,
-            "relay_transport": "udp" if self.udp_ready else "tcp",
+            "connection": self.transport_name,
+            "relay_transport": "udp" if self.udp_ready else self.transport_name,
             **self.counters,
         }
 
@@ -172,14 +182,14 @@ class RendezvousClient:
             self.counters["relay_sent"] += 1
             self.counters["relay_sent_udp"] += 1
             return True
-        writer = self._writer
-        if writer is None or not self.registered.is_set() or writer.transport.is_closing():
+        link = self._link
+        if link is None or not self.registered.is_set() or link.is_closing():
             self.counters["relay_dropped"] += 1
             return False
-        if writer.transport.get_write_buffer_size() > SEND_HIGH_WATER:
+        if link.buffered() > SEND_HIGH_WATER:
             self.counters["relay_dropped"] += 1
             return False
-        writer.write(rv.encode_relay(destination, datagram))
+        link.write(rv.encode_relay(destination, datagram))
         self.counters["relay_sent"] += 1
         return True
 
@@ -219,9 +229,9 @@ class RendezvousClient:
                 log.info("UDP relay to %s stopped answering; back to TCP", self.url.endpoint)
 
     def _send(self, frame: bytes) -> None:
-        if self._writer is None or self._writer.transport.is_closing():
+        if self._link is None or self._link.is_closing():
             raise errors.NetworkError(f"not connected to {self.url.endpoint}")
-        self._writer.write(frame)
+        self._link.write(frame)
 
     # -- the connection -----------------------------------------------------------------
 
@@ -232,7 +242,14 @@ class RendezvousClient:
             try:
                 await self._connect_and_serve()
                 delay = low  # it was up: the next outage starts from the shortest backoff
-            except (OSError, TimeoutError, rv.FrameError, RendezvousError, asyncio.IncompleteReadError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                rv.FrameError,
+                RendezvousError,
+                asyncio.IncompleteReadError,
+                ConnectionClosed,
+            ) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.info("rendezvous %s: %s", self.url.endpoint, self.last_error)
             finally:
@@ -243,12 +260,56 @@ class RendezvousClient:
             await asyncio.sleep(self._rng.uniform(low, delay))
             delay = min(high, delay * 2)
 
-    async def _connect_and_serve(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.url.host, self.url.port, ssl=tls_client_context()), 10
+    async def _open_link(self) -> Link:
+        """TLS over TCP to the server's port; if that has not worked within a moment (or
+        fails), WebSocket over TLS to its ``wss`` port too; the first to connect wins."""
+        attempts = [self._open_tls()]
+        if self.url.wss_port:
+            attempts.append(self._open_wss(delay=WSS_HEAD_START))
+        tasks = [asyncio.ensure_future(a) for a in attempts]
+        failures: list[str] = []
+        winner: Link | None = None
+        try:
+            for next_done in asyncio.as_completed(tasks, timeout=CONNECT_TIMEOUT):
+                try:
+                    winner = await next_done
+                    break
+                except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+                    failures.append(str(exc) or type(exc).__name__)
+        except TimeoutError:
+            failures.append(f"no connection within {CONNECT_TIMEOUT:g} s")
+        finally:
+            for task in tasks:
+                task.cancel()
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if outcome is not winner and isinstance(outcome, StreamLink | WebSocketLink):
+                    outcome.close()  # the slower attempt connected too: not needed
+        if winner is None:
+            raise OSError("; ".join(failures))
+        self.transport_name = "wss" if isinstance(winner, WebSocketLink) else "tls"
+        return winner
+
+    async def _open_tls(self) -> Link:
+        reader, writer = await asyncio.open_connection(self.url.host, self.url.port, ssl=tls_client_context())
+        return StreamLink(reader, writer)
+
+    async def _open_wss(self, delay: float) -> Link:
+        await asyncio.sleep(delay)
+        host = f"[{self.url.host}]" if ":" in self.url.host else self.url.host
+        ws = await ws_connect(
+            f"wss://{host}:{self.url.wss_port}{WS_PATH}",
+            ssl=tls_client_context(),
+            server_hostname="peerpath",
+            max_size=WS_MAX_MESSAGE,
+            compression=None,
+            open_timeout=CONNECT_TIMEOUT,
         )
-        self._writer = writer
-        proven = tls_peer_address(writer.get_extra_info("ssl_object"))
+        return WebSocketLink(ws)
+
+    async def _connect_and_serve(self) -> None:
+        link = await self._open_link()
+        self._link = link
+        proven = tls_peer_address(link.ssl_object())
         if proven != self.url.address:
             raise RendezvousError(
                 f"the server at {self.url.endpoint} is {proven or 'not a peerpath server'}, not {self.url.address}"
@@ -256,7 +317,7 @@ class RendezvousClient:
         decoder = rv.FrameDecoder()
         keepalive = asyncio.get_running_loop().create_task(self._keepalive())
         try:
-            while data := await asyncio.wait_for(reader.read(65536), KEEPALIVE * 4):
+            while data := await asyncio.wait_for(link.read(), KEEPALIVE * 4):
                 for message, datagram in decoder.feed(data):
                     if datagram is None:
                         self._on_control(message)  # type: ignore[arg-type]
@@ -331,9 +392,9 @@ class RendezvousClient:
         if self._udp_task is not None:
             self._udp_task.cancel()
             self._udp_task = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._link is not None:
+            self._link.close()
+            self._link = None
         pending: list[asyncio.Future[Any]] = [*self._lookups.values(), *self._posts.values()]
         for future in pending:
             if not future.done():

@@ -11,12 +11,19 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, cast
+
+from websockets.asyncio.server import Server as WebSocketServer
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as serve_websocket
+from websockets.http11 import Request, Response
 
 from peerpath.certs import tls_server_context
 from peerpath.identity import Address, Identity, verify
 from peerpath.rendezvous.letters import LetterError, check_letter
+from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.mailbox import Mailbox
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
 from peerpath.wire import rendezvous as rv
@@ -48,7 +55,7 @@ class RelayLimits:
 @dataclass(eq=False)
 class _Agent:
     address: Address
-    writer: asyncio.StreamWriter
+    link: Link
     observed: str
     endpoints: list[str]
     nat: dict[str, Any] | None
@@ -68,10 +75,9 @@ class _Agent:
     udp_seen: float = 0.0
 
     def send(self, frame: bytes) -> bool:
-        transport = self.writer.transport
-        if transport.is_closing() or transport.get_write_buffer_size() > SEND_HIGH_WATER:
+        if self.link.is_closing() or self.link.buffered() > SEND_HIGH_WATER:
             return False
-        self.writer.write(frame)
+        self.link.write(frame)
         return True
 
     def deliver(self, source: bytes, datagram: bytes, now: float) -> bool:
@@ -142,6 +148,8 @@ class RendezvousServer:
         self._udp: list[_RelayUdp] = []
         self.mailbox: Mailbox | None = None
         self._servers: list[asyncio.AbstractServer] = []
+        self._ws_servers: list[WebSocketServer] = []
+        self.wss_port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pinger: asyncio.Task[None] | None = None
         self._ping_ids = 0
@@ -155,10 +163,11 @@ class RendezvousServer:
 
     def url(self, host: str | None = None) -> RendezvousUrl:
         """The URL agents use to reach this server at ``host`` (default: its first address)."""
-        return RendezvousUrl(self.address, host or self.hosts[0], self.port)
+        return RendezvousUrl(self.address, host or self.hosts[0], self.port, self.wss_port)
 
-    async def start(self, hosts: list[str], port: int = DEFAULT_PORT) -> None:
-        """Listen with TLS on ``port`` of every host address (0: a free port, tests)."""
+    async def start(self, hosts: list[str], port: int = DEFAULT_PORT, wss_port: int | None = None) -> None:
+        """Listen with TLS on ``port`` of every host address (0: a free port, tests), UDP on
+        the same port number, and WebSocket over TLS on ``wss_port`` if given."""
         context = tls_server_context(self.identity, self.state_dir)
         loop = asyncio.get_running_loop()
         for host in hosts:
@@ -167,7 +176,19 @@ class RendezvousServer:
             port = port or server.sockets[0].getsockname()[1]
             _, udp = await loop.create_datagram_endpoint(lambda: _RelayUdp(self), local_addr=(host, port))
             self._udp.append(udp)
-        self.port, self.hosts = port, list(hosts)
+            if wss_port is not None:
+                ws_server = await serve_websocket(
+                    self._serve_websocket,
+                    host,
+                    wss_port,
+                    ssl=context,
+                    max_size=WS_MAX_MESSAGE,
+                    process_request=_check_path,
+                    compression=None,
+                )
+                self._ws_servers.append(ws_server)
+                wss_port = wss_port or ws_server.sockets[0].getsockname()[1]
+        self.port, self.hosts, self.wss_port = port, list(hosts), wss_port
         # Opened only once the ports are ours: a second server on the same state directory
         # fails to bind above instead of contending for the database.
         self.mailbox = Mailbox(self.state_dir / "rendezvous.db")
@@ -177,19 +198,24 @@ class RendezvousServer:
         """Stop listening and drop every agent."""
         for server in self._servers:
             server.close()
+        for ws_server in self._ws_servers:
+            ws_server.close()
         for udp in self._udp:
             if udp.transport is not None:
                 udp.transport.close()
         if self._pinger is not None:
             self._pinger.cancel()
         for agent in list(self.agents.values()):
-            agent.writer.close()
+            agent.link.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *(t for t in [self._pinger] if t), return_exceptions=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        for ws_server in self._ws_servers:
+            with contextlib.suppress(Exception):
+                await ws_server.wait_closed()
         if self.mailbox is not None:
             self.mailbox.close()
             self.mailbox = None
@@ -205,21 +231,31 @@ class RendezvousServer:
     # -- one agent ------------------------------------------------------------------------
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        task = asyncio.get_running_loop().create_task(self._serve(StreamLink(reader, writer)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_websocket(self, ws: ServerConnection) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._serve(WebSocketLink(ws))
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _serve(self, link: Link) -> None:
         self.counters["connections"] += 1
-        peer = writer.get_extra_info("peername")
+        peer = link.peername()
         observed = _endpoint(peer)
         agent: _Agent | None = None
         decoder = rv.FrameDecoder()
         try:
-            agent = await self._register(reader, writer, decoder, observed)
+            agent = await self._register(link, decoder, observed)
             if agent is None:
                 return
-            while data := await asyncio.wait_for(reader.read(65536), PING_INTERVAL * 3):
+            while data := await asyncio.wait_for(link.read(), PING_INTERVAL * 3):
                 agent.last_seen = time.monotonic()
                 for message, datagram in decoder.feed(data):
                     if datagram is None:
@@ -230,12 +266,12 @@ class RendezvousServer:
             self.counters["malformed"] += 1
             log.info("dropping %s: %s", agent.address if agent else observed, exc)
             with contextlib.suppress(Exception):
-                writer.write(rv.encode_control(rv.Refused(f"protocol error: {exc}")))
+                link.write(rv.encode_control(rv.Refused(f"protocol error: {exc}")))
         except _CutOff as exc:
             self.counters["agents_cut_off"] += 1
             log.warning("cutting off %s: %s", agent.address if agent else observed, exc)
             with contextlib.suppress(Exception):
-                writer.write(rv.encode_control(rv.Refused(str(exc))))
+                link.write(rv.encode_control(rv.Refused(str(exc))))
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -244,39 +280,35 @@ class RendezvousServer:
             if agent is not None and self.agents.get(agent.address.digest) is agent:
                 del self.agents[agent.address.digest]
                 log.info("%s offline", agent.address)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            link.close()
 
-    async def _register(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: rv.FrameDecoder, observed: str
-    ) -> _Agent | None:
+    async def _register(self, link: Link, decoder: rv.FrameDecoder, observed: str) -> _Agent | None:
         nonce = os.urandom(32)
-        writer.write(rv.encode_control(rv.Challenge(nonce, str(self.address))))
+        link.write(rv.encode_control(rv.Challenge(nonce, str(self.address))))
         frames: list[Any] = []
         async with asyncio.timeout(REGISTER_TIMEOUT):
             while not frames:
-                data = await reader.read(65536)
+                data = await link.read()
                 if not data:
                     return None
                 frames = decoder.feed(data)
         message, datagram = frames[0]
         if datagram is not None or not isinstance(message, rv.Register):
-            self._refuse(writer, "the first message must be a registration")
+            self._refuse(link, "the first message must be a registration")
             return None
         try:
             claimed = Address.from_public_key(message.public_key)
         except ValueError:
-            self._refuse(writer, "registration carries a malformed key")
+            self._refuse(link, "registration carries a malformed key")
             return None
         payload = rv.register_payload(nonce, claimed.digest, self.address.digest)
         if not verify(message.public_key, message.signature, payload):
-            self._refuse(writer, "registration signature does not verify")
+            self._refuse(link, "registration signature does not verify")
             return None
         now = time.monotonic()
         agent = _Agent(
             claimed,
-            writer,
+            link,
             observed,
             list(message.endpoints)[:16],
             message.nat,
@@ -289,7 +321,7 @@ class RendezvousServer:
         self._tokens[agent.token] = agent
         previous = self.agents.get(claimed.digest)
         if previous is not None:
-            previous.writer.close()  # the same agent reconnected: the newest connection wins
+            previous.link.close()  # the same agent reconnected: the newest connection wins
         self.agents[claimed.digest] = agent
         self.counters["registered"] += 1
         registered = rv.Registered(
@@ -298,7 +330,7 @@ class RendezvousServer:
             udp_relay=[_endpoint((h, self.port)) for h in self.hosts],
             token=agent.token,
         )
-        writer.write(rv.encode_control(registered))
+        link.write(rv.encode_control(registered))
         log.info("%s online from %s", claimed, observed)
         self._ping(agent)  # a first RTT sample right away, for signalling
         self._deliver_waiting(agent)
@@ -309,10 +341,10 @@ class RendezvousServer:
                 self._relay(agent, message, datagram)
         return agent
 
-    def _refuse(self, writer: asyncio.StreamWriter, reason: str) -> None:
+    def _refuse(self, link: Link, reason: str) -> None:
         self.counters["refused"] += 1
-        log.info("refused %s: %s", _endpoint(writer.get_extra_info("peername")), reason)
-        writer.write(rv.encode_control(rv.Refused(reason)))
+        log.info("refused %s: %s", _endpoint(link.peername()), reason)
+        link.write(rv.encode_control(rv.Refused(reason)))
 
     def _on_control(self, agent: _Agent, message: rv.Message) -> None:
         if isinstance(message, rv.Lookup):
@@ -461,8 +493,8 @@ class RendezvousServer:
                 log.warning("cutting off %s: %s", agent.address, exc)
                 self._tokens.pop(agent.token, None)  # its next UDP frames are strangers'
                 with contextlib.suppress(Exception):
-                    agent.writer.write(rv.encode_control(rv.Refused(str(exc))))
-                agent.writer.close()
+                    agent.link.write(rv.encode_control(rv.Refused(str(exc))))
+                agent.link.close()
 
     async def _ping_loop(self) -> None:
         while True:
@@ -473,6 +505,13 @@ class RendezvousServer:
 
 class _CutOff(Exception):
     """An agent broke its limits and is disconnected."""
+
+
+def _check_path(connection: ServerConnection, request: Request) -> Response | None:
+    """Answer 404 to anything but the rendezvous WebSocket path."""
+    if request.path != WS_PATH:
+        return connection.respond(HTTPStatus.NOT_FOUND, "not a peerpath endpoint\n")
+    return None
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -1,7 +1,8 @@
-"""Rendezvous URLs: ``pp://SERVER-ADDRESS@HOST:PORT``.
+"""Rendezvous URLs: ``pp://SERVER-ADDRESS@HOST:PORT[?wss=PORT]``.
 
 The URL names the server's own overlay address, so an agent authenticates the server by
-its TLS certificate's key, with no CA and no trust on first use.
+its TLS certificate's key, with no CA and no trust on first use. ``wss`` names the port
+of its WebSocket-over-TLS listener (443 in production), tried when TLS to PORT fails.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ class RendezvousUrl:
     address: Address
     host: str
     port: int = DEFAULT_PORT
+    wss_port: int | None = None
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{SCHEME}{self.address}@{host}:{self.port}"
+        query = f"?wss={self.wss_port}" if self.wss_port else ""
+        return f"{SCHEME}{self.address}@{host}:{self.port}{query}"
 
     @property
     def endpoint(self) -> str:
@@ -38,6 +41,13 @@ class RendezvousUrl:
         if not text.startswith(SCHEME):
             raise ValueError(f"{text!r} is not a rendezvous URL (expected {SCHEME}ADDRESS@HOST:PORT)")
         rest = text[len(SCHEME) :].rstrip("/")
+        rest, _, query = rest.partition("?")
+        wss_port = None
+        for item in filter(None, query.split("&")):
+            key, _, value = item.partition("=")
+            if key != "wss":
+                raise ValueError(f"unknown URL parameter {key!r} in {text!r}")
+            wss_port = _port(value, text)
         address_text, at, location = rest.partition("@")
         if not at:
             raise ValueError(f"{text!r} names no server address (expected {SCHEME}ADDRESS@HOST:PORT)")
@@ -55,7 +65,7 @@ class RendezvousUrl:
             port = _port(port_text, text)
         if not host:
             raise ValueError(f"{text!r} names no host")
-        return cls(address, host, port)
+        return cls(address, host, port, wss_port)
 
 
 def _port(text: str, url: str) -> int:
