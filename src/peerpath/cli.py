@@ -140,17 +140,17 @@ def _peer_address(text: str) -> PeerAddress:
         fail(str(exc), 2)
 
 
-def _rendezvous_url(value: str) -> RendezvousUrl:
+def _rendezvous_url(value: str, option: str = "--rendezvous") -> RendezvousUrl:
     text = value
     if not value.startswith("pp://"):
         try:
             text = Path(value).read_text().strip()
         except OSError as exc:
-            fail(f"--rendezvous {value!r} is neither a pp:// URL nor a readable file: {exc.strerror or exc}", 2)
+            fail(f"{option} {value!r} is neither a pp:// URL nor a readable file: {exc.strerror or exc}", 2)
     try:
         return RendezvousUrl.parse(text)
     except ValueError as exc:
-        fail(f"--rendezvous: {exc}", 2)
+        fail(f"{option}: {exc}", 2)
 
 
 def _trust_store(state_dir: Path) -> TrustStore:
@@ -263,6 +263,12 @@ def server_command(
     relay_burst: Annotated[
         float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
     ] = RelayLimits.burst,
+    relay: Annotated[
+        list[str],
+        typer.Option(
+            "--relay", metavar="URL", help="Another relay (peerpath relay) agents may pick as home; repeatable."
+        ),
+    ] = [],  # noqa: B006  (typer reads the default, never mutates it)
 ) -> None:
     """Run the peerpath server: rendezvous and relay (TLS), and STUN (RFC 8489/5780) on UDP and TCP.
 
@@ -283,49 +289,114 @@ def server_command(
     directory = state_dir if state_dir is not None else default_state_dir() / "server"
     identity = _identity(directory)
     limits = RelayLimits(rate=relay_rate, burst=max(relay_burst, relay_rate / 10))
+    relay_urls = [_rendezvous_url(text, "--relay") for text in relay]
 
     async def run() -> None:
         try:
             stun = await StunServer.start(public_ip, stun_port, alternate, tcp=tcp, rate=rate, burst=burst)
         except OSError as exc:
             fail(f"cannot listen: {exc.strerror or exc} (is the address on this host, and the port free?)")
-        rendezvous = RendezvousServer(identity, directory, limits=limits)
         try:
-            await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port)
-        except OSError as exc:
-            await rendezvous.close()
-            if wss_port is not None:
-                await stun.close()
-                fail(f"cannot listen on port {port} or --wss-port {wss_port}: {exc.strerror or exc}")
-            log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
-            rendezvous = RendezvousServer(identity, directory, limits=limits)
-            try:
-                await rendezvous.start(public_ip, port)
-            except OSError as again:
-                await stun.close()
-                fail(f"cannot listen on port {port}: {again.strerror or again}")
-        url = str(rendezvous.url())
-        (directory / URL_FILE).write_text(url + "\n")
-        typer.echo(url)
-        sys.stdout.flush()
+            rendezvous = await _start_rendezvous(identity, directory, public_ip, port, wss_port, limits, relay_urls)
+        except BaseException:
+            await stun.close()
+            raise
         mode = "RFC 5780 behaviour discovery" if stun.responder.full else "single address, no CHANGE-REQUEST"
-        listeners = [f"tls+udp {h}:{rendezvous.port}" for h in public_ip]
-        if rendezvous.wss_port:
-            listeners += [f"wss {h}:{rendezvous.wss_port}" for h in public_ip]
-        log.info("rendezvous and relay on %s", ", ".join(listeners))
         log.info("STUN server (%s) listening on %s", mode, ", ".join(stun.listening()))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
         try:
-            await stop.wait()
+            await _until_signalled()
         finally:
             await rendezvous.close()
             await stun.close()
             counts = {**stun.responder.counters.as_dict(), **rendezvous.counters}
             log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    run_event_loop(run())
+
+
+async def _start_rendezvous(
+    identity: Identity,
+    directory: Path,
+    public_ip: list[str],
+    port: int,
+    wss_port: int | None,
+    limits: RelayLimits,
+    relays: list[RendezvousUrl],
+) -> RendezvousServer:
+    """Start a rendezvous/relay server, print its URL (and write it to DIR/rendezvous.url)."""
+    rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays)
+    try:
+        await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port)
+    except OSError as exc:
+        await rendezvous.close()
+        if wss_port is not None:
+            fail(f"cannot listen on port {port} or --wss-port {wss_port}: {exc.strerror or exc}")
+        log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
+        rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays)
+        try:
+            await rendezvous.start(public_ip, port)
+        except OSError as again:
+            await rendezvous.close()
+            fail(f"cannot listen on port {port}: {again.strerror or again}")
+    url = str(rendezvous.url())
+    (directory / URL_FILE).write_text(url + "\n")
+    typer.echo(url)
+    sys.stdout.flush()
+    listeners = [f"tls+udp {h}:{rendezvous.port}" for h in public_ip]
+    if rendezvous.wss_port:
+        listeners += [f"wss {h}:{rendezvous.wss_port}" for h in public_ip]
+    log.info("rendezvous and relay on %s", ", ".join(listeners))
+    return rendezvous
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+@app.command("relay")
+def relay_command(
+    public_ip: Annotated[list[str], typer.Option("--public-ip", metavar="IP", help="A public IP to relay on.")],
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", metavar="DIR", help="The relay's key and state [default: per-user dir/relay]."),
+    ] = None,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Relay port (TLS over TCP and UDP; 0: any).")
+    ] = DEFAULT_RENDEZVOUS_PORT,
+    wss_port: Annotated[
+        int | None,
+        typer.Option("--wss-port", min=0, max=65535, help="WebSocket-over-TLS port [default: 443 if free]."),
+    ] = None,
+    relay_rate: Annotated[
+        float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
+    ] = RelayLimits.rate,
+    relay_burst: Annotated[
+        float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
+    ] = RelayLimits.burst,
+) -> None:
+    """Run a relay alone. Give its URL to the server (peerpath server --relay URL); agents near it
+    pick it as their home relay."""
+    for ip in public_ip:
+        try:
+            Address(ip, 0)
+        except ValueError:
+            fail(f"--public-ip {ip!r} is not an IP address", 2)
+    directory = state_dir if state_dir is not None else default_state_dir() / "relay"
+    identity = _identity(directory)
+    limits = RelayLimits(rate=relay_rate, burst=max(relay_burst, relay_rate / 10))
+
+    async def run() -> None:
+        relay = await _start_rendezvous(identity, directory, public_ip, port, wss_port, limits, [])
+        try:
+            await _until_signalled()
+        finally:
+            await relay.close()
+            log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in relay.counters.items()))
 
     run_event_loop(run())
 
@@ -391,12 +462,7 @@ def up_command(
             await server.start()
             endpoint = node.local_endpoint
             log.info("node %s up on udp %s:%d (state %s)", node.address, endpoint[0], endpoint[1], directory)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError):
-                    loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await _until_signalled()
             log.info("shutting down")
         finally:
             await server.close()

@@ -86,6 +86,27 @@ def test_server_and_netcheck_json_on_loopback(tmp_path) -> None:
                 stream.close()
 
 
+def test_relay_and_server_with_relay(tmp_path) -> None:
+    ports = ["--port", "0", "--wss-port", "0"]
+    relay = subprocess.Popen(
+        [*PEERPATH, "relay", "--public-ip", "127.0.0.2", *ports, "--state-dir", str(tmp_path / "relay")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        relay_url = relay.stdout.readline().strip()
+        assert relay_url.startswith("pp://pp1") and "@127.0.0.2:" in relay_url and "?wss=" in relay_url
+        bad = run("server", "--public-ip", "127.0.0.1", "--relay", "pp://nonsense", "--state-dir", str(tmp_path))
+        assert (bad.returncode == 2 and "--rendezvous" not in bad.stderr) or "names no server address" in bad.stderr
+    finally:
+        relay.terminate()
+        relay.wait(10)
+        if relay.stdout is not None:
+            relay.stdout.close()
+
+
 def test_netcheck_without_answer_reports_udp_false() -> None:
     proc = run("netcheck", "--stun", "127.0.0.1:9", "--json", "--timeout", "0.3")
     assert proc.returncode == 0

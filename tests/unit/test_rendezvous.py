@@ -370,3 +370,45 @@ async def test_websocket_endpoint_answers_404_elsewhere(tmp_path) -> None:
         writer.close()
     finally:
         await srv.close()
+
+
+async def test_a_peer_is_reached_through_its_home_relay(tmp_path, monkeypatch) -> None:
+    from peerpath.node import node as node_module
+
+    relay = RendezvousServer(Identity.generate(), tmp_path / "relay")
+    await relay.start(["127.0.0.2"], 0)
+    main = RendezvousServer(Identity.generate(), tmp_path / "main", relays=[relay.url()])
+    await main.start(["127.0.0.1"], 0)
+
+    async def nearer_relay(url_text: str, timeout: float = 2.0) -> float:
+        return 0.001 if "127.0.0.2" in url_text else 0.005  # the relay measures closer
+
+    monkeypatch.setattr(node_module, "_connect_rtt", nearer_relay)
+    made = Agents(tmp_path, main.url())
+    try:
+        a, b = await made("a"), await made("b")
+        await wait_for(lambda: a.home_relay is not None and b.home_relay is not None)
+        assert b.home_relay == str(relay.url())
+        befriend(a, b)
+        b.on_message(answer)
+        assert a.rendezvous is not None
+        await wait_for(lambda: len(relay.agents) == 2)
+        found = await a.rendezvous.lookup(b.address)
+        assert found.relay == str(relay.url())
+        conn = await a.connect(b.address)
+        assert conn.path is not None and conn.path.describe() == f"relay {relay.url().endpoint}"
+        assert await conn.request(b"via the home relay") == b"re:via the home relay"
+        assert relay.counters["relay_bytes"] > 0 and main.counters["relay_bytes"] == 0
+        assert a.status()["home_relay"] == str(relay.url())
+    finally:
+        for node in made.nodes:
+            await node.close()
+        await main.close()
+        await relay.close()
+
+
+async def test_home_relay_must_be_one_the_server_offers(agents, server) -> None:
+    a = await agents("a")
+    assert a.rendezvous is not None
+    a.rendezvous.set_home_relay(str(RendezvousUrl(Identity.generate().address, "198.51.100.9", 7000)))
+    await wait_for(lambda: server.counters["malformed"] == 1)

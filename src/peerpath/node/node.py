@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Callable, Generator
@@ -123,6 +124,10 @@ class Node:
         self._connecting: dict[Address, asyncio.Task[Connection]] = {}
         self._closed = False
         self.rendezvous: RendezvousClient | None = None
+        #: Relays other than the rendezvous server: our home relay and our peers' home relays.
+        self._relay_clients: dict[Address, RendezvousClient] = {}
+        self.home_relay: str | None = None
+        self._home_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -148,15 +153,59 @@ class Node:
         return _Starting(cls, state_dir, host, port, identity, trust, config, url)
 
     async def _register(self, url: RendezvousUrl) -> None:
-        self.rendezvous = RendezvousClient(
+        client = RendezvousClient(
             self.identity,
             url,
-            on_relay=self._relay_received,
+            on_relay=lambda source, data: None,
             on_letter=self._letter_received,
             udp_send=self._send_udp,
             endpoints=lambda: self._local_endpoints(url),
+            on_registered=self._on_registered,
         )
-        await self.rendezvous.start()
+        client.on_relay = functools.partial(self._relay_received, client)
+        self.rendezvous = client
+        await client.start()
+
+    def _on_registered(self, registered: Any) -> None:
+        """Choose a home relay among those the server offers (after every registration)."""
+        if self._home_task is not None:
+            self._home_task.cancel()
+        self._home_task = asyncio.get_running_loop().create_task(self._choose_home_relay(list(registered.relays)))
+
+    async def _choose_home_relay(self, offered: list[str]) -> None:
+        main = self.rendezvous
+        if main is None or not offered:
+            return
+        rtts = await asyncio.gather(*(_connect_rtt(text) for text in offered))
+        reachable = [(rtt, text) for rtt, text in zip(rtts, offered, strict=True) if rtt is not None]
+        if not reachable:
+            return
+        _, chosen = min(reachable)
+        try:
+            await self._relay_client(chosen)
+            main.set_home_relay(chosen)
+        except (errors.PeerpathError, OSError, ValueError) as exc:
+            log.info("home relay %s unusable: %s", chosen, exc)
+            return
+        if chosen != self.home_relay:
+            log.info("home relay: %s", chosen)
+        self.home_relay = chosen
+
+    async def _relay_client(self, url_text: str, timeout: float = 10.0) -> RendezvousClient:
+        """The client for relay ``url_text``: the rendezvous server itself, or another relay
+        (connected and registered on first use)."""
+        url = RendezvousUrl.parse(url_text)
+        main = self.rendezvous
+        if main is not None and url.address == main.url.address:
+            return main
+        client = self._relay_clients.get(url.address)
+        if client is None:
+            client = RendezvousClient(self.identity, url, on_relay=lambda source, data: None, udp_send=self._send_udp)
+            client.on_relay = functools.partial(self._relay_received, client)
+            self._relay_clients[url.address] = client
+            await client.start()
+        await client.wait_registered(timeout)
+        return client
 
     def _send_udp(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._socket is not None:
@@ -209,8 +258,10 @@ class Node:
         for task in self._connecting.values():
             task.cancel()
         await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
-        if self.rendezvous is not None:
-            await self.rendezvous.close()
+        if self._home_task is not None:
+            self._home_task.cancel()
+        for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:
+            await client.close()
         if self._socket is not None:
             self._socket.close()
 
@@ -336,7 +387,8 @@ class Node:
             found = await client.lookup(peer, timeout=timeout or self.config.connect_timeout)
             if not found.online:
                 raise errors.NetworkError(f"{peer} is not online at {client.url.endpoint}")
-            paths.add(self._relay_path(client, peer.digest))
+            relay = await self._relay_client(found.relay) if found.relay else client  # the peer's home relay
+            paths.add(self._relay_path(relay, peer.digest))
         conn = self._new_connection(Role.INITIATOR, paths, expected_peer=peer)
         self._register_cid(conn, conn.quic.host_cid, True)
         conn.start()
@@ -409,17 +461,15 @@ class Node:
     def _datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         remote = (str(addr[0]), int(addr[1]))
         if is_udp_relay(data):
-            if self.rendezvous is not None:
-                self.rendezvous.udp_received(data, remote)
-            else:
-                self.counters["datagrams_dropped"] += 1
+            for client in [self.rendezvous, *self._relay_clients.values()]:
+                if client is not None and client.udp_endpoint == remote:
+                    client.udp_received(data, remote)
+                    return
+            self.counters["datagrams_dropped"] += 1
             return
         self._demux(data, (PathKind.DIRECT_UDP, _format_endpoint(remote)), lambda: self._udp_path(remote))
 
-    def _relay_received(self, source: bytes, data: bytes) -> None:
-        client = self.rendezvous
-        if client is None:
-            return
+    def _relay_received(self, client: RendezvousClient, source: bytes, data: bytes) -> None:
         self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source))
 
     def _demux(self, data: bytes, key: tuple[PathKind, str], make_path: Callable[[], NetPath]) -> None:
@@ -475,7 +525,27 @@ class Node:
             "sessions": [c.describe() for c in self.connections],
             "counters": dict(self.counters),
             "rendezvous": self.rendezvous.status() if self.rendezvous is not None else None,
+            "home_relay": self.home_relay,
         }
+
+
+async def _connect_rtt(url_text: str, timeout: float = 2.0) -> float | None:
+    """The best of two TCP connects to a relay: how far away it is (None: unreachable)."""
+    try:
+        url = RendezvousUrl.parse(url_text)
+    except ValueError:
+        return None
+    best: float | None = None
+    for _ in range(2):
+        start = clock()
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), timeout)
+        except (OSError, TimeoutError):
+            continue
+        elapsed = clock() - start
+        writer.close()
+        best = elapsed if best is None else min(best, elapsed)
+    return best
 
 
 class _Starting:

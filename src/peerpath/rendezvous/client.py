@@ -60,6 +60,7 @@ class RendezvousClient:
         on_letter: LetterHandler | None = None,
         on_signal: SignalHandler | None = None,
         udp_send: UdpSender | None = None,
+        on_registered: Callable[[rv.Registered], None] | None = None,
         endpoints: Callable[[], list[str]] = list,
         nat: Callable[[], dict[str, Any] | None] = lambda: None,
         backoff: tuple[float, float] = (0.25, 30.0),
@@ -71,6 +72,9 @@ class RendezvousClient:
         self.on_letter = on_letter
         self.on_signal = on_signal
         self._udp_send = udp_send
+        self.on_registered = on_registered
+        #: The relays the server offered at the last registration (its own URL first).
+        self.relays: list[str] = []
         self.udp_ready = False
         self._udp_endpoint: tuple[str, int] | None = None
         self._token = b""
@@ -164,6 +168,15 @@ class RendezvousClient:
             self._posts.pop(request_id, None)
         if not result.ok:
             raise RendezvousError(f"the server refused the letter: {result.error}")
+
+    def set_home_relay(self, url: str) -> None:
+        """Tell the server which of its relays peers should use to reach us."""
+        self._send(rv.encode_control(rv.HomeRelay(url)))
+
+    @property
+    def udp_endpoint(self) -> tuple[str, int] | None:
+        """The server's UDP relay endpoint we use (frames from elsewhere are not its)."""
+        return self._udp_endpoint
 
     def signal(self, peer: Address, kind: str, payload: bytes) -> None:
         """Send an offer, answer or candidate list to ``peer`` through the server (best effort)."""
@@ -346,7 +359,10 @@ class RendezvousClient:
             self._udp_task = asyncio.get_running_loop().create_task(self._udp_hellos())
             self.registrations += 1
             self.last_error = None
+            self.relays = list(message.relays)
             self.registered.set()
+            if self.on_registered is not None:
+                self.on_registered(message)
             log.info(
                 "registered with %s as %s (seen from %s)", self.url.endpoint, self.identity.address, message.observed
             )

@@ -69,6 +69,7 @@ class _Agent:
     relayed_out: int = 0
     ping_sent: dict[int, float] = field(default_factory=dict)
     token: bytes = b""
+    home_relay: str | None = None
     udp_ready: bool = False
     udp_endpoint: tuple[str, int] | None = None
     udp_socket: _RelayUdp | None = None
@@ -118,8 +119,17 @@ class _RelayUdp(asyncio.DatagramProtocol):
 class RendezvousServer:
     """A running rendezvous + relay server. :meth:`start`, then :meth:`close`."""
 
-    def __init__(self, identity: Identity, state_dir: Path, *, limits: RelayLimits | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        state_dir: Path,
+        *,
+        limits: RelayLimits | None = None,
+        relays: list[RendezvousUrl] | None = None,
+    ) -> None:
         self.identity = identity
+        #: Other relays (``peerpath relay``) agents may choose as their home relay.
+        self.relays = list(relays or [])
         self.state_dir = state_dir
         self.limits = limits or RelayLimits()
         self.agents: dict[bytes, _Agent] = {}
@@ -326,7 +336,7 @@ class RendezvousServer:
         self.counters["registered"] += 1
         registered = rv.Registered(
             observed,
-            relays=[str(self.url(h)) for h in self.hosts],
+            relays=self._relay_urls(),
             udp_relay=[_endpoint((h, self.port)) for h in self.hosts],
             token=agent.token,
         )
@@ -340,6 +350,10 @@ class RendezvousServer:
             else:
                 self._relay(agent, message, datagram)
         return agent
+
+    def _relay_urls(self) -> list[str]:
+        """This server's own URL first, then the other relays it knows."""
+        return [str(self.url()), *(str(r) for r in self.relays)]
 
     def _refuse(self, link: Link, reason: str) -> None:
         self.counters["refused"] += 1
@@ -366,6 +380,10 @@ class RendezvousServer:
             self._signal(agent, message)
         elif isinstance(message, rv.UdpReady):
             agent.udp_ready = message.ready
+        elif isinstance(message, rv.HomeRelay):
+            if message.url not in self._relay_urls():
+                raise rv.FrameError(f"{message.url} is not one of this server's relays")
+            agent.home_relay = message.url
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
 
@@ -435,7 +453,7 @@ class RendezvousServer:
             endpoints=target.endpoints,
             observed=target.observed,
             nat=target.nat,
-            relay=str(self.url(self.hosts[0])),
+            relay=target.home_relay or str(self.url()),
         )
 
     def _relay(self, source: _Agent, destination: bytes, datagram: bytes) -> None:

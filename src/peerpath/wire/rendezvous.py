@@ -177,6 +177,12 @@ class Signal(msgspec.Struct, tag="signal", frozen=True):
 MAX_SIGNAL = 8 * 1024
 
 
+class HomeRelay(msgspec.Struct, tag="home-relay", frozen=True):
+    """Agent -> server: I chose this relay (one of those the server listed); send others there."""
+
+    url: str
+
+
 class UdpReady(msgspec.Struct, tag="udp-ready", frozen=True):
     """Agent -> server: deliver my relayed datagrams over UDP (``ready``), or stop doing so.
 
@@ -203,6 +209,7 @@ Message = (
     | Received
     | Signal
     | UdpReady
+    | HomeRelay
 )
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
