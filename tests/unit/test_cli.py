@@ -69,7 +69,7 @@ def test_server_and_netcheck_json_on_loopback(tmp_path) -> None:
         url = server.stdout.readline().strip()
         assert url.startswith("pp://pp1") and url == (tmp_path / "rendezvous.url").read_text().strip()
         lines = [server.stderr.readline(), server.stderr.readline()]
-        assert "rendezvous and relay on tls 127.0.0.1:" in lines[0]
+        assert "rendezvous and relay on tls+udp 127.0.0.1:" in lines[0]
         assert "listening on udp 127.0.0.1:23478" in lines[1]
         proc = run("netcheck", "--stun", "127.0.0.1:23478", "--json")
         assert proc.returncode == 0, proc.stderr
