@@ -59,7 +59,19 @@ def test_failures_exit_1_with_one_line(tmp_path) -> None:
 def test_server_and_netcheck_json_on_loopback(tmp_path) -> None:
     ips = ["--public-ip", "127.0.0.1", "--public-ip", "127.0.0.2"]
     server = subprocess.Popen(
-        [*PEERPATH, "server", *ips, "--stun-port", "23478", "--port", "0", "--state-dir", str(tmp_path)],
+        [
+            *PEERPATH,
+            "server",
+            *ips,
+            "--stun-port",
+            "23478",
+            "--port",
+            "0",
+            "--wss-port",
+            "0",
+            "--state-dir",
+            str(tmp_path),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
