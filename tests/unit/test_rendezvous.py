@@ -412,3 +412,23 @@ async def test_home_relay_must_be_one_the_server_offers(agents, server) -> None:
     assert a.rendezvous is not None
     a.rendezvous.set_home_relay(str(RendezvousUrl(Identity.generate().address, "198.51.100.9", 7000)))
     await wait_for(lambda: server.counters["malformed"] == 1)
+
+
+async def test_server_writes_its_counters_for_operators(tmp_path) -> None:
+    import json as json_module
+
+    srv = RendezvousServer(Identity.generate(), tmp_path / "s")
+    await srv.start(["127.0.0.1"], 0)
+    made = Agents(tmp_path, srv.url())
+    try:
+        await made("a")
+        srv.write_status()
+        status = json_module.loads((tmp_path / "s" / "status.json").read_text())
+        assert status["agents_online"] == 1 and status["counters"]["registered"] == 1
+        assert status["url"] == str(srv.url())
+    finally:
+        for node in made.nodes:
+            await node.close()
+        await srv.close()
+    final = json_module.loads((tmp_path / "s" / "status.json").read_text())
+    assert final["agents_online"] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -36,6 +37,9 @@ REGISTER_TIMEOUT = 10.0
 PING_INTERVAL = 15.0
 #: Relayed frames queued for a slow agent beyond this many bytes are dropped (UDP-like).
 SEND_HIGH_WATER = 1 << 20
+#: The server writes its counters to STATE_DIR/status.json this often.
+STATUS_INTERVAL = 5.0
+STATUS_FILE = "status.json"
 #: The server delivers over UDP only to agents heard from over UDP this recently.
 UDP_FRESH = 30.0
 
@@ -229,14 +233,27 @@ class RendezvousServer:
         if self.mailbox is not None:
             self.mailbox.close()
             self.mailbox = None
+        if self.hosts:
+            with contextlib.suppress(OSError):
+                self.write_status()
 
     def status(self) -> dict[str, Any]:
         """Counters and the agents online."""
         return {
             "address": str(self.address),
+            "url": str(self.url()) if self.hosts else None,
             "agents_online": len(self.agents),
+            "agents_on_udp": sum(1 for a in self.agents.values() if a.udp_ready),
+            "relays": [str(r) for r in self.relays],
             "counters": dict(self.counters),
         }
+
+    def write_status(self) -> None:
+        """Write :meth:`status` to ``STATE_DIR/status.json`` (atomically), for operators and monitoring."""
+        path = self.state_dir / STATUS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.status(), "updated": time.time()}, indent=2) + "\n")
+        os.replace(tmp, path)
 
     # -- one agent ------------------------------------------------------------------------
 
@@ -515,10 +532,15 @@ class RendezvousServer:
                 agent.link.close()
 
     async def _ping_loop(self) -> None:
+        ticks = 0
         while True:
-            await asyncio.sleep(PING_INTERVAL)
-            for agent in list(self.agents.values()):
-                self._ping(agent)
+            await asyncio.sleep(STATUS_INTERVAL)
+            ticks += 1
+            with contextlib.suppress(OSError):
+                self.write_status()
+            if ticks % round(PING_INTERVAL / STATUS_INTERVAL) == 0:
+                for agent in list(self.agents.values()):
+                    self._ping(agent)
 
 
 class _CutOff(Exception):
