@@ -39,13 +39,14 @@ def lab() -> Iterator[Lab]:
         yield the_lab
 
 
-def start_peerpath_server(server: Node, *extra: str) -> str:
+def start_peerpath_server(server: Node, *extra: str, state: str | None = None) -> str:
     """Start ``peerpath server`` on the server host's two addresses; wait until it listens.
 
-    Returns the rendezvous URL it printed. Its state lives in a fresh temporary directory.
+    Returns the rendezvous URL it printed. Its state lives in ``state`` (default: a fresh
+    temporary directory).
     """
     args = [a for ip in SERVER_IPS for a in ("--public-ip", ip)]
-    state = tempfile.mkdtemp(prefix="pp-server-")
+    state = state or tempfile.mkdtemp(prefix="pp-server-")
     proc = server.start([*PEERPATH, "server", "--state-dir", state, *args, *extra], ready="STUN server")
     url = (Path(state) / "rendezvous.url").read_text().strip()
     assert proc.poll() is None

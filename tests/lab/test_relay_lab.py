@@ -13,7 +13,9 @@ from peerpath.identity import Address
 from peerpath.node.trust import TrustStore
 from peerpath.testing.netlab import Lab, Node, every_router_kind
 
-from .conftest import SERVER_IPS, start_peerpath_server
+from .conftest import PEERPATH, SERVER_IPS, start_peerpath_server
+
+PEERPATH_PREFIX = PEERPATH
 
 AGENT = str(Path(__file__).with_name("agent.py"))
 MARKER = b"PEERPATH-PLAINTEXT-MARKER-7f3a"
@@ -91,3 +93,46 @@ def test_hard_networks_reach_each_other_by_address(tmp_path: Path, kind: str) ->
         result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
         assert result.get("ok"), result
         assert result["path"] == f"relay {SERVER_IPS[0]}:7000"
+
+
+def test_server_restart_agents_reregister_and_the_session_keeps_flowing(tmp_path: Path) -> None:
+    from peerpath.testing.netlab import NatKind
+
+    with Lab() as lab:
+        server = lab.public_host("server", SERVER_IPS)
+        state = str(tmp_path / "server-state")
+        url = start_peerpath_server(server, state=state)
+        one = lab.host("one", behind=lab.router("r1", NatKind.PORT_RESTRICTED))
+        two = lab.host("two", behind=lab.router("r2", NatKind.SYMMETRIC))
+        procs = {}
+        for name, host in (("one", one), ("two", two)):
+            procs[name] = host.popen([sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3)
+        addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
+        TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
+        TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])
+
+        def exercise() -> dict[str, object]:
+            procs["one"].stdin.write(f"exercise {addrs['two']}\n")  # type: ignore[union-attr]
+            procs["one"].stdin.flush()  # type: ignore[union-attr]
+            result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
+            assert procs["one"].stdout.readline().strip() == "done"  # type: ignore[union-attr]
+            return result
+
+        before = exercise()
+        assert before.get("ok"), before
+        # Kill the server (SIGKILL: no goodbye to anyone), then start it again on the same state.
+        for proc in list(lab._processes):
+            if proc.args[:6] == server.argv([*PEERPATH_PREFIX, "server"])[:6]:
+                proc.kill()
+                proc.wait()
+        start_peerpath_server(server, state=state)
+        after = exercise()  # the same session (connect() reuses it), over the re-registered relay
+        assert after.get("ok"), after
+        assert after["path"] == before["path"] == f"relay {SERVER_IPS[0]}:7000"
+        # The new server instance saw both agents register again and carried the data.
+        for proc in list(lab._processes):
+            if proc.args[:6] == server.argv([*PEERPATH_PREFIX, "server"])[:6]:
+                lab.stop(proc)  # SIGTERM: it writes its final status
+        status = json.loads((Path(state) / "status.json").read_text())
+        assert status["counters"]["registered"] == 2
+        assert status["counters"]["relay_bytes"] > 100_000
