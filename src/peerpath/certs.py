@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -57,22 +58,28 @@ def certificate_address(certificate: x509.Certificate) -> Address | None:
 def tls_server_context(identity: Identity, directory: Path) -> ssl.SSLContext:
     """A TLS 1.3 server context presenting ``identity``'s self-signed certificate.
 
-    OpenSSL loads certificates from files: the certificate and key are written (0600) to
-    ``directory``.
+    OpenSSL loads certificates from files: the certificate and key are written to private
+    (0600) temporary files in ``directory``, loaded, and removed, so processes sharing the
+    directory never read each other's half-written files.
     """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cert_path, key_path = directory / "tls-cert.pem", directory / "tls-key.pem"
     certificate = self_signed_certificate(identity)
     key_pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    for path, data in ((cert_path, certificate.public_bytes(serialization.Encoding.PEM)), (key_path, key_pem)):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(cert_path, key_path)
+    paths = []
+    try:
+        for data in (certificate.public_bytes(serialization.Encoding.PEM), key_pem):
+            fd, name = tempfile.mkstemp(dir=directory, prefix=".tls-", suffix=".pem")
+            paths.append(name)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(paths[0], paths[1])
+    finally:
+        for name in paths:
+            os.unlink(name)
     return context
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import random
@@ -82,7 +83,9 @@ class RendezvousClient:
         self._udp_task: asyncio.Task[None] | None = None
         self._endpoints = endpoints
         self._nat = nat
-        self._backoff = backoff
+        # A server on this machine is cheap to retry and may be taken over by another node
+        # within a second: never back off long from it.
+        self._backoff = (backoff[0], min(backoff[1], 1.0)) if _is_loopback(url.host) else backoff
         self._rng = rng or random.Random()
         self.registered = asyncio.Event()
         self.observed: str | None = None
@@ -429,3 +432,10 @@ def _pick_udp_endpoint(endpoints: list[str], preferred_host: str) -> tuple[str, 
         if endpoint[0] == preferred_host:
             return endpoint
     return parsed[0] if parsed else None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
