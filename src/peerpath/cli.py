@@ -297,7 +297,10 @@ def server_command(
         except OSError as exc:
             fail(f"cannot listen: {exc.strerror or exc} (is the address on this host, and the port free?)")
         try:
-            rendezvous = await _start_rendezvous(identity, directory, public_ip, port, wss_port, limits, relay_urls)
+            stun_endpoints = [f"{ip}:{stun.responder.ports[0]}" for ip in public_ip]
+            rendezvous = await _start_rendezvous(
+                identity, directory, public_ip, port, wss_port, limits, relay_urls, stun_endpoints
+            )
         except BaseException:
             await stun.close()
             raise
@@ -322,9 +325,10 @@ async def _start_rendezvous(
     wss_port: int | None,
     limits: RelayLimits,
     relays: list[RendezvousUrl],
+    stun: list[str] | None = None,
 ) -> RendezvousServer:
     """Start a rendezvous/relay server, print its URL (and write it to DIR/rendezvous.url)."""
-    rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays)
+    rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
     try:
         await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port)
     except OSError as exc:
@@ -332,7 +336,7 @@ async def _start_rendezvous(
         if wss_port is not None:
             fail(f"cannot listen on port {port} or --wss-port {wss_port}: {exc.strerror or exc}")
         log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
-        rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays)
+        rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
         try:
             await rendezvous.start(public_ip, port)
         except OSError as again:

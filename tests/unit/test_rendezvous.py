@@ -432,3 +432,26 @@ async def test_server_writes_its_counters_for_operators(tmp_path) -> None:
         await srv.close()
     final = json_module.loads((tmp_path / "s" / "status.json").read_text())
     assert final["agents_online"] == 0
+
+
+async def test_presence_carries_the_nat_behaviour_netcheck_found(tmp_path) -> None:
+    from peerpath.nat.stun_server import StunServer
+
+    stun = await StunServer.start(["127.0.0.1", "127.0.0.2"], 0)
+    srv = RendezvousServer(Identity.generate(), tmp_path / "s", stun=[f"127.0.0.1:{stun.responder.ports[0]}"])
+    await srv.start(["127.0.0.1"], 0)
+    made = Agents(tmp_path, srv.url())
+    try:
+        a, b = await made("a"), await made("b")
+        await wait_for(lambda: b.nat is not None)
+        assert b.nat is not None and b.nat["udp"] is True and b.nat["nat"] is False
+        assert b.nat["mapping"] == "endpoint-independent"
+        assert a.rendezvous is not None
+        await wait_for(lambda: srv.agents[b.address.digest].nat is not None)
+        found = await a.rendezvous.lookup(b.address)
+        assert found.nat is not None and found.nat["filtering"] == "endpoint-independent"
+    finally:
+        for node in made.nodes:
+            await node.close()
+        await srv.close()
+        await stun.close()

@@ -17,6 +17,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from peerpath import errors
 from peerpath.identity import Address, Identity
+from peerpath.nat.netcheck import netcheck
 from peerpath.nat.stun_client import route_source
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.state import default_state_dir
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_PENDING_HANDSHAKES = 256
 #: Datagrams read per socket wakeup.
 RECV_BATCH = 64
+#: netcheck runs again after a re-registration only if its last result is older than this.
+NAT_RECHECK = 600.0
 _CID_LENGTH = 8
 
 
@@ -128,6 +131,10 @@ class Node:
         self._relay_clients: dict[Address, RendezvousClient] = {}
         self.home_relay: str | None = None
         self._home_task: asyncio.Task[None] | None = None
+        #: What netcheck found about this node's NAT (reported to the rendezvous).
+        self.nat: dict[str, Any] | None = None
+        self._nat_checked = -1e9
+        self._nat_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -160,6 +167,7 @@ class Node:
             on_letter=self._letter_received,
             udp_send=self._send_udp,
             endpoints=lambda: self._local_endpoints(url),
+            nat=lambda: self.nat,
             on_registered=self._on_registered,
         )
         client.on_relay = functools.partial(self._relay_received, client)
@@ -167,10 +175,29 @@ class Node:
         await client.start()
 
     def _on_registered(self, registered: Any) -> None:
-        """Choose a home relay among those the server offers (after every registration)."""
+        """After every registration: choose a home relay among those the server offers, and
+        find out (at most every ten minutes) what NAT we are behind."""
+        loop = asyncio.get_running_loop()
         if self._home_task is not None:
             self._home_task.cancel()
-        self._home_task = asyncio.get_running_loop().create_task(self._choose_home_relay(list(registered.relays)))
+        self._home_task = loop.create_task(self._choose_home_relay(list(registered.relays)))
+        if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
+            self._nat_task = loop.create_task(self._check_nat(list(registered.stun)))
+
+    async def _check_nat(self, stun: list[str]) -> None:
+        try:
+            host, _, port = stun[0].rpartition(":")
+            result = await netcheck(TransportAddress(host.strip("[]"), int(port)), timeout=2.0)
+            keys = ("udp", "nat", "public_address", "mapping", "filtering", "hairpinning", "port_preserving")
+            self.nat = {key: value for key, value in result.to_json().items() if key in keys}
+            self._nat_checked = clock()
+            if self.rendezvous is not None and self.rendezvous.registered.is_set():
+                self.rendezvous.report_nat(self.nat)
+            log.info("netcheck: %s", result.verdict())
+        except (OSError, ValueError, errors.PeerpathError) as exc:
+            log.info("netcheck against %s failed: %s", stun[0], exc)
+        finally:
+            self._nat_task = None
 
     async def _choose_home_relay(self, offered: list[str]) -> None:
         main = self.rendezvous
@@ -258,8 +285,9 @@ class Node:
         for task in self._connecting.values():
             task.cancel()
         await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
-        if self._home_task is not None:
-            self._home_task.cancel()
+        for background in (self._home_task, self._nat_task):
+            if background is not None:
+                background.cancel()
         for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:
             await client.close()
         if self._socket is not None:
@@ -526,6 +554,7 @@ class Node:
             "counters": dict(self.counters),
             "rendezvous": self.rendezvous.status() if self.rendezvous is not None else None,
             "home_relay": self.home_relay,
+            "nat": self.nat,
         }
 
 

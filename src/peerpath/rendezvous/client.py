@@ -76,6 +76,8 @@ class RendezvousClient:
         self.on_registered = on_registered
         #: The relays the server offered at the last registration (its own URL first).
         self.relays: list[str] = []
+        #: The server's STUN endpoints ("ip:port"), for netcheck.
+        self.stun: list[str] = []
         self.udp_ready = False
         self._udp_endpoint: tuple[str, int] | None = None
         self._token = b""
@@ -171,6 +173,10 @@ class RendezvousClient:
             self._posts.pop(request_id, None)
         if not result.ok:
             raise RendezvousError(f"the server refused the letter: {result.error}")
+
+    def report_nat(self, nat: dict[str, Any]) -> None:
+        """Tell the server what netcheck found (it keeps it with our presence)."""
+        self._send(rv.encode_control(rv.NatReport(nat)))
 
     def set_home_relay(self, url: str) -> None:
         """Tell the server which of its relays peers should use to reach us."""
@@ -363,6 +369,7 @@ class RendezvousClient:
             self.registrations += 1
             self.last_error = None
             self.relays = list(message.relays)
+            self.stun = list(message.stun)
             self.registered.set()
             if self.on_registered is not None:
                 self.on_registered(message)

@@ -16,6 +16,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, cast
 
+import msgspec
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as serve_websocket
@@ -130,8 +131,11 @@ class RendezvousServer:
         *,
         limits: RelayLimits | None = None,
         relays: list[RendezvousUrl] | None = None,
+        stun: list[str] | None = None,
     ) -> None:
         self.identity = identity
+        #: STUN endpoints ("ip:port") agents can run netcheck against.
+        self.stun = list(stun or [])
         #: Other relays (``peerpath relay``) agents may choose as their home relay.
         self.relays = list(relays or [])
         self.state_dir = state_dir
@@ -356,6 +360,7 @@ class RendezvousServer:
             relays=self._relay_urls(),
             udp_relay=[_endpoint((h, self.port)) for h in self.hosts],
             token=agent.token,
+            stun=self.stun,
         )
         link.write(rv.encode_control(registered))
         log.info("%s online from %s", claimed, observed)
@@ -397,6 +402,10 @@ class RendezvousServer:
             self._signal(agent, message)
         elif isinstance(message, rv.UdpReady):
             agent.udp_ready = message.ready
+        elif isinstance(message, rv.NatReport):
+            if len(msgspec.msgpack.encode(message.nat)) > 4096:
+                raise rv.FrameError("NAT report too large")
+            agent.nat = message.nat
         elif isinstance(message, rv.HomeRelay):
             if message.url not in self._relay_urls():
                 raise rv.FrameError(f"{message.url} is not one of this server's relays")

@@ -67,6 +67,7 @@ class Registered(msgspec.Struct, tag="registered", frozen=True):
     relays: list[str] = []
     udp_relay: list[str] = []
     token: bytes = b""
+    stun: list[str] = []
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):
@@ -177,6 +178,12 @@ class Signal(msgspec.Struct, tag="signal", frozen=True):
 MAX_SIGNAL = 8 * 1024
 
 
+class NatReport(msgspec.Struct, tag="nat-report", frozen=True):
+    """Agent -> server: what netcheck found about my NAT (kept with my presence)."""
+
+    nat: dict[str, Any]
+
+
 class HomeRelay(msgspec.Struct, tag="home-relay", frozen=True):
     """Agent -> server: I chose this relay (one of those the server listed); send others there."""
 
@@ -210,6 +217,7 @@ Message = (
     | Signal
     | UdpReady
     | HomeRelay
+    | NatReport
 )
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
