@@ -303,7 +303,7 @@ def letter_payload(letter: Letter) -> bytes:
 # -- the UDP relay transport -------------------------------------------------------------
 #
 # Relay datagrams may also travel over UDP, on the agent's one UDP socket. Their first byte
-# lies in 0x80-0xBF: the long-header bit set and QUIC's fixed bit (0x40) clear, which no
+# lies in 0x90-0x9F (0xA0-0xAF are connectivity checks, wire/punch.py): the long-header bit set and QUIC's fixed bit (0x40) clear, which no
 # QUIC packet of ours has (we never negotiate RFC 9287's greased bit), and no STUN message
 # has either (its two top bits are zero). An agent proves its registration with the token
 # the server gave it over TLS.
@@ -316,8 +316,8 @@ TOKEN_BYTES = 8
 
 
 def is_udp_relay(data: bytes) -> bool:
-    """Whether a datagram on the node's socket belongs to the UDP relay transport."""
-    return bool(data) and 0x80 <= data[0] <= 0xBF
+    """Whether a datagram on the node's socket belongs to the UDP relay transport (0x90-0x9F)."""
+    return bool(data) and 0x90 <= data[0] <= 0x9F
 
 
 def encode_udp_relay(token: bytes, destination: bytes, datagram: bytes) -> bytes:

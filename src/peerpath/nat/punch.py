@@ -1,0 +1,91 @@
+"""The hole-punching engine (sans-I/O): authenticated connectivity checks to every candidate
+address of the peer, on a schedule that starts at an agreed moment.
+
+Feed it time and datagrams; take datagrams to send. A path is valid once a response to
+our check came back *from the address we sent the check to* (ICE's symmetric rule), so a
+replayed or redirected response cannot make a wrong address valid. A check arriving from
+an address we do not know (the peer's NAT chose a new port for us: a peer-reflexive
+candidate, RFC 8445 7.3.1.3) is answered and then checked in turn ("triggered check"),
+which is how a peer behind a symmetric NAT reaches an endpoint-independent one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from peerpath.wire import punch
+
+Addr = tuple[str, int]
+
+#: Checks go out every INTERVAL seconds, round-robin over the candidates, for DURATION.
+INTERVAL = 0.02
+DURATION = 2.0
+
+
+@dataclass
+class Puncher:
+    """One round of checks toward one peer."""
+
+    key: bytes
+    candidates: list[Addr]
+    start: float
+    duration: float = DURATION
+    interval: float = INTERVAL
+    random_bytes: Callable[[int], bytes] = os.urandom
+    validated: list[Addr] = field(default_factory=list)
+    checks_sent: int = 0
+    _next: float = 0.0
+    _sent: dict[bytes, Addr] = field(default_factory=dict)
+    _outbox: list[tuple[bytes, Addr]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._next = self.start
+        self.candidates = list(dict.fromkeys(self.candidates))
+
+    @property
+    def done(self) -> bool:
+        """True once a path is valid, or the round is over."""
+        return bool(self.validated) or self._next > self.start + self.duration
+
+    def next_time(self) -> float | None:
+        """When :meth:`datagrams_to_send` next has something (None: nothing more to send)."""
+        if self._outbox:
+            return float("-inf")  # responses and triggered checks go at once
+        if self.done or not self.candidates:
+            return None
+        return self._next
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+        """Checks (and responses) due at ``now``: every interval, one check to each candidate."""
+        out, self._outbox = self._outbox, []
+        while not self.done and self.candidates and self._next <= now:
+            for target in self.candidates:
+                tid = self.random_bytes(punch.TID_BYTES)
+                self._sent[tid] = target
+                self.checks_sent += 1
+                out.append((punch.encode_check(self.key, tid), target))
+            self._next += self.interval
+        return out
+
+    def receive(self, data: bytes, source: Addr) -> bool:
+        """A check-range datagram arrived from ``source``; True if it was authentic for this round."""
+        try:
+            kind, tid, _ = punch.parse(self.key, data)
+        except punch.CheckError:
+            return False
+        if kind == punch.CHECK:
+            self._outbox.append((punch.encode_response(self.key, tid, source), source))
+            if source not in self.candidates:
+                # A peer-reflexive candidate: check it in turn (triggered check).
+                self.candidates.insert(0, source)
+                triggered = self.random_bytes(punch.TID_BYTES)
+                self._sent[triggered] = source
+                self.checks_sent += 1
+                self._outbox.append((punch.encode_check(self.key, triggered), source))
+            return True
+        target = self._sent.get(tid)
+        if target is not None and target == source and source not in self.validated:
+            self.validated.append(source)
+        return True

@@ -1,0 +1,104 @@
+"""Connectivity checks: the codec, and two punchers finding each other through fake NATs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from peerpath.nat.punch import Puncher
+from peerpath.wire import punch
+
+KEY = bytes(range(32))
+
+
+def test_check_and_response_round_trip() -> None:
+    tid = os.urandom(12)
+    assert punch.parse(KEY, punch.encode_check(KEY, tid)) == (punch.CHECK, tid, None)
+    for observed in (("198.51.100.7", 41641), ("2001:db8::1", 443)):
+        kind, got_tid, address = punch.parse(KEY, punch.encode_response(KEY, tid, observed))
+        assert (kind, got_tid, address) == (punch.RESPONSE, tid, observed)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (punch.encode_check(bytes(32), b"t" * 12), "not made with this session's key"),
+        (punch.encode_check(KEY, b"t" * 12)[:-1], "wrong size"),
+        (punch.encode_response(bytes(32), b"t" * 12, ("10.0.0.1", 1)), "not made with this session's key"),
+        (bytes([0xAF]) + bytes(40), "unknown check kind"),
+        (b"\x40hello", "not a check"),
+    ],
+)
+def test_forged_and_malformed_checks_are_refused(data: bytes, reason: str) -> None:
+    with pytest.raises(punch.CheckError, match=reason):
+        punch.parse(KEY, data)
+
+
+def test_tampered_observed_address_is_refused() -> None:
+    response = bytearray(punch.encode_response(KEY, b"t" * 12, ("10.0.0.1", 1)))
+    response[-1] ^= 1
+    with pytest.raises(punch.CheckError):
+        punch.parse(KEY, bytes(response))
+
+
+class Nat:
+    """Endpoint-independent mapping; filtering open (full cone) or by contacted address+port."""
+
+    def __init__(self, public_ip: str, *, restricted: bool, symmetric: bool = False) -> None:
+        self.public_ip, self.restricted, self.symmetric = public_ip, restricted, symmetric
+        self.ports: dict[tuple, int] = {}
+        self.allowed: set[tuple[int, tuple[str, int]]] = set()
+        self.next_port = 40000
+
+    def out(self, dest: tuple[str, int]) -> tuple[str, int]:
+        key = (dest,) if self.symmetric else ()
+        if key not in self.ports:
+            self.next_port += 7
+            self.ports[key] = self.next_port
+        port = self.ports[key]
+        self.allowed.add((port, dest))
+        return (self.public_ip, port)
+
+    def inbound(self, port: int, source: tuple[str, int]) -> bool:
+        return not self.restricted or (port, source) in self.allowed
+
+
+def run(a_nat: Nat, b_nat: Nat) -> tuple[Puncher, Puncher]:
+    """Both sides know the other's reflexive address (as STUN toward a server showed it)."""
+    a_reflexive = (a_nat.public_ip, 39999) if a_nat.symmetric else a_nat.out(("203.0.113.10", 3478))
+    b_reflexive = (b_nat.public_ip, 39998) if b_nat.symmetric else b_nat.out(("203.0.113.10", 3478))
+    a = Puncher(KEY, [b_reflexive], start=0.0)
+    b = Puncher(KEY, [a_reflexive], start=0.0)
+    sides = {"a": (a, a_nat), "b": (b, b_nat)}
+    now = 0.0
+    while now < 2.5 and not (a.validated and b.validated):
+        for name, (puncher, nat) in sides.items():
+            other, other_nat = sides["b" if name == "a" else "a"]
+            for data, dest in puncher.datagrams_to_send(now):
+                source = nat.out(dest)
+                if dest[0] == other_nat.public_ip and other_nat.inbound(dest[1], source):
+                    other.receive(data, source)
+        now += 0.005
+    return a, b
+
+
+@pytest.mark.parametrize(
+    ("a_restricted", "b_restricted"), [(False, False), (True, False), (True, True)], ids=["open", "one", "both"]
+)
+def test_endpoint_independent_nats_punch_through(a_restricted: bool, b_restricted: bool) -> None:
+    a, b = run(Nat("198.51.100.1", restricted=a_restricted), Nat("198.51.100.2", restricted=b_restricted))
+    assert a.validated and b.validated
+    assert a.validated[0][0] == "198.51.100.2" and b.validated[0][0] == "198.51.100.1"
+
+
+def test_symmetric_reaches_full_cone_through_a_peer_reflexive_candidate() -> None:
+    a, b = run(Nat("198.51.100.1", restricted=False), Nat("198.51.100.2", restricted=True, symmetric=True))
+    assert a.validated and b.validated
+    assert a.validated[0] != (b.candidates[-1])  # found at the port the symmetric NAT chose, not the STUN one
+
+
+def test_symmetric_against_port_restricted_needs_more_than_checks() -> None:
+    a, b = run(Nat("198.51.100.1", restricted=True), Nat("198.51.100.2", restricted=True, symmetric=True))
+    assert not a.validated and not b.validated
+    assert a.done and b.done
