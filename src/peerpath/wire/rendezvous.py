@@ -303,10 +303,10 @@ def letter_payload(letter: Letter) -> bytes:
 # -- the UDP relay transport -------------------------------------------------------------
 #
 # Relay datagrams may also travel over UDP, on the agent's one UDP socket. Their first byte
-# lies in 0x90-0x9F (0xA0-0xAF are connectivity checks, wire/punch.py): the long-header bit set and QUIC's fixed bit (0x40) clear, which no
-# QUIC packet of ours has (we never negotiate RFC 9287's greased bit), and no STUN message
-# has either (its two top bits are zero). An agent proves its registration with the token
-# the server gave it over TLS.
+# lies in 0x90-0x9F (0xA0-0xAF are the connectivity checks of wire/punch.py): the long-header
+# bit set and QUIC's fixed bit (0x40) clear, which no QUIC packet of ours has (we never
+# negotiate RFC 9287's greased bit), and no STUN message has either (its two top bits are
+# zero). An agent proves its registration with the token the server gave it over TLS.
 
 UDP_TO_SERVER = 0x90  # token(8) dest(16) datagram
 UDP_FROM_SERVER = 0x91  # source(16) datagram
