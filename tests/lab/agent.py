@@ -16,6 +16,8 @@ import time
 from peerpath.node.node import Node
 from peerpath.session.connection import Connection
 
+#: How long (tenths of a second) an exercise waits for a session to go direct.
+WAIT_DIRECT_STEPS = int(os.environ.get("PEERPATH_WAIT_DIRECT", "40"))
 #: A recognisable plaintext inside the payloads; it must never show up on the wire.
 MARKER = b"PEERPATH-PLAINTEXT-MARKER-7f3a"
 
@@ -67,17 +69,25 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
     try:
         conn = await node.connect(address, timeout=20)
         connect_s = time.perf_counter() - start
+        first_path = conn.path.describe() if conn.path else None
         streams_ok = all(await asyncio.gather(*(stream_round_trip(conn, 50_000) for _ in range(3))))
         blob = os.urandom(256 * 1024) + MARKER
         digest_ok = await conn.request(blob, timeout=60) == hashlib.sha256(blob).digest()
         back = json.loads(await conn.request(b"call me back", timeout=60))
+        # Give the direct-path upgrade a few seconds, then move data over whatever path it is.
+        for _ in range(WAIT_DIRECT_STEPS):
+            if conn.path is not None and not conn.path.describe().startswith("relay"):
+                break
+            await asyncio.sleep(0.1)
+        again = await conn.request(blob, timeout=60) == hashlib.sha256(blob).digest()
     except Exception as exc:
         return {"peer": address, "error": f"{type(exc).__name__}: {exc}"}
     return {
         "peer": address,
-        "path": conn.path.describe() if conn.path else None,
+        "path": first_path,
+        "final_path": conn.path.describe() if conn.path else None,
         "connect_s": round(connect_s, 3),
-        "ok": streams_ok and digest_ok and back == {"streams_ok": True, "request_ok": True},
+        "ok": streams_ok and digest_ok and again and back == {"streams_ok": True, "request_ok": True},
     }
 
 

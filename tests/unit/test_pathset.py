@@ -45,3 +45,17 @@ def test_same_kind_path_takes_over_only_after_the_current_goes_quiet() -> None:
     paths.received(other, 10, now=15.0)  # first silent for 4 s: a rebinding
     assert paths.current is other
     assert first.datagrams_received == 2 and other.bytes_received == 20
+
+
+def test_direct_path_that_goes_silent_hands_over_to_the_relay_and_comes_back() -> None:
+    sent: list[tuple[str, bytes]] = []
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", sent))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", sent), now=10.0)
+    assert paths.current is direct
+    paths.tick(now=12.0)
+    assert paths.current is direct  # quiet for 2 s: still fine
+    paths.tick(now=13.5)
+    assert paths.current is relay  # 3.5 s of silence: the relay takes over
+    paths.received(direct, 100, now=20.0)  # heard from again (checks or QUIC)
+    assert paths.current is direct

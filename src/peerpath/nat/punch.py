@@ -24,7 +24,7 @@ INTERVAL = 0.02
 DURATION = 2.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Puncher:
     """One round of checks toward one peer."""
 

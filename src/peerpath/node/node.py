@@ -18,7 +18,8 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from peerpath import errors
 from peerpath.identity import Address, Identity
 from peerpath.nat.netcheck import netcheck
-from peerpath.nat.stun_client import route_source
+from peerpath.nat.stun_client import UdpStunSocket, route_source
+from peerpath.node.direct import DirectPaths
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
@@ -27,8 +28,10 @@ from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
 from peerpath.session.pathset import PathKind, PathSet, clock
+from peerpath.wire.punch import is_check
 from peerpath.wire.rendezvous import is_udp_relay
 from peerpath.wire.stun import Address as TransportAddress
+from peerpath.wire.stun import is_stun
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,24 @@ class _UdpSocket:
             self.sock.close()
 
 
+class _StunTransport(asyncio.DatagramTransport):
+    """Lets a UdpStunSocket run its transactions over the node's own socket, so that the
+    reflexive address it learns is the one peers can punch to."""
+
+    def __init__(self, udp: _UdpSocket) -> None:
+        super().__init__()
+        self._udp = udp
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self._udp.sendto(bytes(data), (str(addr[0]), int(addr[1])))
+
+    def is_closing(self) -> bool:
+        return self._udp.closed
+
+    def close(self) -> None:
+        pass  # the node owns the socket
+
+
 class Node:
     """A peerpath agent node.
 
@@ -111,6 +132,9 @@ class Node:
         self.identity = identity
         self.trust = trust
         self.broker = TrustBroker(identity, trust, trust.path.with_name("trust-requests.json"))
+        self.direct = DirectPaths(self)
+        self.reflexive: tuple[str, int] | None = None
+        self._stun = UdpStunSocket()
         self.config = config or SessionConfig()
         self.counters = {
             "datagrams_received": 0,
@@ -183,6 +207,19 @@ class Node:
         self._home_task = loop.create_task(self._choose_home_relay(list(registered.relays)))
         if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
             self._nat_task = loop.create_task(self._check_nat(list(registered.stun)))
+        if registered.stun:
+            self.direct._spawn(self._learn_reflexive(registered.stun[0]))
+
+    async def _learn_reflexive(self, stun: str) -> None:
+        """The address the server's STUN port sees this node's socket at: a punch candidate."""
+        host, _, port = stun.rpartition(":")
+        try:
+            response = await self._stun.request(TransportAddress(host.strip("[]"), int(port)), timeout=2.0, rto=0.2)
+        except ValueError:
+            return
+        mapped = response.message.mapped_address if response is not None else None
+        if mapped is not None:
+            self.reflexive = (mapped.host, mapped.port)
 
     async def _check_nat(self, stun: list[str]) -> None:
         try:
@@ -263,6 +300,7 @@ class Node:
         except BaseException:
             sock.close()
             raise
+        self._stun.connection_made(_StunTransport(self._socket))
 
     @property
     def address(self) -> Address:
@@ -288,6 +326,7 @@ class Node:
         for background in (self._home_task, self._nat_task):
             if background is not None:
                 background.cancel()
+        await self.direct.close()
         for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:
             await client.close()
         if self._socket is not None:
@@ -314,6 +353,22 @@ class Node:
     def message_handler(self) -> MessageHandler | None:
         """The handler for incoming messages."""
         return self._message_handler
+
+    async def internal_message(self, connection: Connection, topic: str, data: bytes) -> bytes | None:
+        """peerpath's own messages between nodes (path upgrades)."""
+        return await self.direct.internal_message(connection, topic, data)
+
+    def candidates(self) -> list[str]:
+        """Where peers may reach this node's UDP socket: local addresses, then the reflexive one."""
+        out = []
+        host, port = self.local_endpoint
+        if host not in ("0.0.0.0", "::"):
+            out.append(_format_endpoint((host, port)))
+        elif self.rendezvous is not None:
+            out += self._local_endpoints(self.rendezvous.url)
+        if self.reflexive is not None:
+            out.append(_format_endpoint(self.reflexive))
+        return list(dict.fromkeys(out))
 
     def serve(self, port: int, handler: StreamHandler) -> None:
         """Serve byte streams that peers open to ``port``: ``await handler(reader, writer)``."""
@@ -426,6 +481,8 @@ class Node:
             await conn.close("connect failed", timeout=0.2)
             raise
         log.info("session with %s over %s", peer, conn.path and conn.path.describe())
+        if via is None:
+            self.direct.watch(conn, initiator=True)
         return conn
 
     async def _resolve(self, via: tuple[str, int]) -> tuple[str, int]:
@@ -488,6 +545,12 @@ class Node:
 
     def _datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         remote = (str(addr[0]), int(addr[1]))
+        if is_stun(data):
+            self._stun.datagram_received(data, remote)
+            return
+        if is_check(data):
+            self.direct.on_check(data, remote)
+            return
         if is_udp_relay(data):
             for client in [self.rendezvous, *self._relay_clients.values()]:
                 if client is not None and client.udp_endpoint == remote:
@@ -518,8 +581,14 @@ class Node:
             if conn is None:
                 self.counters["datagrams_dropped"] += 1
                 return
-        path = conn.paths.paths.get(key) or make_path()
-        conn.datagram_received(data, path)
+        path = conn.paths.paths.get(key)
+        if path is not None:
+            conn.datagram_received(data, path)
+        else:
+            # A path no check has validated is not adopted while the relay is there to fall
+            # back on (an on-path attacker could race a copy of a packet from elsewhere);
+            # without a relay, follow the peer as QUIC itself would (a NAT rebinding).
+            conn.datagram_received(data, make_path(), known=not conn.paths.has_kind(PathKind.RELAY))
 
     def _accept(
         self, packet_type: QuicPacketType, dcid: bytes, size: int, make_path: Callable[[], NetPath]
@@ -544,6 +613,8 @@ class Node:
             asyncio.get_running_loop().call_later(5.0, self._forget, conn)
         else:
             log.info("session from %s over %s", conn.peer, conn.path and conn.path.describe())
+            if conn.path is not None and conn.path.kind is PathKind.RELAY:
+                self.direct.watch(conn, initiator=False)
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the node: address, endpoint, sessions and counters."""
@@ -554,6 +625,8 @@ class Node:
             "counters": dict(self.counters),
             "rendezvous": self.rendezvous.status() if self.rendezvous is not None else None,
             "home_relay": self.home_relay,
+            "reflexive": _format_endpoint(self.reflexive) if self.reflexive else None,
+            "direct": self.direct.describe(),
             "nat": self.nat,
         }
 

@@ -46,6 +46,8 @@ _ERR_PROTOCOL = 0x102
 _ERR_AUTH = 0x103
 _STREAM_CANCELLED = 0x110
 _STREAM_TOO_LARGE = 0x111
+#: How often the session re-evaluates its paths (a silent direct path hands over to the relay).
+PATH_TICK = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,10 @@ class Services(Protocol):
         """The handler for incoming messages, or None."""
         ...
 
+    async def internal_message(self, connection: Connection, topic: str, data: bytes) -> bytes | None:
+        """Handle one of peerpath's own messages (path upgrades); the reply, for requests."""
+        ...
+
 
 class Role(enum.Enum):
     """Who opened the session."""
@@ -105,6 +111,7 @@ class _Stream:
     payload: bytearray | None = None
     answer: asyncio.Future[Any] | None = None
     reply: control.Reply | None = None
+    topic: str = ""
     kind: str = "pending"  # "open" | "request" | "oneway" on the remote side; "await-accept"/"await-reply" locally
 
 
@@ -160,6 +167,7 @@ class Connection:
         self.close_reason = ""
         self._timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
+        self._path_timer: asyncio.TimerHandle | None = None
         self._transmit_soon = False
         self._streams: dict[int, _Stream] = {}
         self._control_out: int | None = None
@@ -218,11 +226,12 @@ class Connection:
             raise errors.ServiceNotFoundError(f"{self.peer}: {accept.error}")
         return stream.reader, StreamWriter(self, stream.stream_id)
 
-    async def request(self, data: bytes, timeout: float = 30.0) -> bytes:
+    async def request(self, data: bytes, timeout: float = 30.0, *, _topic: str = "") -> bytes:
         """Send a message and wait for the peer's reply."""
         self._check_message(data)
         stream, answer = self._new_local_stream("await-reply")
-        self._send_stream(stream.stream_id, control.encode(control.Message(request=True)) + data, end_stream=True)
+        header = control.encode(control.Message(request=True, topic=_topic))
+        self._send_stream(stream.stream_id, header + data, end_stream=True)
         try:
             reply, payload = await asyncio.wait_for(answer, timeout)
         except TimeoutError:
@@ -245,11 +254,12 @@ class Connection:
             raise errors.RequestTimeoutError(f"no pong from {self.peer} within {timeout:g} s") from None
         return _clock() - start
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, *, _topic: str = "") -> None:
         """Send a one-way message (delivered reliably; no reply)."""
         self._check_message(data)
         stream, _ = self._new_local_stream("oneway")
-        self._send_stream(stream.stream_id, control.encode(control.Message(request=False)) + data, end_stream=True)
+        header = control.encode(control.Message(request=False, topic=_topic))
+        self._send_stream(stream.stream_id, header + data, end_stream=True)
         await self._drain(stream.stream_id, self.config.max_stream_data)
 
     async def close(self, reason: str = "closed", timeout: float = 2.0) -> None:
@@ -287,14 +297,18 @@ class Connection:
             self.quic.connect(VIRTUAL_PEER, now=_clock())
         self.transmit()
 
-    def datagram_received(self, data: bytes, path: Path) -> None:
-        """A datagram for this session arrived over ``path``."""
+    def datagram_received(self, data: bytes, path: Path, *, known: bool = True) -> None:
+        """A datagram for this session arrived over ``path``.
+
+        A path that is not ``known`` (not validated by a check, or the one the session
+        started on) carries the datagram to QUIC but is not adopted: see docs/security.md.
+        """
         if self.closed.done():
             return
         now = _clock()
         before = self.quic.authentic_packets
         self.quic.receive_datagram(data, VIRTUAL_PEER, now=now)
-        if self.quic.authentic_packets > before:
+        if self.quic.authentic_packets > before and known:
             self.paths.received(path, len(data), now)
         self._process_events()
         # Coalesced: a burst of datagrams read in one wakeup is answered by one transmit.
@@ -325,6 +339,13 @@ class Connection:
         self.quic.handle_timer(now=_clock())
         self._process_events()
         self.transmit()
+
+    def _on_path_tick(self) -> None:
+        self._path_timer = None
+        if self.closed.done():
+            return
+        self.paths.tick(_clock())
+        self._path_timer = self._loop.call_later(PATH_TICK, self._on_path_tick)
 
     def _on_keepalive(self) -> None:
         self._keepalive = None
@@ -458,6 +479,7 @@ class Connection:
             log.debug("session with %s established over %s", self.peer, self.path and self.path.describe())
             if self.config.keepalive_interval > 0:
                 self._keepalive = self._loop.call_later(self.config.keepalive_interval, self._on_keepalive)
+            self._path_timer = self._loop.call_later(PATH_TICK, self._on_path_tick)
             early, self._early = self._early, []
             for event in early:
                 self._on_stream_event(event)
@@ -573,6 +595,7 @@ class Connection:
             self._spawn(self._run_stream_handler(handler, stream.reader, StreamWriter(self, stream.stream_id)))
         elif isinstance(frame, control.Message):
             stream.kind = "request" if frame.request else "oneway"
+            stream.topic = frame.topic
             stream.payload = bytearray()
         elif isinstance(frame, control.Ping):
             stream.kind = "refused"  # nothing more is read from it
@@ -650,6 +673,13 @@ class Connection:
 
     async def _run_message_handler(self, stream: _Stream, payload: bytes) -> None:
         handler = self._services.message_handler()
+        if stream.topic:
+            topic = stream.topic
+
+            async def internal(connection: Connection, data: bytes) -> bytes | None:
+                return await self._services.internal_message(connection, topic, data)
+
+            handler = internal
         reply: control.Reply
         response = b""
         if handler is None:
@@ -680,10 +710,10 @@ class Connection:
         if self.closed.done():
             return
         self.close_reason = self.close_reason or reason
-        for handle in (self._timer, self._keepalive):
+        for handle in (self._timer, self._keepalive, self._path_timer):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._keepalive = None
+        self._timer = self._keepalive = self._path_timer = None
         exc = errors.SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
         self._fail_establish(exc)
         for stream in self._streams.values():

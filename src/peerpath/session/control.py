@@ -63,9 +63,14 @@ class Accept(msgspec.Struct, tag="accept", frozen=True):
 
 
 class Message(msgspec.Struct, tag="message", frozen=True):
-    """First frame of a message; the payload follows until the end of the stream."""
+    """First frame of a message; the payload follows until the end of the stream.
+
+    A non-empty ``topic`` marks peerpath's own messages (path upgrades), which go to the
+    node, never to the application's handler.
+    """
 
     request: bool
+    topic: str = ""
 
 
 class Ping(msgspec.Struct, tag="ping", frozen=True):

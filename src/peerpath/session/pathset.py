@@ -75,6 +75,24 @@ class PathSet:
             self._switch(path)
         return path
 
+    def add_validated(self, path: Path, now: float) -> Path:
+        """Add a path that a check just proved, and switch to it if it is better."""
+        path = self.add(path)
+        path.last_received = now
+        self.tick(now)
+        return path
+
+    def tick(self, now: float) -> None:
+        """Re-evaluate the choice as time passes: a direct path that has gone silent for
+        ``stale_after`` seconds while a relay path exists hands the traffic to the relay."""
+        best = self._best(now)
+        if best is not None and best is not self.current:
+            self._switch(best)
+
+    def has_kind(self, kind: PathKind) -> bool:
+        """Whether a path of ``kind`` is in the set."""
+        return any(p.kind is kind for p in self.paths.values())
+
     def remove(self, path: Path) -> None:
         """Forget a path; pick another current one if it was current."""
         self.paths.pop(path.key, None)
@@ -100,19 +118,27 @@ class PathSet:
         path.bytes_received += size
         path.datagrams_received += 1
         path.last_received = now
-        best = self._best()
+        best = self._best(now)
         if best is not None and best is not self.current:
             self._switch(best)
 
-    def _best(self) -> Path | None:
+    def _best(self, now: float | None = None) -> Path | None:
         if not self.paths:
             return None
+        candidates = list(self.paths.values())
+        if now is not None:
+            # A direct path silent for stale_after loses to any path that is not. The relay
+            # counts as alive while it is there: its own connection is kept up separately.
+            fresh = [
+                p
+                for p in candidates
+                if p.kind is PathKind.RELAY or now - (p.last_received or p.created) <= self.stale_after
+            ]
+            candidates = fresh or candidates
         # Prefer the more direct kind; among equals the one heard from most recently.
-        best = min(self.paths.values(), key=lambda p: (_PREFERENCE[p.kind], -(p.last_received or p.created)))
+        best = min(candidates, key=lambda p: (_PREFERENCE[p.kind], -(p.last_received or p.created)))
         current = self.current
-        if current is None or current.key not in self.paths or best is current:
-            return best
-        if _PREFERENCE[best.kind] < _PREFERENCE[current.kind]:
+        if current is None or current not in candidates or best is current or best.kind is not current.kind:
             return best
         # Same kind: stay unless the current path has gone quiet (a NAT rebinding), so one
         # packet arriving from elsewhere cannot move the session.
