@@ -78,7 +78,9 @@ async def measure_sessions(url: RendezvousUrl, tmp: Path, trials: int, total: in
     trust = TrustStore(tmp / "b-trust.json")
     for caller in callers:
         trust.add(caller.address)
-    async with Node.start(identity=Identity.generate(), trust=trust, host="127.0.0.1", rendezvous=url) as b:
+    async with Node.start(
+        identity=Identity.generate(), trust=trust, host="127.0.0.1", rendezvous=url, direct=False
+    ) as b:
         b.on_message(_answer)
         b.serve(9, _sink)
         assert b.rendezvous is not None
@@ -87,7 +89,7 @@ async def measure_sessions(url: RendezvousUrl, tmp: Path, trials: int, total: in
         for i, caller in enumerate(callers):
             a_trust = TrustStore(tmp / f"a{i}.json")
             a_trust.add(b.address)
-            async with Node.start(identity=caller, trust=a_trust, host="127.0.0.1", rendezvous=url) as a:
+            async with Node.start(identity=caller, trust=a_trust, host="127.0.0.1", rendezvous=url, direct=False) as a:
                 assert a.rendezvous is not None
                 await a.rendezvous.wait_registered(10)
                 start = time.perf_counter()

@@ -93,7 +93,8 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
 
 async def mesh(state_dir: str, url: str) -> None:
     loop = asyncio.get_running_loop()
-    async with Node.start(state_dir, rendezvous=url) as node:
+    direct = os.environ.get("PEERPATH_AGENT_DIRECT", "1") != "0"
+    async with Node.start(state_dir, rendezvous=url, direct=direct) as node:
         node.serve(7, echo)
         node.on_message(handle)
         assert node.rendezvous is not None

@@ -4,6 +4,7 @@ by address alone and moves data both ways; the relay's link never shows the plai
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .conftest import PEERPATH, SERVER_IPS, start_peerpath_server
 PEERPATH_PREFIX = PEERPATH
 
 AGENT = str(Path(__file__).with_name("agent.py"))
+#: These tests are about the relay: agents stay on it (direct paths: test_direct_lab.py).
+RELAY_ONLY = {**os.environ, "PEERPATH_AGENT_DIRECT": "0", "PEERPATH_WAIT_DIRECT": "0"}
 MARKER = b"PEERPATH-PLAINTEXT-MARKER-7f3a"
 
 
@@ -33,7 +36,7 @@ def test_every_pair_connects_through_the_relay(tmp_path: Path) -> None:
         agents: dict[str, tuple[Node, object, str]] = {}
         for name, host in hosts.items():
             proc = host.popen(
-                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3
+                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=RELAY_ONLY
             )  # -1: PIPE, -3: DEVNULL
             agents[name] = (host, proc, "")
         for name, (host, proc, _) in agents.items():
@@ -84,7 +87,9 @@ def test_hard_networks_reach_each_other_by_address(tmp_path: Path, kind: str) ->
         two = lab.host("two", behind=lab.router("r2", nat))
         procs = {}
         for name, host in (("one", one), ("two", two)):
-            procs[name] = host.popen([sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3)
+            procs[name] = host.popen(
+                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=RELAY_ONLY
+            )
         addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
         TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
         TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])
@@ -106,7 +111,9 @@ def test_server_restart_agents_reregister_and_the_session_keeps_flowing(tmp_path
         two = lab.host("two", behind=lab.router("r2", NatKind.SYMMETRIC))
         procs = {}
         for name, host in (("one", one), ("two", two)):
-            procs[name] = host.popen([sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3)
+            procs[name] = host.popen(
+                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=RELAY_ONLY
+            )
         addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
         TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
         TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])

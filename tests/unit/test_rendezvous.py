@@ -34,8 +34,10 @@ async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
 
 
 class Agents:
-    def __init__(self, tmp_path: Path, url: RendezvousUrl) -> None:
-        self.tmp_path, self.url, self.nodes = tmp_path, url, []
+    """Nodes registered with a rendezvous; relay only (direct paths have their own tests)."""
+
+    def __init__(self, tmp_path: Path, url: RendezvousUrl, direct: bool = False) -> None:
+        self.tmp_path, self.url, self.nodes, self.direct = tmp_path, url, [], direct
 
     async def __call__(self, name: str) -> Node:
         node = await Node.start(
@@ -43,6 +45,7 @@ class Agents:
             trust=TrustStore(self.tmp_path / f"{name}.json"),
             host="127.0.0.1",
             rendezvous=self.url,
+            direct=self.direct,
         )
         self.nodes.append(node)
         assert node.rendezvous is not None

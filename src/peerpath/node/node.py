@@ -128,8 +128,11 @@ class Node:
         trust: TrustStore,
         *,
         config: SessionConfig | None = None,
+        direct: bool = True,
     ) -> None:
         self.identity = identity
+        #: Whether relayed sessions try to move to direct paths (False: relay only).
+        self.direct_paths = direct
         self.trust = trust
         self.broker = TrustBroker(identity, trust, trust.path.with_name("trust-requests.json"))
         self.direct = DirectPaths(self)
@@ -173,15 +176,18 @@ class Node:
         trust: TrustStore | None = None,
         config: SessionConfig | None = None,
         rendezvous: str | RendezvousUrl | None = None,
+        direct: bool = True,
     ) -> _Starting:
         """Start a node: load (or create) the identity in ``state_dir`` and bind one UDP socket.
 
         With ``rendezvous`` (a ``pp://ADDRESS@HOST:PORT`` URL) the node registers there, can
-        reach peers by address alone, and is reachable through the server's relay. Give
-        ``identity`` and ``trust`` instead of ``state_dir`` to run without files (tests).
+        reach peers by address alone, and is reachable through the server's relay. Sessions
+        that start on the relay move to a direct path where the NATs allow it, unless
+        ``direct`` is False. Give ``identity`` and ``trust`` instead of ``state_dir`` to run
+        without files (tests).
         """
         url = RendezvousUrl.parse(rendezvous) if isinstance(rendezvous, str) else rendezvous
-        return _Starting(cls, state_dir, host, port, identity, trust, config, url)
+        return _Starting(cls, state_dir, host, port, identity, trust, config, url, direct)
 
     async def _register(self, url: RendezvousUrl) -> None:
         client = RendezvousClient(
@@ -481,7 +487,7 @@ class Node:
             await conn.close("connect failed", timeout=0.2)
             raise
         log.info("session with %s over %s", peer, conn.path and conn.path.describe())
-        if via is None:
+        if via is None and self.direct_paths:
             self.direct.watch(conn, initiator=True)
         return conn
 
@@ -613,7 +619,7 @@ class Node:
             asyncio.get_running_loop().call_later(5.0, self._forget, conn)
         else:
             log.info("session from %s over %s", conn.peer, conn.path and conn.path.describe())
-            if conn.path is not None and conn.path.kind is PathKind.RELAY:
+            if conn.path is not None and conn.path.kind is PathKind.RELAY and self.direct_paths:
                 self.direct.watch(conn, initiator=False)
 
     def status(self) -> dict[str, Any]:
@@ -663,9 +669,11 @@ class _Starting:
         trust: TrustStore | None,
         config: SessionConfig | None,
         rendezvous: RendezvousUrl | None,
+        direct: bool,
     ) -> None:
         self._args = (cls, state_dir, host, port, identity, trust, config)
         self._rendezvous = rendezvous
+        self._direct = direct
         self._node: Node | None = None
 
     async def _start(self) -> Node:
@@ -676,7 +684,7 @@ class _Starting:
             directory = Path(state_dir)
             identity = identity or Identity.load_or_create(directory)
             trust = trust or TrustStore.in_state_dir(directory)
-        node = cls(identity, trust, config=config)
+        node = cls(identity, trust, config=config, direct=self._direct)
         try:
             await node._bind(host, port)
         except OSError as exc:
