@@ -91,6 +91,27 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
     }
 
 
+async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
+    """Requests of 64 KiB back to back for ``seconds``; which path each took, and any loss."""
+    conn = await node.connect(address, timeout=20)
+    paths: list[str] = []
+    sent = ok = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        blob = os.urandom(64 * 1024)
+        sent += 1
+        try:
+            if await conn.request(blob, timeout=30) == hashlib.sha256(blob).digest():
+                ok += 1
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "sent": sent, "ok": ok, "paths": paths}
+        path = conn.path.describe() if conn.path else "none"
+        if not paths or paths[-1] != path:
+            paths.append(path)
+        await asyncio.sleep(0.05)
+    return {"sent": sent, "ok": ok, "paths": paths}
+
+
 async def mesh(state_dir: str, url: str) -> None:
     loop = asyncio.get_running_loop()
     direct = os.environ.get("PEERPATH_AGENT_DIRECT", "1") != "0"
@@ -106,6 +127,8 @@ async def mesh(state_dir: str, url: str) -> None:
                 for address in words[1:]:
                     print(json.dumps(await exercise_peer(node, address)), flush=True)
                 print("done", flush=True)
+            elif words[:1] == ["soak"]:
+                print(json.dumps(await soak(node, words[1], float(words[2]))), flush=True)
 
 
 async def exercise(state_dir: str, target: str) -> dict[str, object]:

@@ -71,3 +71,63 @@ def test_direct_path_matrix(tmp_path: Path) -> None:
                 wrong.append((a, b, result["final_path"]))
         print("\n".join(matrix))
         assert not wrong, wrong
+
+
+def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from peerpath.testing.netlab import NatKind
+
+    with Lab() as lab:
+        server = lab.public_host("server", SERVER_IPS)
+        url = start_peerpath_server(server)
+        router = lab.router("home", NatKind.FULL_CONE)
+        one = lab.host("one", behind=router)
+        two = lab.public_host("two")
+        procs = {}
+        for name, host in (("one", one), ("two", two)):
+            procs[name] = host.popen([sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3)
+        addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
+        TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
+        TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])
+        # Warm up: the session goes direct.
+        procs["one"].stdin.write(f"exercise {addrs['two']}\n")  # type: ignore[union-attr]
+        procs["one"].stdin.flush()  # type: ignore[union-attr]
+        warm = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
+        procs["one"].stdout.readline()  # type: ignore[union-attr]
+        assert warm["final_path"].startswith("direct udp"), warm
+
+        cut = "\n".join(
+            [
+                "table ip cut {",
+                "  chain forward {",
+                "    type filter hook forward priority -10; policy accept;",
+                f"    ip daddr {two.ip} drop",
+                f"    ip saddr {two.ip} drop",
+                "  }",
+                "}",
+            ]
+        )
+
+        def faults() -> None:
+            time.sleep(2.0)
+            router.run(["nft", "-f", "-"], input=cut)  # the direct path dies mid-transfer
+            time.sleep(6.0)
+            router.run(["nft", "delete", "table", "ip", "cut"])  # and comes back
+            time.sleep(5.0)
+            router.run(["conntrack", "-F"], check=False)  # every NAT mapping forgotten
+
+        chaos = threading.Thread(target=faults)
+        chaos.start()
+        procs["one"].stdin.write(f"soak {addrs['two']} 22\n")  # type: ignore[union-attr]
+        procs["one"].stdin.flush()  # type: ignore[union-attr]
+        result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
+        chaos.join()
+        print(result)
+        assert "error" not in result, result
+        assert result["ok"] == result["sent"] > 20  # nothing lost, nothing corrupted
+        kinds = [p.split()[0] for p in result["paths"]]
+        assert kinds[0] == "direct" and "relay" in kinds, result["paths"]
+        assert kinds[kinds.index("relay") :].count("direct") >= 1, result["paths"]  # back to direct
+        assert kinds[-1] == "direct", result["paths"]  # and again after the conntrack flush

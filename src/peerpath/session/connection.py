@@ -140,6 +140,7 @@ class Connection:
         self.identity = identity
         self.role = role
         self.paths = paths
+        paths.on_change = self._path_changed
         self.config = config
         self.peer: Address | None = expected_peer if role is Role.INITIATOR else None
         self._services = services
@@ -339,6 +340,13 @@ class Connection:
         self.quic.handle_timer(now=_clock())
         self._process_events()
         self.transmit()
+
+    def _path_changed(self, old: Path | None, new: Path) -> None:
+        if old is not None:
+            log.info("path to %s: %s -> %s", self.peer, old.describe(), new.describe())
+        # Datagrams queued for the old path are resent by QUIC's loss recovery; poke it so
+        # the first of them goes out on the new path now rather than at the next timer.
+        self._schedule_transmit()
 
     def _on_path_tick(self) -> None:
         self._path_timer = None
