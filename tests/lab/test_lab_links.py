@@ -78,3 +78,11 @@ def test_gateway_mac_stays_when_hosts_join_later() -> None:
         for i in range(8):
             lab.public_host(f"later-{i}")
         assert lab.internet.run(["cat", "/sys/class/net/lan0/address"]) == before
+
+
+def test_sweep_spares_the_labs_of_running_processes() -> None:
+    with Lab() as lab:
+        host = lab.public_host("kept")
+        netlab.sweep_stale()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert host.ns in listed

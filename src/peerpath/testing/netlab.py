@@ -101,15 +101,33 @@ def available() -> str | None:
 
 
 def sweep_stale() -> list[str]:
-    """Delete lab namespaces left behind by a killed run (only ours: the pplab- prefix)."""
+    """Delete lab namespaces left behind by a killed run.
+
+    Only ours (the pplab- prefix), and only those whose creating process is gone: a lab of
+    a test run going on at the same time is left alone.
+    """
     removed = []
     for line in sh(["ip", "netns", "list"], check=False).splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(NS_PREFIX):
-            _kill_ns_processes(name)
-            sh(["ip", "netns", "del", name], check=False)
-            removed.append(name)
+        if not name.startswith(NS_PREFIX):
+            continue
+        owner = name[len(NS_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and _alive(int(owner)):
+            continue
+        _kill_ns_processes(name)
+        sh(["ip", "netns", "del", name], check=False)
+        removed.append(name)
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _kill_ns_processes(ns: str) -> None:
@@ -213,7 +231,9 @@ class Lab:
         reason = available()
         if reason is not None:
             raise LabError(reason)
-        self.id = uuid.uuid4().hex[:6]
+        # The creating process's PID is part of every namespace name: sweep_stale() spares
+        # the labs of processes that are still running.
+        self.id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.nodes: dict[str, Node] = {}
         self._processes: list[subprocess.Popen[str]] = []
         self._links = itertools.count(1)
@@ -292,7 +312,8 @@ class Lab:
         could change the gateway's MAC under neighbours' cached ARP entries.
         """
         number = next(self._bridges)
-        mac = f"02:70:70:{self.id[:2]}:{number >> 8:02x}:{number & 0xFF:02x}"
+        tag = self.id.rsplit("-", 1)[1][:2]
+        mac = f"02:70:70:{tag}:{number >> 8:02x}:{number & 0xFF:02x}"
         node.run(["ip", "link", "add", "lan0", "address", mac, "type", "bridge"])
 
     def _link(self, node: Node, upstream: Router, ifname: str, impairment: Impairment | None) -> None:
