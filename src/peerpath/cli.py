@@ -33,6 +33,7 @@ from peerpath.rendezvous.server import RelayLimits, RendezvousServer
 from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import SessionConfig
+from peerpath.session.pathset import PathKind
 from peerpath.wire.stun import Address
 
 app = typer.Typer(
@@ -736,7 +737,15 @@ def demo_command(
             took = (time.perf_counter() - start) * 1000
             verdict = "intact" if echoed == payload else "CORRUPTED"
             console.print(f"bob -> alice  stream to port 80: 1 MiB echoed {verdict} in {took:.0f} ms")
+            # Meanwhile the nodes punch a direct path beside the relay and move the session to it.
+            for _ in range(60):
+                if conn.path is not None and conn.path.kind is not PathKind.RELAY:
+                    break
+                await asyncio.sleep(0.05)
+            path = conn.path.describe() if conn.path else "?"
+            reply = await conn.request(b"still there?")
             rtt = conn.rtt * 1000 if conn.rtt else 0.0
+            console.print(f"alice -> bob  request: {reply.decode()!r}  via {path}")
             console.print(f"session       {path}, rtt {rtt:.2f} ms, both sides authenticated, end-to-end encrypted")
         finally:
             await alice.close()
