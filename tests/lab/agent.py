@@ -18,6 +18,8 @@ from peerpath.session.connection import Connection
 
 #: How long (tenths of a second) an exercise waits for a session to go direct.
 WAIT_DIRECT_STEPS = int(os.environ.get("PEERPATH_WAIT_DIRECT", "40"))
+#: Smaller payloads, for slow lossy links.
+SMALL = os.environ.get("PEERPATH_AGENT_SMALL", "0") == "1"
 #: A recognisable plaintext inside the payloads; it must never show up on the wire.
 MARKER = b"PEERPATH-PLAINTEXT-MARKER-7f3a"
 
@@ -49,7 +51,7 @@ async def handle(conn: Connection, data: bytes) -> bytes:
     if data == b"call me back":
         # The responder opens streams and sends a request to the initiator: both ways.
         streams_ok = all(await asyncio.gather(*(stream_round_trip(conn, 20000) for _ in range(5))))
-        blob = os.urandom(1_000_000)
+        blob = os.urandom(100_000 if SMALL else 1_000_000)
         reply = await conn.request(blob, timeout=60)
         return json.dumps({"streams_ok": streams_ok, "request_ok": reply == hashlib.sha256(blob).digest()}).encode()
     return hashlib.sha256(data).digest()
@@ -71,7 +73,7 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
         connect_s = time.perf_counter() - start
         first_path = conn.path.describe() if conn.path else None
         streams_ok = all(await asyncio.gather(*(stream_round_trip(conn, 50_000) for _ in range(3))))
-        blob = os.urandom(256 * 1024) + MARKER
+        blob = os.urandom(32 * 1024 if SMALL else 256 * 1024) + MARKER
         digest_ok = await conn.request(blob, timeout=60) == hashlib.sha256(blob).digest()
         back = json.loads(await conn.request(b"call me back", timeout=60))
         # Give the direct-path upgrade a few seconds, then move data over whatever path it is.

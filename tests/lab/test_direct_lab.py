@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from peerpath.identity import Address
 from peerpath.node.trust import TrustStore
-from peerpath.testing.netlab import Lab, every_router_kind
+from peerpath.testing.netlab import Impairment, Lab, every_router_kind
 
 from .conftest import SERVER_IPS, start_peerpath_server
 
@@ -33,14 +36,18 @@ def expected_direct(a: str, b: str) -> bool:
     return pair <= EASY
 
 
-def test_direct_path_matrix(tmp_path: Path) -> None:
+@pytest.mark.parametrize("link", [None, Impairment(delay_ms=50, loss=0.02, seed=5)], ids=["clean", "50ms-2%-loss"])
+def test_direct_path_matrix(tmp_path: Path, link: Impairment | None) -> None:
     with Lab() as lab:
         server = lab.public_host("server", SERVER_IPS)
         url = start_peerpath_server(server)
-        hosts = every_router_kind(lab)
+        hosts = every_router_kind(lab, link=link)
+        env = {**os.environ, "PEERPATH_WAIT_DIRECT": "100", "PEERPATH_AGENT_SMALL": "1" if link else "0"}
         procs = {}
         for name, host in hosts.items():
-            procs[name] = host.popen([sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3)
+            procs[name] = host.popen(
+                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=env
+            )
         addresses = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
         for name in hosts:
             store = TrustStore.in_state_dir(tmp_path / name)
@@ -69,7 +76,7 @@ def test_direct_path_matrix(tmp_path: Path) -> None:
             matrix.append(f"{a:>20} - {b:<20} {result['final_path']}")
             if direct != expected_direct(a, b):
                 wrong.append((a, b, result["final_path"]))
-        print("\n".join(matrix))
+        print(f"\n{'impaired: ' + str(link) if link else 'clean links'}\n" + "\n".join(matrix))
         assert not wrong, wrong
 
 

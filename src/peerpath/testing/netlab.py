@@ -477,16 +477,19 @@ table ip lab {{
 """
 
 
-def every_router_kind(lab: Lab, *, impaired: Impairment | None = None) -> dict[str, Node]:
+def every_router_kind(
+    lab: Lab, *, impaired: Impairment | None = None, link: Impairment | None = None
+) -> dict[str, Node]:
     """One host behind each router kind (and a public host), keyed by kind name.
 
     Keys: ``public``, ``full-cone``, ``address-restricted``, ``port-restricted``,
     ``symmetric``, ``udp-blocked``, ``cgnat`` (a port-restricted home router behind a
     carrier NAT), ``same-nat-1`` and ``same-nat-2`` (two hosts behind one hairpinning
     port-restricted router), and with ``impaired``, ``impaired`` (a port-restricted
-    router whose WAN link is impaired).
+    router whose WAN link is impaired). With ``link``, every router's WAN link and the
+    public host's link are impaired that way.
     """
-    hosts: dict[str, Node] = {"public": lab.public_host("public")}
+    hosts: dict[str, Node] = {"public": lab.public_host("public", link=link)}
     for kind in (
         NatKind.FULL_CONE,
         NatKind.ADDRESS_RESTRICTED,
@@ -494,10 +497,10 @@ def every_router_kind(lab: Lab, *, impaired: Impairment | None = None) -> dict[s
         NatKind.SYMMETRIC,
         NatKind.UDP_BLOCKED,
     ):
-        hosts[kind.value] = lab.host(f"h-{kind.value}", behind=lab.router(kind.value, kind))
-    carrier = lab.router("carrier", NatKind.CARRIER)
+        hosts[kind.value] = lab.host(f"h-{kind.value}", behind=lab.router(kind.value, kind, link=link))
+    carrier = lab.router("carrier", NatKind.CARRIER, link=link)
     hosts["cgnat"] = lab.host("h-cgnat", behind=lab.router("cg-home", NatKind.PORT_RESTRICTED, upstream=carrier))
-    shared = lab.router("shared", NatKind.PORT_RESTRICTED, hairpinning=True)
+    shared = lab.router("shared", NatKind.PORT_RESTRICTED, hairpinning=True, link=link)
     hosts["same-nat-1"] = lab.host("h-same-1", behind=shared)
     hosts["same-nat-2"] = lab.host("h-same-2", behind=shared)
     if impaired is not None:
