@@ -33,10 +33,13 @@ class Puncher:
     start: float
     duration: float = DURATION
     interval: float = INTERVAL
+    #: Check only this many candidates per interval, round-robin (a port scan), instead of all.
+    per_tick: int | None = None
     random_bytes: Callable[[int], bytes] = os.urandom
     validated: list[Addr] = field(default_factory=list)
     checks_sent: int = 0
     _next: float = 0.0
+    _cursor: int = 0
     _sent: dict[bytes, Addr] = field(default_factory=dict)
     _outbox: list[tuple[bytes, Addr]] = field(default_factory=list)
 
@@ -61,7 +64,13 @@ class Puncher:
         """Checks (and responses) due at ``now``: every interval, one check to each candidate."""
         out, self._outbox = self._outbox, []
         while not self.done and self.candidates and self._next <= now:
-            for target in self.candidates:
+            if self.per_tick is None:
+                targets = self.candidates
+            else:
+                count = min(self.per_tick, len(self.candidates))
+                targets = [self.candidates[(self._cursor + i) % len(self.candidates)] for i in range(count)]
+                self._cursor += count
+            for target in targets:
                 tid = self.random_bytes(punch.TID_BYTES)
                 self._sent[tid] = target
                 self.checks_sent += 1

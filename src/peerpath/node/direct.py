@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +44,34 @@ LINGER = 2.0
 class _Offer(msgspec.Struct, frozen=True):
     key: bytes
     candidates: list[str]
+    reflexive: str | None = None
+    hard: bool = False
 
 
 class _Answer(msgspec.Struct, frozen=True):
     candidates: list[str]
+    reflexive: str | None = None
+    hard: bool = False
+
+
+#: Birthday rounds (RFC 4787 address-and-port-dependent mapping against an endpoint-
+#: independent one): the hard side opens SPRAY_SOCKETS mappings toward the easy side's
+#: reflexive address; the easy side sends checks to SCAN_PORTS random ports of the hard
+#: side's public IP. The chance that no probe meets an open mapping is about
+#: (1 - 256/64512) ** 1024, under 2 %.
+SPRAY_SOCKETS = 256
+SCAN_PORTS = 1024
+BIRTHDAY_DURATION = 4.0
+
+
+def _mode(mine_hard: bool, theirs_hard: bool) -> str:
+    """How this side punches: ``spray`` (our NAT is the hard one), ``scan`` (theirs is), or
+    ``normal`` (both easy; both hard has no good odds and stays on the relay)."""
+    if mine_hard and not theirs_hard:
+        return "spray"
+    if theirs_hard and not mine_hard:
+        return "scan"
+    return "normal"
 
 
 def _parse(text: str) -> Addr | None:
@@ -67,10 +92,12 @@ class DirectPaths:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._keys: dict[Connection, bytes] = {}
-        self._offers: dict[Connection, _Offer] = {}
-        self._active: dict[Puncher, tuple[Connection, asyncio.Event]] = {}
+        self._offers: dict[Connection, tuple[_Offer, _Answer]] = {}
+        self._active: dict[Puncher, tuple[Connection, asyncio.Event, Any]] = {}
         self._probes: dict[bytes, tuple[Connection, Addr]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Extra sockets that carry a birthday round's winning path, until the session ends.
+        self._kept: dict[Connection, list[Any]] = {}
         self.counters = {"rounds": 0, "rounds_direct": 0, "checks_sent": 0}
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -112,10 +139,19 @@ class DirectPaths:
             await asyncio.sleep(min(PROBE_INTERVAL, 0.5))
         self._keys.pop(conn, None)
         self._offers.pop(conn, None)
+        for sock in self._kept.pop(conn, []):
+            sock.close()
+
+    def _hard(self) -> bool:
+        nat = self.node.nat or {}
+        return nat.get("mapping") in ("address-dependent", "address-and-port-dependent")
+
+    def _reflexive(self) -> str | None:
+        return _format(self.node.reflexive) if self.node.reflexive else None
 
     async def _round(self, conn: Connection) -> bool:
         key = os.urandom(punch.KEY_BYTES)
-        offer = _Offer(key, self.node.candidates())
+        offer = _Offer(key, self.node.candidates(), self._reflexive(), self._hard())
         start = clock()
         reply = await conn.request(msgspec.msgpack.encode(offer), timeout=5, _topic="punch-offer")
         rtt = clock() - start
@@ -123,7 +159,8 @@ class DirectPaths:
         await conn.send(b"", _topic="punch-go")
         self.counters["rounds"] += 1
         remote = [a for a in map(_parse, answer.candidates) if a is not None]
-        direct = await self._punch(conn, key, remote, clock() + rtt / 2)
+        mode = _mode(offer.hard, answer.hard)
+        direct = await self._punch(conn, key, remote, clock() + rtt / 2, mode, answer.reflexive)
         if direct:
             self.counters["rounds_direct"] += 1
         return direct
@@ -131,48 +168,90 @@ class DirectPaths:
     async def internal_message(self, conn: Connection, topic: str, data: bytes) -> bytes | None:
         """The responder's side of a round."""
         if topic == "punch-offer":
-            self._offers[conn] = msgspec.msgpack.decode(data, type=_Offer)
-            return msgspec.msgpack.encode(_Answer(self.node.candidates()))
+            offer = msgspec.msgpack.decode(data, type=_Offer)
+            answer = _Answer(self.node.candidates(), self._reflexive(), self._hard())
+            self._offers[conn] = (offer, answer)
+            return msgspec.msgpack.encode(answer)
         if topic == "punch-go":
-            offer = self._offers.pop(conn, None)
-            if offer is not None:
+            pending = self._offers.pop(conn, None)
+            if pending is not None:
+                offer, answer = pending
                 remote = [a for a in map(_parse, offer.candidates) if a is not None]
-                self._spawn(self._punch(conn, offer.key, remote, clock()))
+                mode = _mode(answer.hard, offer.hard)
+                self._spawn(self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive))
             return None
         raise ValueError(f"unknown internal topic {topic!r}")
 
-    async def _punch(self, conn: Connection, key: bytes, candidates: list[Addr], start: float) -> bool:
-        puncher = Puncher(key, candidates, start)
+    async def _punch(
+        self,
+        conn: Connection,
+        key: bytes,
+        candidates: list[Addr],
+        start: float,
+        mode: str = "normal",
+        peer_reflexive: str | None = None,
+    ) -> bool:
+        main = self.node._socket
+        rounds: list[tuple[Puncher, Any]] = [(Puncher(key, candidates, start), main)]
+        extra: list[Any] = []
+        target = _parse(peer_reflexive) if peer_reflexive else None
+        if mode == "spray" and target is not None:
+            # Many mappings on our hard NAT, all toward the peer's one reflexive address.
+            for _ in range(SPRAY_SOCKETS):
+                try:
+                    extra.append(self.node._extra_socket())
+                except OSError:
+                    break
+            for sock in extra:
+                rounds.append((Puncher(key, [target], start, duration=BIRTHDAY_DURATION, interval=0.25), sock))
+        elif mode == "scan" and target is not None:
+            # Probe random ports of the peer's public IP until one meets an open mapping.
+            ports = random.sample(range(1024, 65536), SCAN_PORTS)
+            scan = [(target[0], port) for port in ports]
+            rounds.append((Puncher(key, scan, start, duration=BIRTHDAY_DURATION, interval=0.004, per_tick=2), main))
         wake = asyncio.Event()
-        self._active[puncher] = (conn, wake)
+        for puncher, sock in rounds:
+            self._active[puncher] = (conn, wake, sock)
+        kept: set[Any] = set()
         try:
             linger_until: float | None = None
             while not conn.closed.done():
-                for data, addr in puncher.datagrams_to_send(clock()):
-                    self.node._send_udp(data, addr)
-                if puncher.done and linger_until is None:
+                for puncher, sock in rounds:
+                    for data, addr in puncher.datagrams_to_send(clock()):
+                        sock.sendto(data, addr)
+                if linger_until is None and (any(p.validated for p, _ in rounds) or all(p.done for p, _ in rounds)):
                     linger_until = clock() + LINGER
-                    self._promote(conn, key, puncher.validated)
+                    for puncher, sock in rounds:
+                        if puncher.validated:
+                            kept.add(sock)
+                            self._promote(conn, key, puncher.validated, sock)
                 if linger_until is not None and clock() >= linger_until:
                     break
-                due = puncher.next_time()
-                deadline = min(x for x in (due, linger_until) if x is not None) if (due or linger_until) else None
-                wait = 0.5 if deadline is None else max(0.0, deadline - clock())
+                times = [t for t in (p.next_time() for p, _ in rounds) if t is not None]
+                if linger_until is not None:
+                    times.append(linger_until)
+                wait = 0.5 if not times else max(0.0, min(times) - clock())
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), wait)
-            self.counters["checks_sent"] += puncher.checks_sent
-            return bool(puncher.validated)
+            self.counters["checks_sent"] += sum(p.checks_sent for p, _ in rounds)
+            return any(p.validated for p, _ in rounds)
         finally:
-            del self._active[puncher]
+            for puncher, _ in rounds:
+                self._active.pop(puncher, None)
+            for sock in extra:
+                if sock not in kept:
+                    sock.close()
+                else:
+                    self._kept.setdefault(conn, []).append(sock)
 
-    def _promote(self, conn: Connection, key: bytes, validated: list[Addr]) -> None:
+    def _promote(self, conn: Connection, key: bytes, validated: list[Addr], sock: Any) -> None:
         if not validated:
             return
         self._keys[conn] = key
         now = clock()
         for addr in validated:
-            path = conn.paths.add_validated(self.node._udp_path(addr), now)
+            path = conn.paths.add_validated(self.node._udp_path(addr, sock), now)
             log.info("direct path to %s: %s", conn.peer, path.describe())
 
     # -- liveness ---------------------------------------------------------------------------
@@ -191,12 +270,12 @@ class DirectPaths:
             self._probes[tid] = (conn, addr)
             if len(self._probes) > 4096:
                 self._probes.pop(next(iter(self._probes)))
-            self.node._send_udp(punch.encode_check(key, tid), addr)
+            path.send_datagram(punch.encode_check(key, tid))  # from the socket the path uses
 
-    def on_check(self, data: bytes, source: Addr) -> None:
-        """A check-range datagram arrived on the node's socket."""
-        for puncher, (_, wake) in list(self._active.items()):
-            if puncher.receive(data, source):
+    def on_check(self, data: bytes, source: Addr, via: Any) -> None:
+        """A check-range datagram arrived on ``via`` (the node's socket, or a round's extra one)."""
+        for puncher, (_, wake, sock) in list(self._active.items()):
+            if sock is via and puncher.receive(data, source):
                 wake.set()
                 return
         for conn, key in list(self._keys.items()):
@@ -205,7 +284,7 @@ class DirectPaths:
             except punch.CheckError:
                 continue
             if kind == punch.CHECK:
-                self.node._send_udp(punch.encode_response(key, tid, source), source)
+                via.sendto(punch.encode_response(key, tid, source), source)
             else:
                 probe = self._probes.pop(tid, None)
                 if probe is not None and probe[1] == source:

@@ -74,7 +74,7 @@ class _UdpSocket:
                 log.debug("UDP receive error: %s", exc)
                 continue
             try:
-                self.node._datagram_received(data, addr)
+                self.node._datagram_received(data, addr, self)
             except Exception:
                 # Whatever a datagram does, the node keeps running.
                 self.node.counters["datagrams_failed"] += 1
@@ -280,6 +280,17 @@ class Node:
     def _send_udp(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._socket is not None:
             self._socket.sendto(data, addr)
+
+    def _extra_socket(self) -> _UdpSocket:
+        """Another UDP socket, read like the main one (birthday rounds open many)."""
+        family = socket.AF_INET6 if ":" in self.local_endpoint[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((self.local_endpoint[0], 0))
+            return _UdpSocket(self, sock)
+        except BaseException:
+            sock.close()
+            raise
 
     def _letter_received(self, letter: Any) -> None:
         outcome = self.broker.receive(letter)
@@ -520,8 +531,8 @@ class Node:
         self._connections.add(conn)
         return conn
 
-    def _udp_path(self, remote: tuple[str, int]) -> NetPath:
-        udp = self._socket
+    def _udp_path(self, remote: tuple[str, int], via: _UdpSocket | None = None) -> NetPath:
+        udp = via or self._socket
         if udp is None:
             raise errors.LocalError("node is not started")
 
@@ -549,13 +560,21 @@ class Node:
 
     # -- the socket -----------------------------------------------------------------------
 
-    def _datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _datagram_received(self, data: bytes, addr: tuple[str, int], via: _UdpSocket | None = None) -> None:
         remote = (str(addr[0]), int(addr[1]))
+        if via is not None and via is not self._socket:
+            # One of the extra sockets of a birthday round: checks, then the session's QUIC.
+            if is_check(data):
+                self.direct.on_check(data, remote, via)
+            else:
+                key = (PathKind.DIRECT_UDP, _format_endpoint(remote))
+                self._demux(data, key, lambda: self._udp_path(remote, via))
+            return
         if is_stun(data):
             self._stun.datagram_received(data, remote)
             return
         if is_check(data):
-            self.direct.on_check(data, remote)
+            self.direct.on_check(data, remote, self._socket)
             return
         if is_udp_relay(data):
             for client in [self.rendezvous, *self._relay_clients.values()]:
