@@ -567,6 +567,9 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
             _bytes(session["bytes_received"]),
         )
     console.print(table)
+    for session in status["sessions"]:
+        if session.get("relay_reason"):
+            console.print(f"{session['peer']} stays on the relay: {session['relay_reason']}")
 
 
 def _bytes(n: int) -> str:

@@ -88,6 +88,7 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
         "peer": address,
         "path": first_path,
         "final_path": conn.path.describe() if conn.path else None,
+        "relay_reason": conn.relay_reason,
         "connect_s": round(connect_s, 3),
         "ok": streams_ok and digest_ok and again and back == {"streams_ok": True, "request_ok": True},
     }

@@ -135,3 +135,28 @@ def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path:
         assert kinds[0] == "direct" and "relay" in kinds, result["paths"]
         assert kinds[kinds.index("relay") :].count("direct") >= 1, result["paths"]  # back to direct
         assert kinds[-1] == "direct", result["paths"]  # and again after the conntrack flush
+
+
+def test_two_symmetric_nats_stay_on_the_relay_and_say_why(tmp_path: Path) -> None:
+    from peerpath.testing.netlab import NatKind
+
+    with Lab() as lab:
+        server = lab.public_host("server", SERVER_IPS)
+        url = start_peerpath_server(server)
+        one = lab.host("one", behind=lab.router("r1", NatKind.SYMMETRIC))
+        two = lab.host("two", behind=lab.router("r2", NatKind.SYMMETRIC))
+        env = {**os.environ, "PEERPATH_WAIT_DIRECT": "50"}
+        procs = {}
+        for name, host in (("one", one), ("two", two)):
+            procs[name] = host.popen(
+                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=env
+            )
+        addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
+        TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
+        TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])
+        procs["one"].stdin.write(f"exercise {addrs['two']}\n")  # type: ignore[union-attr]
+        procs["one"].stdin.flush()  # type: ignore[union-attr]
+        result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
+        assert result.get("ok"), result
+        assert result["final_path"] == f"relay {SERVER_IPS[0]}:7000"
+        assert "both NATs map per destination" in (result["relay_reason"] or ""), result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -195,13 +196,17 @@ async def test_relay_quota_drops_then_cuts_off_a_flooder(tmp_path: Path) -> None
         received: list[bytes] = []
         assert target.rendezvous is not None and flooder.rendezvous is not None
         target.rendezvous.on_relay = lambda source, data: received.append(data)
+        start = time.monotonic()
         for _ in range(200):
             flooder.rendezvous.send_relay(target.address.digest, b"\x40" + bytes(999))
         for _ in range(100):
             if srv.counters["agents_cut_off"]:
                 break
             await asyncio.sleep(0.02)
-        assert 10 <= len(received) <= 30  # about the 20 kB burst got through
+        # The 20 kB burst got through, plus what the 20 kB/s rate refilled meanwhile (a slow
+        # machine takes longer to send the flood), and no more.
+        allowed = (20_000 + 20_000 * (time.monotonic() - start)) / 1000
+        assert 10 <= len(received) <= allowed + 2
         assert srv.counters["relay_dropped_quota"] >= 50
         assert srv.counters["agents_cut_off"] == 1
         assert target.rendezvous.registered.is_set()  # the other agent is unaffected

@@ -62,6 +62,7 @@ class _Answer(msgspec.Struct, frozen=True):
 SPRAY_SOCKETS = 256
 SCAN_PORTS = 1024
 BIRTHDAY_DURATION = 4.0
+BOTH_HARD = "both NATs map per destination with random ports; no direct path is likely"
 
 
 def _mode(mine_hard: bool, theirs_hard: bool) -> str:
@@ -160,6 +161,8 @@ class DirectPaths:
         self.counters["rounds"] += 1
         remote = [a for a in map(_parse, answer.candidates) if a is not None]
         mode = _mode(offer.hard, answer.hard)
+        if offer.hard and answer.hard:
+            self._explain(conn, BOTH_HARD)
         direct = await self._punch(conn, key, remote, clock() + rtt / 2, mode, answer.reflexive)
         if direct:
             self.counters["rounds_direct"] += 1
@@ -178,6 +181,8 @@ class DirectPaths:
                 offer, answer = pending
                 remote = [a for a in map(_parse, offer.candidates) if a is not None]
                 mode = _mode(answer.hard, offer.hard)
+                if offer.hard and answer.hard:
+                    self._explain(conn, BOTH_HARD)
                 self._spawn(self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive))
             return None
         raise ValueError(f"unknown internal topic {topic!r}")
@@ -245,10 +250,16 @@ class DirectPaths:
                 else:
                     self._kept.setdefault(conn, []).append(sock)
 
+    def _explain(self, conn: Connection, reason: str) -> None:
+        if conn.relay_reason != reason:
+            conn.relay_reason = reason
+            log.info("session with %s stays on the relay: %s", conn.peer, reason)
+
     def _promote(self, conn: Connection, key: bytes, validated: list[Addr], sock: Any) -> None:
         if not validated:
             return
         self._keys[conn] = key
+        conn.relay_reason = None
         now = clock()
         for addr in validated:
             path = conn.paths.add_validated(self.node._udp_path(addr, sock), now)

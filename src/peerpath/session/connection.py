@@ -166,6 +166,8 @@ class Connection:
         self.established: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.close_reason = ""
+        #: Why the session is on the relay and will stay there, when that is known.
+        self.relay_reason: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._path_timer: asyncio.TimerHandle | None = None
@@ -288,6 +290,7 @@ class Connection:
             "rtt_ms": round(self.rtt * 1000, 2) if self.rtt is not None else None,
             "bytes_sent": sum(p.bytes_sent for p in self.paths.paths.values()),
             "bytes_received": sum(p.bytes_received for p in self.paths.paths.values()),
+            "relay_reason": self.relay_reason,
         }
 
     # -- driving QUIC ---------------------------------------------------------------
