@@ -281,6 +281,7 @@ class DirectPaths:
             self._probes[tid] = (conn, addr)
             if len(self._probes) > 4096:
                 self._probes.pop(next(iter(self._probes)))
+            path.probes_sent += 1
             path.send_datagram(punch.encode_check(key, tid))  # from the socket the path uses
 
     def on_check(self, data: bytes, source: Addr, via: Any) -> None:
@@ -301,6 +302,7 @@ class DirectPaths:
                 if probe is not None and probe[1] == source:
                     path = conn.paths.paths.get((PathKind.DIRECT_UDP, _format(source)))
                     if path is not None:
+                        path.probes_answered += 1
                         conn.paths.received(path, 0, clock())
             return
 

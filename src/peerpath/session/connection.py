@@ -291,6 +291,7 @@ class Connection:
             "bytes_sent": sum(p.bytes_sent for p in self.paths.paths.values()),
             "bytes_received": sum(p.bytes_received for p in self.paths.paths.values()),
             "relay_reason": self.relay_reason,
+            "paths": [p.quality(_clock()) for p in self.paths.paths.values()],
         }
 
     # -- driving QUIC ---------------------------------------------------------------

@@ -43,6 +43,9 @@ class Path:
     bytes_received: int = 0
     datagrams_sent: int = 0
     datagrams_received: int = 0
+    #: Liveness probes on this path, and how many were answered (direct paths).
+    probes_sent: int = 0
+    probes_answered: int = 0
 
     @property
     def key(self) -> tuple[PathKind, str]:
@@ -52,6 +55,17 @@ class Path:
     def describe(self) -> str:
         """Human form, e.g. ``direct udp 198.51.100.7:41641``."""
         return f"{self.kind.value} {self.remote}"
+
+    def quality(self, now: float) -> dict[str, object]:
+        """Counters, age, when last heard from, and probe loss (None until probed)."""
+        return {
+            "path": self.describe(),
+            "age_s": round(now - self.created, 1),
+            "heard_s_ago": round(now - self.last_received, 1) if self.last_received is not None else None,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "loss": round(1 - self.probes_answered / self.probes_sent, 3) if self.probes_sent else None,
+        }
 
 
 @dataclass
