@@ -21,9 +21,22 @@ PEERPATH = [sys.executable, "-m", "peerpath"]
 def private_local_rendezvous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Daemons in these tests share a local rendezvous of their own, not the user's."""
     monkeypatch.setenv("PEERPATH_LOCAL_RENDEZVOUS_DIR", str(tmp_path / "local-rendezvous"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("PEERPATH_LOCAL_RENDEZVOUS_PORT", str(s.getsockname()[1]))
+    monkeypatch.setenv("PEERPATH_LOCAL_RENDEZVOUS_PORT", str(free_tcp_and_udp_port()))
+
+
+def free_tcp_and_udp_port() -> int:
+    """A port number free for both TCP and UDP on 127.0.0.1 (the rendezvous binds both)."""
+    for _ in range(100):
+        with socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no port free for both TCP and UDP")
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -192,8 +192,14 @@ class RendezvousServer:
             server = await asyncio.start_server(self._accept, host, port, ssl=context, reuse_address=True)
             self._servers.append(server)
             port = port or server.sockets[0].getsockname()[1]
-            _, udp = await loop.create_datagram_endpoint(lambda: _RelayUdp(self), local_addr=(host, port))
-            self._udp.append(udp)
+            try:
+                _, udp = await loop.create_datagram_endpoint(lambda: _RelayUdp(self), local_addr=(host, port))
+            except OSError as exc:
+                # Agents fall back to TLS on their own; better a server without the UDP relay
+                # than no server.
+                log.warning("no UDP relay on %s:%d: %s", host, port, exc.strerror or exc)
+            else:
+                self._udp.append(udp)
             if wss_port is not None:
                 ws_server = await serve_websocket(
                     self._serve_websocket,
