@@ -33,7 +33,7 @@ from peerpath.rendezvous.server import RelayLimits, RendezvousServer
 from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import SessionConfig
-from peerpath.session.pathset import PathKind
+from peerpath.session.pathset import PathKind, parse_endpoint
 from peerpath.wire.stun import Address
 
 app = typer.Typer(
@@ -492,7 +492,7 @@ def ping_command(
     address = _peer_address(text)
     if via:
         try:
-            control.parse_endpoint(via)
+            parse_endpoint(via)
         except ValueError as exc:
             fail(str(exc), 2)
     request: dict[str, Any] = {"op": "ping", "address": str(address), "via": via or None, "count": count}

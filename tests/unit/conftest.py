@@ -10,6 +10,7 @@ import pytest
 from peerpath.identity import Identity
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
+from peerpath.rendezvous.server import RendezvousServer
 from peerpath.session.connection import SessionConfig
 
 
@@ -35,6 +36,17 @@ async def make_node(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     finally:
         for node in factory.nodes:
             await node.close()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
+    """A rendezvous server on 127.0.0.1 (any port), closed after the test."""
+    srv = RendezvousServer(Identity.generate(), tmp_path / "server")
+    await srv.start(["127.0.0.1"], 0)
+    try:
+        yield srv
+    finally:
+        await srv.close()
 
 
 def trust_each_other(a: Node, b: Node) -> None:

@@ -24,16 +24,6 @@ from peerpath.session.connection import Connection
 from peerpath.wire import rendezvous as rv
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
-    srv = RendezvousServer(Identity.generate(), tmp_path / "server")
-    await srv.start(["127.0.0.1"], 0)
-    try:
-        yield srv
-    finally:
-        await srv.close()
-
-
 class Agents:
     """Nodes registered with a rendezvous; relay only (direct paths have their own tests)."""
 

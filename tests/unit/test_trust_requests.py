@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ from peerpath.rendezvous.client import RendezvousError
 from peerpath.rendezvous.letters import make_letter
 from peerpath.rendezvous.server import RendezvousServer
 from peerpath.wire import rendezvous as rv
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
-    srv = RendezvousServer(Identity.generate(), tmp_path / "server")
-    await srv.start(["127.0.0.1"], 0)
-    try:
-        yield srv
-    finally:
-        await srv.close()
 
 
 async def start(tmp_path: Path, name: str, server: RendezvousServer, identity: Identity | None = None) -> Node:

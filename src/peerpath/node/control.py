@@ -20,6 +20,7 @@ import msgspec
 from peerpath import errors
 from peerpath.identity import Address
 from peerpath.node.node import Node
+from peerpath.session.pathset import parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,6 @@ class ControlError(errors.LocalError):
 def socket_path(state_dir: Path) -> Path:
     """Where the daemon of ``state_dir`` listens."""
     return state_dir / SOCKET_NAME
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``; ValueError with a useful message."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad endpoint {text!r}: expected HOST:PORT")
-    return host, int(port)
 
 
 class ControlServer:

@@ -25,7 +25,7 @@ import msgspec
 from peerpath import errors
 from peerpath.nat.punch import Addr, Puncher
 from peerpath.session.connection import Connection
-from peerpath.session.pathset import PathKind, clock
+from peerpath.session.pathset import PathKind, clock, format_endpoint, parse_endpoint
 from peerpath.wire import punch
 
 if TYPE_CHECKING:
@@ -76,15 +76,11 @@ def _mode(mine_hard: bool, theirs_hard: bool) -> str:
 
 
 def _parse(text: str) -> Addr | None:
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    """A candidate from the peer, or None if it is not HOST:PORT (the peer's word only)."""
+    try:
+        return parse_endpoint(text)
+    except ValueError:
         return None
-    return (host, int(port))
-
-
-def _format(addr: Addr) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 class DirectPaths:
@@ -148,7 +144,7 @@ class DirectPaths:
         return nat.get("mapping") in ("address-dependent", "address-and-port-dependent")
 
     def _reflexive(self) -> str | None:
-        return _format(self.node.reflexive) if self.node.reflexive else None
+        return format_endpoint(self.node.reflexive) if self.node.reflexive else None
 
     async def _round(self, conn: Connection) -> bool:
         key = os.urandom(punch.KEY_BYTES)
@@ -300,7 +296,7 @@ class DirectPaths:
             else:
                 probe = self._probes.pop(tid, None)
                 if probe is not None and probe[1] == source:
-                    path = conn.paths.paths.get((PathKind.DIRECT_UDP, _format(source)))
+                    path = conn.paths.paths.get((PathKind.DIRECT_UDP, format_endpoint(source)))
                     if path is not None:
                         path.probes_answered += 1
                         conn.paths.received(path, 0, clock())

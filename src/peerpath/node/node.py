@@ -27,7 +27,7 @@ from peerpath.rendezvous.client import RendezvousClient
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
-from peerpath.session.pathset import PathKind, PathSet, clock
+from peerpath.session.pathset import PathKind, PathSet, clock, format_endpoint
 from peerpath.wire.punch import is_check
 from peerpath.wire.rendezvous import is_udp_relay
 from peerpath.wire.stun import Address as TransportAddress
@@ -42,11 +42,6 @@ RECV_BATCH = 64
 #: netcheck runs again after a re-registration only if its last result is older than this.
 NAT_RECHECK = 600.0
 _CID_LENGTH = 8
-
-
-def _format_endpoint(addr: tuple[str, int]) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _UdpSocket:
@@ -303,7 +298,7 @@ class Node:
                 host = route_source(TransportAddress(url.host, url.port))
             except ValueError:
                 return []
-        return [_format_endpoint((host, port))]
+        return [format_endpoint((host, port))]
 
     async def _bind(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -380,11 +375,11 @@ class Node:
         out = []
         host, port = self.local_endpoint
         if host not in ("0.0.0.0", "::"):
-            out.append(_format_endpoint((host, port)))
+            out.append(format_endpoint((host, port)))
         elif self.rendezvous is not None:
             out += self._local_endpoints(self.rendezvous.url)
         if self.reflexive is not None:
-            out.append(_format_endpoint(self.reflexive))
+            out.append(format_endpoint(self.reflexive))
         return list(dict.fromkeys(out))
 
     def serve(self, port: int, handler: StreamHandler) -> None:
@@ -539,7 +534,7 @@ class Node:
         def send(datagram: bytes) -> None:
             udp.sendto(datagram, remote)
 
-        return NetPath(PathKind.DIRECT_UDP, _format_endpoint(remote), send, created=clock())
+        return NetPath(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=clock())
 
     def _relay_path(self, client: RendezvousClient, peer: bytes) -> NetPath:
         def send(datagram: bytes) -> None:
@@ -567,7 +562,7 @@ class Node:
             if is_check(data):
                 self.direct.on_check(data, remote, via)
             else:
-                key = (PathKind.DIRECT_UDP, _format_endpoint(remote))
+                key = (PathKind.DIRECT_UDP, format_endpoint(remote))
                 self._demux(data, key, lambda: self._udp_path(remote, via))
             return
         if is_stun(data):
@@ -583,7 +578,7 @@ class Node:
                     return
             self.counters["datagrams_dropped"] += 1
             return
-        self._demux(data, (PathKind.DIRECT_UDP, _format_endpoint(remote)), lambda: self._udp_path(remote))
+        self._demux(data, (PathKind.DIRECT_UDP, format_endpoint(remote)), lambda: self._udp_path(remote))
 
     def _relay_received(self, client: RendezvousClient, source: bytes, data: bytes) -> None:
         self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source))
@@ -645,12 +640,12 @@ class Node:
         """A snapshot of the node: address, endpoint, sessions and counters."""
         return {
             "address": str(self.address),
-            "endpoint": _format_endpoint(self.local_endpoint) if self._socket else None,
+            "endpoint": format_endpoint(self.local_endpoint) if self._socket else None,
             "sessions": [c.describe() for c in self.connections],
             "counters": dict(self.counters),
             "rendezvous": self.rendezvous.status() if self.rendezvous is not None else None,
             "home_relay": self.home_relay,
-            "reflexive": _format_endpoint(self.reflexive) if self.reflexive else None,
+            "reflexive": format_endpoint(self.reflexive) if self.reflexive else None,
             "direct": self.direct.describe(),
             "nat": self.nat,
         }

@@ -19,6 +19,21 @@ VIRTUAL_PEER = ("peerpath-peer", 0)
 clock = time.perf_counter
 
 
+def format_endpoint(addr: tuple[str, int]) -> str:
+    """``host:port``, with brackets around an IPv6 host: how paths name their remote."""
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """The inverse of :func:`format_endpoint`; ValueError with a useful message."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad endpoint {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
 class PathKind(enum.StrEnum):
     """How a path reaches the peer. Order of preference: direct first."""
 
