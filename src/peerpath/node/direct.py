@@ -25,11 +25,12 @@ import msgspec
 from peerpath import errors
 from peerpath.nat.punch import Addr, Puncher
 from peerpath.session.connection import Connection
-from peerpath.session.pathset import PathKind, clock, format_endpoint, parse_endpoint
+from peerpath.session.pathset import Path, PathKind, clock, format_endpoint, parse_endpoint
 from peerpath.wire import punch
 
 if TYPE_CHECKING:
     from peerpath.node.node import Node
+    from peerpath.node.tcp import TcpLink
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,22 @@ class _Offer(msgspec.Struct, frozen=True):
     candidates: list[str]
     reflexive: str | None = None
     hard: bool = False
+    #: TCP candidates, and whether UDP works from here as far as this side knows.
+    tcp: list[str] = msgspec.field(default_factory=list)
+    udp: bool = True
 
 
 class _Answer(msgspec.Struct, frozen=True):
     candidates: list[str]
     reflexive: str | None = None
     hard: bool = False
+    tcp: list[str] = msgspec.field(default_factory=list)
+    udp: bool = True
+
+
+class _Go(msgspec.Struct, frozen=True):
+    #: Both sides also open TCP toward each other's TCP candidates this round.
+    tcp: bool = False
 
 
 #: Birthday rounds (RFC 4787 address-and-port-dependent mapping against an endpoint-
@@ -63,6 +74,12 @@ SPRAY_SOCKETS = 256
 SCAN_PORTS = 1024
 BIRTHDAY_DURATION = 4.0
 BOTH_HARD = "both NATs map per destination with random ports; no direct path is likely"
+#: Seconds a TCP round keeps trying (the kernel resends an unanswered SYN after 1 and 3 s).
+TCP_DURATION = 6.0
+#: A direct TCP link not heard from for this long is closed (its path is long stale).
+TCP_IDLE = 30.0
+#: TCP candidates tried per round, at most.
+MAX_TCP_CANDIDATES = 8
 
 
 def _mode(mine_hard: bool, theirs_hard: bool) -> str:
@@ -91,11 +108,18 @@ class DirectPaths:
         self._keys: dict[Connection, bytes] = {}
         self._offers: dict[Connection, tuple[_Offer, _Answer]] = {}
         self._active: dict[Puncher, tuple[Connection, asyncio.Event, Any]] = {}
-        self._probes: dict[bytes, tuple[Connection, Addr]] = {}
+        self._probes: dict[bytes, tuple[Connection, Path]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Extra sockets that carry a birthday round's winning path, until the session ends.
         self._kept: dict[Connection, list[Any]] = {}
-        self.counters = {"rounds": 0, "rounds_direct": 0, "checks_sent": 0}
+        #: Keys of TCP rounds under way: checks on inbound links are matched against them.
+        self._tcp_rounds: dict[bytes, tuple[Connection, asyncio.Event]] = {}
+        #: Our checks in flight on TCP links: tid -> (link, connection, key).
+        self._tcp_checks: dict[bytes, tuple[TcpLink, Connection, bytes]] = {}
+        #: Which transports rounds use: UDP punching and TCP (simultaneous open / connect).
+        #: TCP is tried when either side finds UDP blocked, or after a round failed over UDP.
+        self.transports = {"udp", "tcp"}
+        self.counters = {"rounds": 0, "rounds_direct": 0, "checks_sent": 0, "tcp_rounds": 0, "tcp_paths": 0}
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -122,7 +146,7 @@ class DirectPaths:
             on_relay = path is not None and path.kind is PathKind.RELAY
             if initiator and on_relay and conn.is_established:
                 try:
-                    direct = await self._round(conn)
+                    direct = await self._round(conn, failures)
                 except (errors.PeerpathError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
                     log.debug("punch round with %s failed: %s", conn.peer, exc)
                     direct = False
@@ -138,6 +162,9 @@ class DirectPaths:
         self._offers.pop(conn, None)
         for sock in self._kept.pop(conn, []):
             sock.close()
+        for link in list(self.node.tcp.links):
+            if link.conn is conn:
+                link.close()
 
     def _hard(self) -> bool:
         nat = self.node.nat or {}
@@ -146,20 +173,43 @@ class DirectPaths:
     def _reflexive(self) -> str | None:
         return format_endpoint(self.node.reflexive) if self.node.reflexive else None
 
-    async def _round(self, conn: Connection) -> bool:
+    def _udp_works(self) -> bool:
+        """Whether UDP gets out of here, as far as we know (a reflexive address, or netcheck)."""
+        if "udp" not in self.transports:
+            return False
+        nat = self.node.nat or {}
+        return self.node.reflexive is not None or nat.get("udp") is not False
+
+    def _udp_candidates(self) -> list[str]:
+        return self.node.candidates() if "udp" in self.transports else []
+
+    def _tcp_candidates(self) -> list[str]:
+        return self.node.tcp_candidates() if "tcp" in self.transports else []
+
+    async def _round(self, conn: Connection, failures: int = 0) -> bool:
         key = os.urandom(punch.KEY_BYTES)
-        offer = _Offer(key, self.node.candidates(), self._reflexive(), self._hard())
+        offer = _Offer(
+            key, self._udp_candidates(), self._reflexive(), self._hard(), self._tcp_candidates(), self._udp_works()
+        )
         start = clock()
         reply = await conn.request(msgspec.msgpack.encode(offer), timeout=5, _topic="punch-offer")
         rtt = clock() - start
         answer = msgspec.msgpack.decode(reply, type=_Answer)
-        await conn.send(b"", _topic="punch-go")
+        # TCP when UDP is out of the question for either side, or did not work last time.
+        tcp = bool(offer.tcp and answer.tcp) and (not offer.udp or not answer.udp or failures > 0)
+        await conn.send(msgspec.msgpack.encode(_Go(tcp)), _topic="punch-go")
         self.counters["rounds"] += 1
         remote = [a for a in map(_parse, answer.candidates) if a is not None]
         mode = _mode(offer.hard, answer.hard)
         if offer.hard and answer.hard:
             self._explain(conn, BOTH_HARD)
-        direct = await self._punch(conn, key, remote, clock() + rtt / 2, mode, answer.reflexive)
+        begin = clock() + rtt / 2
+        attempts = []
+        if remote and offer.candidates:
+            attempts.append(self._punch(conn, key, remote, begin, mode, answer.reflexive))
+        if tcp:
+            attempts.append(self._tcp_round(conn, key, answer.tcp, begin))
+        direct = any(await asyncio.gather(*attempts))
         if direct:
             self.counters["rounds_direct"] += 1
         return direct
@@ -168,10 +218,13 @@ class DirectPaths:
         """The responder's side of a round."""
         if topic == "punch-offer":
             offer = msgspec.msgpack.decode(data, type=_Offer)
-            answer = _Answer(self.node.candidates(), self._reflexive(), self._hard())
+            answer = _Answer(
+                self._udp_candidates(), self._reflexive(), self._hard(), self._tcp_candidates(), self._udp_works()
+            )
             self._offers[conn] = (offer, answer)
             return msgspec.msgpack.encode(answer)
         if topic == "punch-go":
+            go = msgspec.msgpack.decode(data, type=_Go) if data else _Go()
             pending = self._offers.pop(conn, None)
             if pending is not None:
                 offer, answer = pending
@@ -179,7 +232,10 @@ class DirectPaths:
                 mode = _mode(answer.hard, offer.hard)
                 if offer.hard and answer.hard:
                     self._explain(conn, BOTH_HARD)
-                self._spawn(self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive))
+                if remote and answer.candidates:
+                    self._spawn(self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive))
+                if go.tcp and answer.tcp:
+                    self._spawn(self._tcp_round(conn, offer.key, offer.tcp, clock()))
             return None
         raise ValueError(f"unknown internal topic {topic!r}")
 
@@ -267,18 +323,31 @@ class DirectPaths:
         key = self._keys.get(conn)
         if key is None:
             return
+        now = clock()
         for path in list(conn.paths.paths.values()):
-            if path.kind is not PathKind.DIRECT_UDP:
+            if path.kind is PathKind.RELAY:
                 continue
-            addr = _parse(path.remote)
-            if addr is None:
+            if path.kind is PathKind.DIRECT_TCP and now - (path.last_received or path.created) > TCP_IDLE:
+                for link in list(self.node.tcp.links):
+                    if link.conn is conn and link.name == path.remote:
+                        link.close()  # stalled for long: let a later round build a fresh one
                 continue
             tid = os.urandom(punch.TID_BYTES)
-            self._probes[tid] = (conn, addr)
+            self._probes[tid] = (conn, path)
             if len(self._probes) > 4096:
                 self._probes.pop(next(iter(self._probes)))
             path.probes_sent += 1
-            path.send_datagram(punch.encode_check(key, tid))  # from the socket the path uses
+            path.send_datagram(punch.encode_check(key, tid))  # from the socket or link the path uses
+
+    def _probe_answered(self, tid: bytes, kind: PathKind, remote: str) -> None:
+        probe = self._probes.get(tid)
+        if probe is None:
+            return
+        conn, path = probe
+        if path.kind is kind and path.remote == remote:
+            del self._probes[tid]
+            path.probes_answered += 1
+            conn.paths.received(path, 0, clock())
 
     def on_check(self, data: bytes, source: Addr, via: Any) -> None:
         """A check-range datagram arrived on ``via`` (the node's socket, or a round's extra one)."""
@@ -286,7 +355,7 @@ class DirectPaths:
             if sock is via and puncher.receive(data, source):
                 wake.set()
                 return
-        for conn, key in list(self._keys.items()):
+        for key in list(self._keys.values()):
             try:
                 kind, tid, _ = punch.parse(key, data)
             except punch.CheckError:
@@ -294,13 +363,105 @@ class DirectPaths:
             if kind == punch.CHECK:
                 via.sendto(punch.encode_response(key, tid, source), source)
             else:
-                probe = self._probes.pop(tid, None)
-                if probe is not None and probe[1] == source:
-                    path = conn.paths.paths.get((PathKind.DIRECT_UDP, format_endpoint(source)))
-                    if path is not None:
-                        path.probes_answered += 1
-                        conn.paths.received(path, 0, clock())
+                self._probe_answered(tid, PathKind.DIRECT_UDP, format_endpoint(source))
             return
+
+    # -- TCP ------------------------------------------------------------------------------
+
+    async def _tcp_round(self, conn: Connection, key: bytes, candidates: list[str], start: float) -> bool:
+        """Connect to the peer's TCP candidates from our TCP port while it connects to ours
+        (simultaneous open through filtering NATs; a plain connect where it listens in the
+        open); the first link on which a check is answered becomes a direct TCP path."""
+        remote = [a for a in map(_parse, candidates) if a is not None][:MAX_TCP_CANDIDATES]
+        if not remote or self.node.tcp.port is None:
+            return False
+        done = asyncio.Event()
+        self._tcp_rounds[key] = (conn, done)
+        self.counters["tcp_rounds"] += 1
+        deadline = start + TCP_DURATION
+
+        async def attempt(addr: Addr) -> None:
+            link = await self.node.tcp.connect(addr, timeout=max(0.1, deadline - clock()))
+            if link is not None and not link.closed and link.conn in (None, conn):
+                self._send_tcp_check(link, conn, key)
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await asyncio.sleep(max(0.0, start - clock()))
+            tasks = [asyncio.ensure_future(attempt(addr)) for addr in remote]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), max(0.0, deadline + 1.0 - clock()))
+            return done.is_set()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # The peer's checks may still be on their way: accept them a little longer.
+            asyncio.get_running_loop().call_later(LINGER, self._tcp_rounds.pop, key, None)
+
+    def _send_tcp_check(self, link: TcpLink, conn: Connection, key: bytes) -> None:
+        tid = os.urandom(punch.TID_BYTES)
+        self._tcp_checks[tid] = (link, conn, key)
+        if len(self._tcp_checks) > 1024:
+            self._tcp_checks.pop(next(iter(self._tcp_checks)))
+        link.send(punch.encode_check(key, tid))
+
+    def on_tcp_check(self, link: TcpLink, data: bytes) -> None:
+        """A check-range frame on a TCP link: answer the peer's checks, validate ours."""
+        if link.conn is not None and link.key is not None:
+            owners = [(link.conn, link.key)]
+        else:
+            owners = [(c, k) for k, (c, _) in reversed(self._tcp_rounds.items())]
+            owners += [(c, k) for c, k in self._keys.items()]
+        for conn, key in owners:
+            try:
+                kind, tid, _ = punch.parse(key, data)
+            except punch.CheckError:
+                continue
+            if kind == punch.CHECK:
+                link.send(punch.encode_response(key, tid, link.remote))
+                if link.conn is None:
+                    # The peer proved the link is its own; prove it our way too.
+                    link.identified(conn, key)
+                    self._send_tcp_check(link, conn, key)
+                return
+            pending = self._tcp_checks.get(tid)
+            if pending is not None and pending[0] is link and pending[2] == key:
+                del self._tcp_checks[tid]
+                self._tcp_validated(link, conn, key)
+            else:
+                self._probe_answered(tid, PathKind.DIRECT_TCP, link.name)
+            return
+        if link.conn is None:
+            link.close()  # not a check of any session we know: nothing else is allowed here
+
+    def _tcp_validated(self, link: TcpLink, conn: Connection, key: bytes) -> None:
+        if conn.closed.done():
+            link.close()
+            return
+        link.identified(conn, key)
+        self._keys[conn] = key
+        conn.relay_reason = None
+        existing = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name))
+        if existing is not None and existing.send_datagram != link.send:
+            conn.paths.remove(existing)  # an earlier link to the same endpoint
+        path = conn.paths.add_validated(self.node._tcp_path(link), clock())
+        if path.send_datagram == link.send and existing is not path:
+            self.counters["tcp_paths"] += 1
+            log.info("direct path to %s: %s", conn.peer, path.describe())
+        pending = self._tcp_rounds.get(key)
+        if pending is not None:
+            pending[1].set()
+
+    def on_tcp_lost(self, link: TcpLink) -> None:
+        """A TCP link closed: its path leaves the session (the relay takes over at once)."""
+        conn = link.conn
+        if conn is None:
+            return
+        path = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name))
+        if path is not None and path.send_datagram == link.send:
+            conn.paths.remove(path)
+            log.info("direct path to %s closed: %s", conn.peer, path.describe())
 
     def describe(self) -> dict[str, object]:
         """Counters for status displays."""

@@ -22,12 +22,13 @@ from peerpath.nat.stun_client import UdpStunSocket, route_source
 from peerpath.node.direct import DirectPaths
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.state import default_state_dir
+from peerpath.node.tcp import TcpLink, TcpLinks
 from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.client import RendezvousClient
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
-from peerpath.session.pathset import PathKind, PathSet, clock, format_endpoint
+from peerpath.session.pathset import PathKind, PathSet, clock, format_endpoint, parse_endpoint
 from peerpath.wire.punch import is_check
 from peerpath.wire.rendezvous import is_udp_relay
 from peerpath.wire.stun import Address as TransportAddress
@@ -131,6 +132,8 @@ class Node:
         self.trust = trust
         self.broker = TrustBroker(identity, trust, trust.path.with_name("trust-requests.json"))
         self.direct = DirectPaths(self)
+        #: The TCP listener on the node's port and the direct TCP links (direct paths only).
+        self.tcp = TcpLinks(self._tcp_frame, self.direct.on_tcp_lost)
         self.reflexive: tuple[str, int] | None = None
         self._stun = UdpStunSocket()
         self.config = config or SessionConfig()
@@ -313,6 +316,8 @@ class Node:
             sock.close()
             raise
         self._stun.connection_made(_StunTransport(self._socket))
+        if self.direct_paths:
+            await self.tcp.listen(host, self.local_endpoint[1])
 
     @property
     def address(self) -> Address:
@@ -339,6 +344,7 @@ class Node:
             if background is not None:
                 background.cancel()
         await self.direct.close()
+        await self.tcp.close()
         for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:
             await client.close()
         if self._socket is not None:
@@ -380,6 +386,21 @@ class Node:
             out += self._local_endpoints(self.rendezvous.url)
         if self.reflexive is not None:
             out.append(format_endpoint(self.reflexive))
+        return list(dict.fromkeys(out))
+
+    def tcp_candidates(self) -> list[str]:
+        """Where peers may reach this node over TCP: the local address at the TCP port, then
+        the public address the rendezvous (or STUN) saw, at the same port (NATs that keep
+        source ports, as most do for TCP, map it there)."""
+        port = self.tcp.port
+        if port is None:
+            return []
+        out = [format_endpoint((parse_endpoint(c)[0], port)) for c in self.candidates()[:1]]
+        public = [self.rendezvous.observed if self.rendezvous is not None else None]
+        public.append(format_endpoint(self.reflexive) if self.reflexive else None)
+        for text in public:
+            if text:
+                out.append(format_endpoint((parse_endpoint(text)[0], port)))
         return list(dict.fromkeys(out))
 
     def serve(self, port: int, handler: StreamHandler) -> None:
@@ -579,6 +600,33 @@ class Node:
             self.counters["datagrams_dropped"] += 1
             return
         self._demux(data, (PathKind.DIRECT_UDP, format_endpoint(remote)), lambda: self._udp_path(remote))
+
+    def _tcp_frame(self, link: TcpLink, data: bytes) -> None:
+        """A datagram from a TCP link: a check, or QUIC for the session a check tied it to."""
+        if is_check(data):
+            self.direct.on_tcp_check(link, data)
+            return
+        conn = link.conn
+        if conn is None:
+            # Only checks may cross a link that has not shown which session it carries.
+            self.counters["datagrams_dropped"] += 1
+            link.close()
+            return
+        self.counters["datagrams_received"] += 1
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
+        except ValueError:
+            self.counters["datagrams_dropped"] += 1
+            return
+        owner = self._by_cid.get(header.destination_cid)
+        if not data[0] & 0x40 or owner is None or owner is not conn:
+            self.counters["datagrams_dropped"] += 1
+            return
+        path = owner.paths.paths.get((PathKind.DIRECT_TCP, link.name)) or self._tcp_path(link)
+        owner.datagram_received(data, path)
+
+    def _tcp_path(self, link: TcpLink) -> NetPath:
+        return NetPath(PathKind.DIRECT_TCP, link.name, link.send, created=clock())
 
     def _relay_received(self, client: RendezvousClient, source: bytes, data: bytes) -> None:
         self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source))

@@ -1,0 +1,153 @@
+"""Direct TCP paths on loopback: a relayed session moves to a TCP link proved by checks, keeps
+its streams when the link dies, and comes back; strangers on the TCP port get nowhere."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from peerpath.identity import Identity
+from peerpath.node import tcp
+from peerpath.node.node import Node
+from peerpath.node.trust import TrustStore
+from peerpath.rendezvous.server import RendezvousServer
+from peerpath.session.connection import Connection
+from peerpath.session.pathset import PathKind
+from peerpath.wire import punch
+
+
+class TcpAgents:
+    """Registered nodes whose direct paths may only use TCP (as if UDP were blocked)."""
+
+    def __init__(self, tmp_path: Path, server: RendezvousServer) -> None:
+        self.tmp_path, self.server, self.nodes = tmp_path, server, []
+
+    async def __call__(self, name: str) -> Node:
+        node = await Node.start(
+            identity=Identity.generate(),
+            trust=TrustStore(self.tmp_path / f"{name}.json"),
+            host="127.0.0.1",
+            rendezvous=self.server.url(),
+        )
+        node.direct.transports = {"tcp"}
+        self.nodes.append(node)
+        assert node.rendezvous is not None
+        await node.rendezvous.wait_registered(5)
+        return node
+
+
+@pytest.fixture
+async def agents(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[TcpAgents]:
+    made = TcpAgents(tmp_path, server)
+    try:
+        yield made
+    finally:
+        for node in made.nodes:
+            await node.close()
+
+
+async def pair(agents: TcpAgents) -> tuple[Node, Node, Connection]:
+    a, b = await agents("a"), await agents("b")
+    a.trust.add(b.address)
+    b.trust.add(a.address)
+
+    async def digest(conn: Connection, data: bytes) -> bytes:
+        return data[::-1]
+
+    b.on_message(digest)
+    conn = await a.connect(b.address, timeout=5)
+    return a, b, conn
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_relayed_session_moves_to_a_direct_tcp_path(agents) -> None:
+    a, b, conn = await pair(agents)
+    assert conn.path is not None and conn.path.kind is PathKind.RELAY  # first byte never waits
+    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    assert conn.path is not None and conn.path.remote.endswith(f":{b.tcp.port}")
+    blob = os.urandom(300_000)
+    assert await conn.request(blob, timeout=10) == blob[::-1]
+    assert conn.path.kind is PathKind.DIRECT_TCP and conn.path.bytes_sent > 300_000
+    # The responder carries its side over the same link.
+    back = b.connection_to(a.address)
+    assert back is not None
+    await until(lambda: back.path is not None and back.path.kind is PathKind.DIRECT_TCP)
+    assert a.direct.counters["tcp_paths"] >= 1
+    # Probes keep the link measured.
+    await until(lambda: conn.path is not None and conn.path.probes_answered >= 1, timeout=5)
+    assert conn.describe()["paths"]
+
+
+async def test_a_dead_tcp_link_hands_the_session_to_the_relay_and_a_new_link_takes_it_back(agents) -> None:
+    a, _, conn = await pair(agents)
+    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    replies = []
+
+    async def talk() -> None:
+        for i in range(60):
+            payload = f"message {i}".encode() * 100
+            replies.append(await conn.request(payload, timeout=10) == payload[::-1])
+            await asyncio.sleep(0.02)
+
+    talker = asyncio.ensure_future(talk())
+    await asyncio.sleep(0.2)
+    for link in list(a.tcp.links):
+        link.close()
+    await until(lambda: conn.path is not None and conn.path.kind is PathKind.RELAY, timeout=5)
+    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP, timeout=10)
+    await talker
+    assert len(replies) == 60 and all(replies)
+
+
+async def _raw(node: Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    assert node.tcp.port is not None
+    return await asyncio.open_connection("127.0.0.1", node.tcp.port)
+
+
+async def test_strangers_on_the_tcp_port_are_closed_and_the_node_carries_on(agents, monkeypatch) -> None:
+    _, b, conn = await pair(agents)
+    # A frame that is not a check: closed at once.
+    reader, writer = await _raw(b)
+    writer.write(struct.pack("!H", 5) + b"\xc0hell")
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    # A check made with a key nobody uses: closed.
+    reader, writer = await _raw(b)
+    check = punch.encode_check(os.urandom(32), os.urandom(12))
+    writer.write(struct.pack("!H", len(check)) + check)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    # Silence: closed after the identification timeout.
+    monkeypatch.setattr(tcp, "IDENTIFY_TIMEOUT", 0.2)
+    reader, writer = await _raw(b)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    # A half frame then a hang-up, and bytes of garbage: nothing breaks.
+    reader, writer = await _raw(b)
+    writer.write(b"\x05\x00garbage")
+    writer.close()
+    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    assert await conn.request(b"still here", timeout=5) == b"ereh llits"
+    assert b.counters["datagrams_failed"] == 0
+
+
+def test_frames_split_anywhere_are_reassembled() -> None:
+    got: list[bytes] = []
+    links = tcp.TcpLinks(lambda link, frame: got.append(frame), lambda link: None)
+    link = tcp.TcpLink(links, inbound=False)
+    frames = [os.urandom(n) for n in (1, 1350, 0, 70, 65535)]
+    stream = b"".join(struct.pack("!H", len(f)) + f for f in frames)
+    for i in range(0, len(stream), 7):
+        link.data_received(stream[i : i + 7])
+    assert got == [f for f in frames if f]  # empty frames carry nothing
