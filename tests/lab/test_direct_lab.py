@@ -23,14 +23,16 @@ AGENT = str(Path(__file__).with_name("agent.py"))
 EASY = {"public", "full-cone", "address-restricted", "port-restricted", "cgnat", "same-nat-1", "same-nat-2"}
 
 
-def expected_direct(a: str, b: str) -> bool:
+def expected_direct(a: str, b: str) -> str | None:
     """Direct wherever one side maps endpoint-independently: symmetric against an open
     filter through a peer-reflexive candidate, against a restricted one by birthday probing.
-    UDP-blocked hosts need direct TCP (not yet)."""
+    A UDP-blocked host goes direct over TCP (simultaneous open, or a plain connect to the
+    public host) with every peer whose NAT keeps its TCP port; a symmetric NAT picks random
+    ports for TCP too, so that pair stays on the relay. None: stays on the relay."""
     pair = {a, b}
     if "udp-blocked" in pair:
-        return False
-    return pair <= EASY | {"symmetric"}
+        return "direct tcp" if pair - {"udp-blocked"} <= EASY else None
+    return "direct udp" if pair <= EASY | {"symmetric"} else None
 
 
 @pytest.mark.parametrize("link", [None, Impairment(delay_ms=50, loss=0.02, seed=5)], ids=["clean", "50ms-2%-loss"])
@@ -69,15 +71,17 @@ def test_direct_path_matrix(tmp_path: Path, link: Impairment | None) -> None:
             _, result = results[frozenset((a, b))]
             assert result.get("ok"), (a, b, result)
             assert result["path"].startswith("relay "), result  # the first byte never waits for punching
-            direct = result["final_path"].startswith("direct ")
-            matrix.append(f"{a:>20} - {b:<20} {result['final_path']}")
-            if direct != expected_direct(a, b):
+            final = result["final_path"]
+            matrix.append(f"{a:>20} - {b:<20} {final}")
+            expected = expected_direct(a, b)
+            if not final.startswith(f"{expected} " if expected else "relay "):
                 wrong.append((a, b, result["final_path"]))
         print(f"\n{'impaired: ' + str(link) if link else 'clean links'}\n" + "\n".join(matrix))
         assert not wrong, wrong
 
 
-def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "path"), [("full-cone", "direct udp"), ("udp-blocked", "direct tcp")])
+def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path: Path, kind: str, path: str) -> None:
     import threading
     import time
 
@@ -86,7 +90,7 @@ def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path:
     with Lab() as lab:
         server = lab.public_host("server", SERVER_IPS)
         url = start_peerpath_server(server)
-        router = lab.router("home", NatKind.FULL_CONE)
+        router = lab.router("home", NatKind(kind))
         one = lab.host("one", behind=router)
         two = lab.public_host("two")
         procs = {}
@@ -100,7 +104,7 @@ def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path:
         procs["one"].stdin.flush()  # type: ignore[union-attr]
         warm = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
         procs["one"].stdout.readline()  # type: ignore[union-attr]
-        assert warm["final_path"].startswith("direct udp"), warm
+        assert warm["final_path"].startswith(path), warm
 
         cut = "\n".join(
             [
@@ -131,10 +135,10 @@ def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path:
         print(result)
         assert "error" not in result, result
         assert result["ok"] == result["sent"] > 20  # nothing lost, nothing corrupted
-        kinds = [p.split()[0] for p in result["paths"]]
-        assert kinds[0] == "direct" and "relay" in kinds, result["paths"]
-        assert kinds[kinds.index("relay") :].count("direct") >= 1, result["paths"]  # back to direct
-        assert kinds[-1] == "direct", result["paths"]  # and again after the conntrack flush
+        kinds = [" ".join(p.split()[:2]) if p.startswith("direct") else "relay" for p in result["paths"]]
+        assert kinds[0] == path and "relay" in kinds, result["paths"]
+        assert kinds[kinds.index("relay") :].count(path) >= 1, result["paths"]  # back to direct
+        assert kinds[-1] == path, result["paths"]  # and again after the conntrack flush
 
 
 def test_two_symmetric_nats_stay_on_the_relay_and_say_why(tmp_path: Path) -> None:

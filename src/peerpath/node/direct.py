@@ -174,11 +174,12 @@ class DirectPaths:
         return format_endpoint(self.node.reflexive) if self.node.reflexive else None
 
     def _udp_works(self) -> bool:
-        """Whether UDP gets out of here, as far as we know (a reflexive address, or netcheck)."""
+        """Whether UDP is known to get out of here: a STUN answer gave us a reflexive address,
+        or the relay acknowledged our UDP. Until then TCP is tried beside UDP."""
         if "udp" not in self.transports:
             return False
-        nat = self.node.nat or {}
-        return self.node.reflexive is not None or nat.get("udp") is not False
+        client = self.node.rendezvous
+        return self.node.reflexive is not None or (client is not None and client.udp_ready)
 
     def _udp_candidates(self) -> list[str]:
         return self.node.candidates() if "udp" in self.transports else []
