@@ -4,8 +4,8 @@
 - time from ``connect(address)`` to the first reply byte (over the relay, at once);
 - time from ``connect`` until the session runs on a validated direct path, and how many
   of the tries got there (punch success);
-- round-trip time and one stream's throughput over the direct path and over the relay,
-  measured in the same run.
+- round-trip time and one stream's throughput over the direct path (UDP, or TCP for a
+  host whose network blocks UDP) and over the relay, measured in the same run.
 
     sudo python3 bench/direct_bench.py [--tries 10] [--mbytes 8]
 """
@@ -35,11 +35,14 @@ PAIRS = [
     ("port-restricted", "port-restricted"),
     ("symmetric", "full-cone"),
     ("symmetric", "port-restricted"),
+    ("udp-blocked", "public"),
+    ("udp-blocked", "port-restricted"),
 ]
 KINDS = {
     "full-cone": NatKind.FULL_CONE,
     "port-restricted": NatKind.PORT_RESTRICTED,
     "symmetric": NatKind.SYMMETRIC,
+    "udp-blocked": NatKind.UDP_BLOCKED,
 }
 
 
@@ -81,7 +84,7 @@ async def _measure_path(conn, total: int) -> dict[str, float]:  # type: ignore[n
 
 async def drive(state: str, relay_state: str, url: str, peer: str, tries: int, total: int) -> dict[str, object]:
     """The near end: ``tries`` fresh sessions, then path measurements direct and relayed."""
-    first_byte, to_direct = [], []
+    first_byte, to_direct, kinds = [], [], []
     async with Node.start(state, rendezvous=url) as node:
         assert node.rendezvous is not None
         await node.rendezvous.wait_registered(20)
@@ -95,8 +98,9 @@ async def drive(state: str, relay_state: str, url: str, peer: str, tries: int, t
                 if conn.path is not None and conn.path.kind is not PathKind.RELAY:
                     break
                 await asyncio.sleep(0.01)
-            if conn.path is not None and conn.path.kind is PathKind.DIRECT_UDP:
+            if conn.path is not None and conn.path.kind is not PathKind.RELAY:
                 to_direct.append(time.perf_counter() - start)
+                kinds.append(conn.path.kind.value)
                 if direct_measure is None:
                     direct_measure = await _measure_path(conn, total)
             await conn.close()
@@ -109,6 +113,7 @@ async def drive(state: str, relay_state: str, url: str, peer: str, tries: int, t
     return {
         "tries": tries,
         "direct": len(to_direct),
+        "direct_kinds": sorted(set(kinds)),
         "connect_to_first_byte_ms": round(statistics.median(first_byte) * 1000, 1),
         "connect_to_direct_ms": round(statistics.median(to_direct) * 1000, 1) if to_direct else None,
         "direct_path": direct_measure,

@@ -115,23 +115,31 @@ async def _raw(node: Node) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.open_connection("127.0.0.1", node.tcp.port)
 
 
+async def hung_up(reader: asyncio.StreamReader) -> bool:
+    """Whether the node closed the connection (links close with a reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
 async def test_strangers_on_the_tcp_port_are_closed_and_the_node_carries_on(agents, monkeypatch) -> None:
     _, b, conn = await pair(agents)
     # A frame that is not a check: closed at once.
     reader, writer = await _raw(b)
     writer.write(struct.pack("!H", 5) + b"\xc0hell")
-    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert await hung_up(reader)
     writer.close()
     # A check made with a key nobody uses: closed.
     reader, writer = await _raw(b)
     check = punch.encode_check(os.urandom(32), os.urandom(12))
     writer.write(struct.pack("!H", len(check)) + check)
-    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert await hung_up(reader)
     writer.close()
     # Silence: closed after the identification timeout.
     monkeypatch.setattr(tcp, "IDENTIFY_TIMEOUT", 0.2)
     reader, writer = await _raw(b)
-    assert await asyncio.wait_for(reader.read(), 5) == b""
+    assert await hung_up(reader)
     writer.close()
     # A half frame then a hang-up, and bytes of garbage: nothing breaks.
     reader, writer = await _raw(b)
@@ -151,3 +159,17 @@ def test_frames_split_anywhere_are_reassembled() -> None:
     for i in range(0, len(stream), 7):
         link.data_received(stream[i : i + 7])
     assert got == [f for f in frames if f]  # empty frames carry nothing
+
+
+async def test_a_new_session_proves_the_released_link_again_instead_of_reconnecting(agents) -> None:
+    a, b, conn = await pair(agents)
+    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    links = set(a.tcp.links)
+    opened = a.tcp.counters["connected"] + b.tcp.counters["connected"]
+    await conn.close()
+    await until(lambda: all(link.conn is None for link in a.tcp.links | b.tcp.links))
+    again = await a.connect(b.address, timeout=5)
+    assert again is not conn
+    await until(lambda: again.path is not None and again.path.kind is PathKind.DIRECT_TCP)
+    assert a.tcp.links == links and a.tcp.counters["connected"] + b.tcp.counters["connected"] == opened
+    assert await again.request(b"hello", timeout=5) == b"olleh"

@@ -135,6 +135,12 @@ class DirectPaths:
     def watch(self, conn: Connection, initiator: bool) -> None:
         """Keep ``conn`` on the best path for its lifetime (only the initiator starts rounds)."""
         self._spawn(self._maintain(conn, initiator))
+        conn.closed.add_done_callback(lambda _: self._release_links(conn))
+
+    def _release_links(self, conn: Connection) -> None:
+        for link in list(self.node.tcp.links):
+            if link.conn is conn:
+                link.release()
 
     # -- rounds ---------------------------------------------------------------------------
 
@@ -162,9 +168,6 @@ class DirectPaths:
         self._offers.pop(conn, None)
         for sock in self._kept.pop(conn, []):
             sock.close()
-        for link in list(self.node.tcp.links):
-            if link.conn is conn:
-                link.close()
 
     def _hard(self) -> bool:
         nat = self.node.nat or {}
@@ -383,6 +386,8 @@ class DirectPaths:
 
         async def attempt(addr: Addr) -> None:
             link = await self.node.tcp.connect(addr, timeout=max(0.1, deadline - clock()))
+            if link is not None and link.conn is not None and link.conn.closed.done():
+                link.release()  # still held by a session that just ended
             if link is not None and not link.closed and link.conn in (None, conn):
                 self._send_tcp_check(link, conn, key)
 
@@ -409,7 +414,7 @@ class DirectPaths:
 
     def on_tcp_check(self, link: TcpLink, data: bytes) -> None:
         """A check-range frame on a TCP link: answer the peer's checks, validate ours."""
-        if link.conn is not None and link.key is not None:
+        if link.conn is not None and link.key is not None and not link.conn.closed.done():
             owners = [(link.conn, link.key)]
         else:
             owners = [(c, k) for k, (c, _) in reversed(self._tcp_rounds.items())]
@@ -421,7 +426,7 @@ class DirectPaths:
                 continue
             if kind == punch.CHECK:
                 link.send(punch.encode_response(key, tid, link.remote))
-                if link.conn is None:
+                if link.conn is not conn:
                     # The peer proved the link is its own; prove it our way too.
                     link.identified(conn, key)
                     self._send_tcp_check(link, conn, key)
@@ -433,7 +438,7 @@ class DirectPaths:
             else:
                 self._probe_answered(tid, PathKind.DIRECT_TCP, link.name)
             return
-        if link.conn is None:
+        if link.conn is None and not link.proved:
             link.close()  # not a check of any session we know: nothing else is allowed here
 
     def _tcp_validated(self, link: TcpLink, conn: Connection, key: bytes) -> None:

@@ -608,9 +608,11 @@ class Node:
             return
         conn = link.conn
         if conn is None:
-            # Only checks may cross a link that has not shown which session it carries.
+            # Only checks may cross a link that has not shown which session it carries (a
+            # released one may still bring the end of its last session: dropped).
             self.counters["datagrams_dropped"] += 1
-            link.close()
+            if not link.proved:
+                link.close()
             return
         self.counters["datagrams_received"] += 1
         try:

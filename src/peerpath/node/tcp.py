@@ -5,7 +5,9 @@ and links that carry the session's datagrams length-framed.
 A link is only a pipe. It carries nothing of a session until a connectivity check made with
 the session's punch key crossed it (see :mod:`peerpath.node.direct`); until then an
 inbound link may send checks only, and is closed if it sends anything else or stays
-silent for :data:`IDENTIFY_TIMEOUT` seconds.
+silent for :data:`IDENTIFY_TIMEOUT` seconds. When a session ends its links are released,
+not closed: the next session between the same two nodes proves one again with its own key
+and skips the TCP handshake (and the NAT traversal) altogether.
 
 Frame: ``length (u16, big-endian) | datagram``. QUIC runs its own loss recovery and
 congestion control above, so a link never queues without bound: when the kernel and the
@@ -41,6 +43,8 @@ IDENTIFY_TIMEOUT = 10.0
 MAX_UNIDENTIFIED = 64
 
 Addr = tuple[str, int]
+#: SO_LINGER on, zero seconds: close() sends a reset instead of a FIN.
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _reusable(sock: socket.socket) -> None:
@@ -62,6 +66,8 @@ class TcpLink(asyncio.Protocol):
         self.conn: Connection | None = None
         self.key: bytes | None = None
         self.closed = False
+        #: Whether a check ever proved this link (a released link may carry a later session).
+        self.proved = False
         self.frames_received = 0
         self._buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
@@ -79,6 +85,10 @@ class TcpLink(asyncio.Protocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Close with a reset: a link carries only datagrams that QUIC may lose, and an
+                # orderly close would leave TIME_WAIT on the very address pair (our port, the
+                # peer's port) that the next session between the two nodes needs again.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.owner._added(self)
         if self.inbound:
             self._timer = asyncio.get_running_loop().call_later(IDENTIFY_TIMEOUT, self._identify_timeout)
@@ -90,10 +100,19 @@ class TcpLink(asyncio.Protocol):
 
     def identified(self, conn: Connection, key: bytes) -> None:
         """A check proved that this link carries ``conn``."""
-        self.conn, self.key = conn, key
+        self.conn, self.key, self.proved = conn, key, True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def release(self) -> None:
+        """Its session ended: keep the link for :data:`IDENTIFY_TIMEOUT` seconds in case a
+        new session between the same two nodes proves it again, then close it."""
+        self.conn = self.key = None
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.closed:
+            self._timer = asyncio.get_running_loop().call_later(IDENTIFY_TIMEOUT, self._identify_timeout)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
