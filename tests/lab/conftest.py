@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
+from peerpath.identity import Address
+from peerpath.node.trust import TrustStore
 from peerpath.testing import netlab
 from peerpath.testing.netlab import Lab, Node
 
@@ -59,3 +63,64 @@ def run_netcheck(host: Node, *extra: str) -> dict[str, object]:
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout)
     return result
+
+
+AGENT = str(Path(__file__).with_name("agent.py"))
+
+
+class Mesh:
+    """Mesh agents (``agent.py mesh``) on lab hosts, registered with ``url`` and trusting
+    each other. ``exercise``/``soak`` drive one of them toward others and return its results."""
+
+    def __init__(self, tmp_path: Path, url: str, hosts: dict[str, Node], env: dict[str, str] | None = None) -> None:
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        for name, host in hosts.items():
+            command = [sys.executable, AGENT, "mesh", str(tmp_path / name), url]
+            self.procs[name] = host.popen(command, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        self.addresses: dict[str, Address] = {}
+        for name in self.procs:
+            line = self._out(name).readline()
+            assert line.startswith("ready "), f"{name}: {line!r}"
+            self.addresses[name] = Address.parse(line.split()[1])
+        for name in hosts:
+            store = TrustStore.in_state_dir(tmp_path / name)
+            for other, address in self.addresses.items():
+                if other != name:
+                    store.add(address)
+        self.names = {str(a): n for n, a in self.addresses.items()}
+
+    def _out(self, name: str) -> IO[str]:
+        stream = self.procs[name].stdout
+        assert stream is not None
+        return stream
+
+    def send(self, name: str, line: str) -> None:
+        """One command line to agent ``name``."""
+        stdin = self.procs[name].stdin
+        assert stdin is not None
+        stdin.write(line + "\n")
+        stdin.flush()
+
+    def start_exercise(self, name: str, *targets: str) -> None:
+        """Let ``name`` exercise ``targets`` (by name) without waiting; see :meth:`results`."""
+        self.send(name, "exercise " + " ".join(str(self.addresses[t]) for t in targets))
+
+    def results(self, name: str) -> dict[str, dict[str, object]]:
+        """What an exercise of ``name`` found, keyed by target name."""
+        out = {}
+        while (line := self._out(name).readline().strip()) != "done":
+            assert line, f"{name} stopped: no more output"
+            result = json.loads(line)
+            out[self.names[result["peer"]]] = result
+        return out
+
+    def exercise(self, name: str, target: str) -> dict[str, object]:
+        """``name`` connects to ``target`` by address and moves data both ways."""
+        self.start_exercise(name, target)
+        return self.results(name)[target]
+
+    def soak(self, name: str, target: str, seconds: float) -> dict[str, object]:
+        """Back-to-back requests from ``name`` to ``target`` for ``seconds``."""
+        self.send(name, f"soak {self.addresses[target]} {seconds}")
+        result: dict[str, object] = json.loads(self._out(name).readline())
+        return result

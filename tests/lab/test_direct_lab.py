@@ -4,20 +4,18 @@ the NATs allow it; the matrix of which pairs go direct is asserted and printed."
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from peerpath.identity import Address
-from peerpath.node.trust import TrustStore
-from peerpath.testing.netlab import Impairment, Lab, every_router_kind
+from peerpath.testing.netlab import Impairment, Lab, NatKind, every_router_kind
 
-from .conftest import SERVER_IPS, start_peerpath_server
+from .conftest import SERVER_IPS, Mesh, start_peerpath_server
 
-AGENT = str(Path(__file__).with_name("agent.py"))
+RELAY = f"relay {SERVER_IPS[0]}:7000"
 
 #: Hosts behind a NAT whose mapping is endpoint-independent (and UDP allowed).
 EASY = {"public", "full-cone", "address-restricted", "port-restricted", "cgnat", "same-nat-1", "same-nat-2"}
@@ -38,73 +36,38 @@ def expected_direct(a: str, b: str) -> str | None:
 @pytest.mark.parametrize("link", [None, Impairment(delay_ms=50, loss=0.02, seed=5)], ids=["clean", "50ms-2%-loss"])
 def test_direct_path_matrix(tmp_path: Path, link: Impairment | None) -> None:
     with Lab() as lab:
-        server = lab.public_host("server", SERVER_IPS)
-        url = start_peerpath_server(server)
+        url = start_peerpath_server(lab.public_host("server", SERVER_IPS))
         hosts = every_router_kind(lab, link=link)
         env = {**os.environ, "PEERPATH_WAIT_DIRECT": "100", "PEERPATH_AGENT_SMALL": "1" if link else "0"}
-        procs = {}
-        for name, host in hosts.items():
-            procs[name] = host.popen(
-                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=env
-            )
-        addresses = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
-        for name in hosts:
-            store = TrustStore.in_state_dir(tmp_path / name)
-            for other, address in addresses.items():
-                if other != name:
-                    store.add(address)
+        mesh = Mesh(tmp_path, url, hosts, env)
         names = sorted(hosts)
-        for i, name in enumerate(names):
-            targets = " ".join(str(addresses[n]) for n in names[i + 1 :])
-            procs[name].stdin.write(f"exercise {targets}\n")  # type: ignore[union-attr]
-            procs[name].stdin.flush()  # type: ignore[union-attr]
-        by_address = {str(a): n for n, a in addresses.items()}
-        results = {}
-        for name in names:
-            while (line := procs[name].stdout.readline().strip()) != "done":  # type: ignore[union-attr]
-                assert line, f"{name} stopped"
-                result = json.loads(line)
-                results[frozenset((name, by_address[result["peer"]]))] = (name, result)
+        for i, name in enumerate(names):  # every pair once, all initiators at the same time
+            mesh.start_exercise(name, *names[i + 1 :])
+        results = {frozenset((name, peer)): r for name in names for peer, r in mesh.results(name).items()}
         matrix = []
         wrong = []
         for a, b in itertools.combinations(names, 2):
-            _, result = results[frozenset((a, b))]
+            result = results[frozenset((a, b))]
             assert result.get("ok"), (a, b, result)
-            assert result["path"].startswith("relay "), result  # the first byte never waits for punching
-            final = result["final_path"]
+            assert str(result["path"]).startswith("relay "), result  # the first byte never waits for punching
+            final = str(result["final_path"])
             matrix.append(f"{a:>20} - {b:<20} {final}")
             expected = expected_direct(a, b)
             if not final.startswith(f"{expected} " if expected else "relay "):
-                wrong.append((a, b, result["final_path"]))
+                wrong.append((a, b, final))
         print(f"\n{'impaired: ' + str(link) if link else 'clean links'}\n" + "\n".join(matrix))
         assert not wrong, wrong
 
 
 @pytest.mark.parametrize(("kind", "path"), [("full-cone", "direct udp"), ("udp-blocked", "direct tcp")])
 def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path: Path, kind: str, path: str) -> None:
-    import threading
-    import time
-
-    from peerpath.testing.netlab import NatKind
-
     with Lab() as lab:
-        server = lab.public_host("server", SERVER_IPS)
-        url = start_peerpath_server(server)
+        url = start_peerpath_server(lab.public_host("server", SERVER_IPS))
         router = lab.router("home", NatKind(kind))
-        one = lab.host("one", behind=router)
-        two = lab.public_host("two")
-        procs = {}
-        for name, host in (("one", one), ("two", two)):
-            procs[name] = host.popen([sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3)
-        addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
-        TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
-        TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])
-        # Warm up: the session goes direct.
-        procs["one"].stdin.write(f"exercise {addrs['two']}\n")  # type: ignore[union-attr]
-        procs["one"].stdin.flush()  # type: ignore[union-attr]
-        warm = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
-        procs["one"].stdout.readline()  # type: ignore[union-attr]
-        assert warm["final_path"].startswith(path), warm
+        one, two = lab.host("one", behind=router), lab.public_host("two")
+        mesh = Mesh(tmp_path, url, {"one": one, "two": two})
+        warm = mesh.exercise("one", "two")  # the session goes direct
+        assert str(warm["final_path"]).startswith(path), warm
 
         cut = "\n".join(
             [
@@ -128,39 +91,53 @@ def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path:
 
         chaos = threading.Thread(target=faults)
         chaos.start()
-        procs["one"].stdin.write(f"soak {addrs['two']} 22\n")  # type: ignore[union-attr]
-        procs["one"].stdin.flush()  # type: ignore[union-attr]
-        result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
+        result = mesh.soak("one", "two", 22)
         chaos.join()
         print(result)
         assert "error" not in result, result
-        assert result["ok"] == result["sent"] > 20  # nothing lost, nothing corrupted
-        kinds = [" ".join(p.split()[:2]) if p.startswith("direct") else "relay" for p in result["paths"]]
-        assert kinds[0] == path and "relay" in kinds, result["paths"]
-        assert kinds[kinds.index("relay") :].count(path) >= 1, result["paths"]  # back to direct
-        assert kinds[-1] == path, result["paths"]  # and again after the conntrack flush
+        assert result["ok"] == result["sent"] > 20  # type: ignore[operator]  # nothing lost, nothing corrupted
+        paths = [str(p) for p in result["paths"]]  # type: ignore[attr-defined]
+        kinds = [" ".join(p.split()[:2]) if p.startswith("direct") else "relay" for p in paths]
+        assert kinds[0] == path and "relay" in kinds, paths
+        assert kinds[kinds.index("relay") :].count(path) >= 1, paths  # back to direct
+        assert kinds[-1] == path, paths  # and again after the conntrack flush
 
 
 def test_two_symmetric_nats_stay_on_the_relay_and_say_why(tmp_path: Path) -> None:
-    from peerpath.testing.netlab import NatKind
-
     with Lab() as lab:
-        server = lab.public_host("server", SERVER_IPS)
-        url = start_peerpath_server(server)
+        url = start_peerpath_server(lab.public_host("server", SERVER_IPS))
         one = lab.host("one", behind=lab.router("r1", NatKind.SYMMETRIC))
         two = lab.host("two", behind=lab.router("r2", NatKind.SYMMETRIC))
-        env = {**os.environ, "PEERPATH_WAIT_DIRECT": "50"}
-        procs = {}
-        for name, host in (("one", one), ("two", two)):
-            procs[name] = host.popen(
-                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=env
-            )
-        addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
-        TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
-        TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])
-        procs["one"].stdin.write(f"exercise {addrs['two']}\n")  # type: ignore[union-attr]
-        procs["one"].stdin.flush()  # type: ignore[union-attr]
-        result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
+        mesh = Mesh(tmp_path, url, {"one": one, "two": two}, {**os.environ, "PEERPATH_WAIT_DIRECT": "50"})
+        result = mesh.exercise("one", "two")
         assert result.get("ok"), result
-        assert result["final_path"] == f"relay {SERVER_IPS[0]}:7000"
-        assert "both NATs map per destination" in (result["relay_reason"] or ""), result
+        assert result["final_path"] == RELAY
+        assert "both NATs map per destination" in str(result["relay_reason"] or ""), result
+
+
+@pytest.mark.parametrize("protocols", ["pcp,nat-pmp", "nat-pmp"])
+def test_a_router_that_maps_ports_makes_a_symmetric_nat_reachable(tmp_path: Path, protocols: str) -> None:
+    """Behind a symmetric NAT whose router maps ports on request (PCP, or NAT-PMP only), a
+    host goes direct with another symmetric NAT over UDP, and with a UDP-blocked network
+    over TCP: pairs that otherwise stay on the relay."""
+    with Lab() as lab:
+        url = start_peerpath_server(lab.public_host("server", SERVER_IPS))
+        mapped = lab.router("mapped", NatKind.SYMMETRIC, port_mapping=protocols)
+        hosts = {
+            "mapped": lab.host("h-mapped", behind=mapped),
+            "symmetric": lab.host("h-sym", behind=lab.router("sym", NatKind.SYMMETRIC)),
+            "udp-blocked": lab.host("h-blocked", behind=lab.router("blocked", NatKind.UDP_BLOCKED)),
+        }
+        mesh = Mesh(tmp_path, url, hosts, {**os.environ, "PEERPATH_WAIT_DIRECT": "100"})
+        results = {}
+        for peer in ("symmetric", "udp-blocked"):
+            results[peer] = mesh.exercise(peer, "mapped")
+        print(results)
+        assert all(r.get("ok") for r in results.values()), results
+        assert str(results["symmetric"]["final_path"]).startswith(f"direct udp {mapped.wan_ip}:"), results
+        assert str(results["udp-blocked"]["final_path"]).startswith(f"direct tcp {mapped.wan_ip}:"), results
+        # Through the ports the router mapped on request, not by luck.
+        rules = mapped.run(["nft", "list", "chain", "ip", "lab", "dstnat"])
+        for result in results.values():
+            port = str(result["final_path"]).rsplit(":", 1)[1]
+            assert f"dport {port} dnat to {hosts['mapped'].ip}:{port}" in rules, rules

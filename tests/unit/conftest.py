@@ -14,6 +14,12 @@ from peerpath.rendezvous.server import RendezvousServer
 from peerpath.session.connection import SessionConfig
 
 
+@pytest.fixture(autouse=True)
+def _no_port_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests run on the host: never ask its real router for port mappings."""
+    monkeypatch.setenv("PEERPATH_PORT_MAPPING", "0")
+
+
 class NodeFactory:
     """Makes started nodes on 127.0.0.1 and closes them at the end of the test."""
 

@@ -169,12 +169,19 @@ class DirectPaths:
         for sock in self._kept.pop(conn, []):
             sock.close()
 
+    def _mapped(self) -> Addr | None:
+        return self.node.portmap.usable(self.node.portmap.udp)
+
     def _hard(self) -> bool:
+        """Whether our NAT maps per destination (and no port mapping on the router undoes it)."""
         nat = self.node.nat or {}
-        return nat.get("mapping") in ("address-dependent", "address-and-port-dependent")
+        hard = nat.get("mapping") in ("address-dependent", "address-and-port-dependent")
+        return hard and self._mapped() is None
 
     def _reflexive(self) -> str | None:
-        return format_endpoint(self.node.reflexive) if self.node.reflexive else None
+        """Where the peer's birthday sockets should aim: our mapped port, else the reflexive one."""
+        public = self._mapped() or self.node.reflexive
+        return format_endpoint(public) if public else None
 
     def _udp_works(self) -> bool:
         """Whether UDP is known to get out of here: a STUN answer gave us a reflexive address,

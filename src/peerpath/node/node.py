@@ -18,6 +18,7 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from peerpath import errors
 from peerpath.identity import Address, Identity
 from peerpath.nat.netcheck import netcheck
+from peerpath.nat.portmap import PortMappings
 from peerpath.nat.stun_client import UdpStunSocket, route_source
 from peerpath.node.direct import DirectPaths
 from peerpath.node.requests import Request, TrustBroker
@@ -135,6 +136,8 @@ class Node:
         #: The TCP listener on the node's port and the direct TCP links (direct paths only).
         self.tcp = TcpLinks(self._tcp_frame, self.direct.on_tcp_lost)
         self.reflexive: tuple[str, int] | None = None
+        #: Ports the home router maps to us on request (PCP / NAT-PMP), when it does.
+        self.portmap = PortMappings()
         self._stun = UdpStunSocket()
         self.config = config or SessionConfig()
         self.counters = {
@@ -345,6 +348,7 @@ class Node:
                 background.cancel()
         await self.direct.close()
         await self.tcp.close()
+        await self.portmap.close()
         for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:
             await client.close()
         if self._socket is not None:
@@ -384,6 +388,9 @@ class Node:
             out.append(format_endpoint((host, port)))
         elif self.rendezvous is not None:
             out += self._local_endpoints(self.rendezvous.url)
+        mapped = self.portmap.usable(self.portmap.udp)
+        if mapped is not None:
+            out.append(format_endpoint(mapped))
         if self.reflexive is not None:
             out.append(format_endpoint(self.reflexive))
         return list(dict.fromkeys(out))
@@ -398,6 +405,9 @@ class Node:
         out = [format_endpoint((parse_endpoint(c)[0], port)) for c in self.candidates()[:1]]
         public = [self.rendezvous.observed if self.rendezvous is not None else None]
         public.append(format_endpoint(self.reflexive) if self.reflexive else None)
+        mapped = self.portmap.usable(self.portmap.tcp)
+        if mapped is not None:
+            out.append(format_endpoint(mapped))
         for text in public:
             if text:
                 out.append(format_endpoint((parse_endpoint(text)[0], port)))
@@ -698,6 +708,8 @@ class Node:
             "reflexive": format_endpoint(self.reflexive) if self.reflexive else None,
             "direct": self.direct.describe(),
             "nat": self.nat,
+            "port_mapping": self.portmap.describe(),
+            "tcp_port": self.tcp.port,
         }
 
 
@@ -754,6 +766,8 @@ class _Starting:
         except OSError as exc:
             raise errors.LocalError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from exc
         if self._rendezvous is not None:
+            if self._direct:
+                node.portmap.start(node.local_endpoint[1], node.tcp.port)
             await node._register(self._rendezvous)
         self._node = node
         return node

@@ -29,6 +29,7 @@ from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink,
 from peerpath.rendezvous.mailbox import Mailbox
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
 from peerpath.wire import rendezvous as rv
+from peerpath.wire.endpoint import format_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -574,7 +575,4 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def _endpoint(peer: Any) -> str:
-    if not peer:
-        return "unknown"
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_endpoint((peer[0], peer[1])) if peer else "unknown"

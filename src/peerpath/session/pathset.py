@@ -12,26 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from peerpath.wire.endpoint import format_endpoint, parse_endpoint
+
+__all__ = ["VIRTUAL_PEER", "Path", "PathKind", "PathSet", "clock", "format_endpoint", "parse_endpoint"]
+
 #: The address QUIC believes its peer has; the real one is the path set's business.
 VIRTUAL_PEER = ("peerpath-peer", 0)
 #: The session layer's clock (seconds). High resolution whatever the event loop's own
 #: clock is: aioquic's pacing spins on a millisecond clock such as uvloop's.
 clock = time.perf_counter
-
-
-def format_endpoint(addr: tuple[str, int]) -> str:
-    """``host:port``, with brackets around an IPv6 host: how paths name their remote."""
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """The inverse of :func:`format_endpoint`; ValueError with a useful message."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad endpoint {text!r}: expected HOST:PORT")
-    return host, int(port)
 
 
 class PathKind(enum.StrEnum):

@@ -378,8 +378,12 @@ class Lab:
         upstream: Router | None = None,
         hairpinning: bool = False,
         link: Impairment | None = None,
+        port_mapping: str | None = None,
     ) -> Router:
-        """A NAT router of ``kind`` whose WAN side sits on ``upstream`` (default: the internet)."""
+        """A NAT router of ``kind`` whose WAN side sits on ``upstream`` (default: the internet).
+
+        ``port_mapping`` ("pcp,nat-pmp", "pcp" or "nat-pmp") runs
+        :mod:`peerpath.testing.pcpd` on the router, which maps ports on request."""
         up = upstream or self.internet
         number = next(self._lan_numbers)
         lan_prefix = f"100.64.{number}" if kind is NatKind.CARRIER else f"10.{number}.0"
@@ -397,6 +401,9 @@ class Lab:
         router.run(["ip", "link", "set", "lan0", "up"])
         router.sysctl("net.ipv4.ip_forward", "1")
         router.run(["nft", "-f", "-"], input=nat_ruleset(kind, wan_ip, hairpinning=hairpinning))
+        if port_mapping:
+            daemon = [sys.executable, "-m", "peerpath.testing.pcpd", "--wan-ip", wan_ip, "--lan-ip", router.lan_ip]
+            router.start([*daemon, "--protocols", port_mapping], ready="^port mapping")
         return router
 
     def host(self, name: str, behind: Router, link: Impairment | None = None) -> Node:
