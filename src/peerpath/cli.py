@@ -542,7 +542,13 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
         return
     # Addresses are copied from this output: never wrap or truncate them.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-    console.print(f"address   {status['address']}\nendpoint  udp {status['endpoint']}")
+    tcp = f", tcp port {status['tcp_port']}" if status.get("tcp_port") else ""
+    console.print(f"address   {status['address']}\nendpoint  udp {status['endpoint']}{tcp}")
+    mapping = status.get("port_mapping") or {}
+    if mapping.get("udp"):
+        mapped = [f"{proto} {mapping[proto]['external']}" for proto in ("udp", "tcp") if mapping.get(proto)]
+        method = mapping["udp"]["method"].upper()
+        console.print(f"mapped    {', '.join(mapped)} by {method} on the router {mapping['gateway']}")
     rendezvous = status.get("rendezvous")
     if rendezvous:
         state = f"registered, seen from {rendezvous['observed']}" if rendezvous["registered"] else "not registered"

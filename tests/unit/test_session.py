@@ -10,7 +10,7 @@ import pytest
 
 from peerpath import errors
 from peerpath.node.node import Node
-from peerpath.session.connection import Connection, SessionConfig
+from peerpath.session.connection import Connection, Role, SessionConfig
 
 from .conftest import trust_each_other
 
@@ -228,3 +228,26 @@ async def test_keepalives_hold_an_idle_session_open(make_node) -> None:
     await asyncio.sleep(1.5)
     assert conn.is_established
     assert await conn.ping() > 0
+
+
+async def test_both_dialling_at_once_converges_on_the_session_the_lower_address_started(make_node) -> None:
+    for _ in range(5):
+        a, b = await make_node("a"), await make_node("b")
+        trust_each_other(a, b)
+        low, high = sorted((a, b), key=lambda n: n.address.digest)
+        got_low, got_high = await asyncio.gather(
+            low.connect(high.address, high.local_endpoint, timeout=5),
+            high.connect(low.address, low.local_endpoint, timeout=5),
+        )
+        assert got_low.role is Role.INITIATOR  # the lower address keeps the session it started
+        for _ in range(100):
+            kept_low, kept_high = low.connection_to(high.address), high.connection_to(low.address)
+            if kept_high is not None and kept_high.role is Role.RESPONDER:
+                break
+            await asyncio.sleep(0.01)
+        # Both ends now hand out the two ends of one session, and it works both ways.
+        assert kept_low is got_low and kept_high is not None and kept_high.role is Role.RESPONDER
+        assert await kept_low.ping() > 0 and await kept_high.ping() > 0
+        # The duplicate the higher address started is closed unless it was already handed out.
+        if got_high.role is Role.RESPONDER:
+            assert len(low.connections) == len(high.connections) == 1

@@ -468,11 +468,20 @@ class Node:
         return [c for c in self._connections if not c.closed.done()]
 
     def connection_to(self, address: Address) -> Connection | None:
-        """The established session with ``address``, if any."""
-        for conn in self._connections:
-            if conn.peer == address and conn.is_established:
-                return conn
-        return None
+        """The established session with ``address``, if any. When both nodes dialled each
+        other at once there are two; the one the lower address started is preferred, by
+        both ends alike."""
+        sessions = [c for c in self._connections if c.peer == address and c.is_established]
+        if not sessions:
+            return None
+        return min(sessions, key=lambda c: not self._canonical(c))
+
+    def _canonical(self, conn: Connection) -> bool:
+        """Whether ``conn`` is the one to keep of two sessions between the same two nodes."""
+        if conn.peer is None:
+            return False
+        started_by = self.address if conn.role is Role.INITIATOR else conn.peer
+        return started_by.digest == min(self.address.digest, conn.peer.digest)
 
     async def connect(
         self, address: Address | str, via: tuple[str, int] | None = None, *, timeout: float | None = None
@@ -523,6 +532,13 @@ class Node:
         except BaseException:
             await conn.close("connect failed", timeout=0.2)
             raise
+        preferred = self.connection_to(peer)
+        if preferred is not None and preferred is not conn:
+            # The peer dialled us at the same moment and its session is the one both ends
+            # keep: ours was never handed out, so it goes quietly.
+            log.info("session with %s: both dialled at once; keeping the one %s started", peer, peer)
+            await conn.close("duplicate session")
+            return preferred
         log.info("session with %s over %s", peer, conn.path and conn.path.describe())
         if via is None and self.direct_paths:
             self.direct.watch(conn, initiator=True)
