@@ -173,3 +173,23 @@ async def test_a_new_session_proves_the_released_link_again_instead_of_reconnect
     await until(lambda: again.path is not None and again.path.kind is PathKind.DIRECT_TCP)
     assert a.tcp.links == links and a.tcp.counters["connected"] + b.tcp.counters["connected"] == opened
     assert await again.request(b"hello", timeout=5) == b"olleh"
+
+
+async def test_birthday_rounds_beyond_the_limit_punch_normally(make_node, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from peerpath.node import direct
+    from peerpath.session.pathset import clock
+
+    node = await make_node("a")
+    opened = []
+    monkeypatch.setattr(node, "_extra_socket", lambda: opened.append(1) or node._socket)
+    monkeypatch.setattr(direct, "SPRAY_SOCKETS", 3)
+    monkeypatch.setattr(direct, "LINGER", 0.01)
+    conn = SimpleNamespace(closed=asyncio.get_running_loop().create_future(), peer=None)
+    node.direct._birthdays = direct.MAX_BIRTHDAY_ROUNDS
+    await node.direct._punch(conn, os.urandom(32), [], clock() - 10, "spray", "127.0.0.1:9")
+    assert opened == [] and node.direct._birthdays == direct.MAX_BIRTHDAY_ROUNDS
+    node.direct._birthdays = 0
+    await node.direct._punch(conn, os.urandom(32), [], clock() - 10, "spray", "127.0.0.1:9")
+    assert len(opened) == 3 and node.direct._birthdays == 0

@@ -102,3 +102,10 @@ def test_symmetric_against_port_restricted_needs_more_than_checks() -> None:
     a, b = run(Nat("198.51.100.1", restricted=True), Nat("198.51.100.2", restricted=True, symmetric=True))
     assert not a.validated and not b.validated
     assert a.done and b.done
+
+
+def test_a_round_without_candidates_still_ends_on_time() -> None:
+    puncher = Puncher(os.urandom(32), [], start=10.0, duration=2.0)
+    assert not puncher.done and puncher.next_time() is not None and puncher.next_time() > 12.0  # type: ignore[operator]
+    assert puncher.datagrams_to_send(11.0) == [] and not puncher.done
+    assert puncher.datagrams_to_send(12.5) == [] and puncher.done and puncher.next_time() is None

@@ -56,13 +56,17 @@ class Puncher:
         """When :meth:`datagrams_to_send` next has something (None: nothing more to send)."""
         if self._outbox:
             return float("-inf")  # responses and triggered checks go at once
-        if self.done or not self.candidates:
+        if self.done:
             return None
+        if not self.candidates:
+            return self.start + self.duration + self.interval  # nothing to check: wake when it ends
         return self._next
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
         """Checks (and responses) due at ``now``: every interval, one check to each candidate."""
         out, self._outbox = self._outbox, []
+        if not self.candidates:
+            self._next = max(self._next, now)  # the round's time passes all the same
         while not self.done and self.candidates and self._next <= now:
             if self.per_tick is None:
                 targets = self.candidates

@@ -73,6 +73,9 @@ class _Go(msgspec.Struct, frozen=True):
 SPRAY_SOCKETS = 256
 SCAN_PORTS = 1024
 BIRTHDAY_DURATION = 4.0
+#: Birthday rounds one node runs at once (a spray holds SPRAY_SOCKETS descriptors); a round
+#: over the limit punches normally this time and tries again with the next round.
+MAX_BIRTHDAY_ROUNDS = 2
 BOTH_HARD = "both NATs map per destination with random ports; no direct path is likely"
 #: Seconds a TCP round keeps trying (the kernel resends an unanswered SYN after 1 and 3 s).
 TCP_DURATION = 6.0
@@ -120,6 +123,7 @@ class DirectPaths:
         #: TCP is tried when either side finds UDP blocked, or after a round failed over UDP.
         self.transports = {"udp", "tcp"}
         self.counters = {"rounds": 0, "rounds_direct": 0, "checks_sent": 0, "tcp_rounds": 0, "tcp_paths": 0}
+        self._birthdays = 0
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -263,6 +267,11 @@ class DirectPaths:
         rounds: list[tuple[Puncher, Any]] = [(Puncher(key, candidates, start), main)]
         extra: list[Any] = []
         target = _parse(peer_reflexive) if peer_reflexive else None
+        if mode != "normal" and self._birthdays >= MAX_BIRTHDAY_ROUNDS:
+            log.debug("birthday round with %s deferred: %d under way", conn.peer, self._birthdays)
+            mode = "normal"
+        birthday = mode != "normal" and target is not None
+        self._birthdays += birthday
         if mode == "spray" and target is not None:
             # Many mappings on our hard NAT, all toward the peer's one reflexive address.
             for _ in range(SPRAY_SOCKETS):
@@ -305,6 +314,7 @@ class DirectPaths:
             self.counters["checks_sent"] += sum(p.checks_sent for p, _ in rounds)
             return any(p.validated for p, _ in rounds)
         finally:
+            self._birthdays -= birthday
             for puncher, _ in rounds:
                 self._active.pop(puncher, None)
             for sock in extra:
