@@ -85,6 +85,7 @@ async def _measure_path(conn, total: int) -> dict[str, float]:  # type: ignore[n
 async def drive(state: str, relay_state: str, url: str, peer: str, tries: int, total: int) -> dict[str, object]:
     """The near end: ``tries`` fresh sessions, then path measurements direct and relayed."""
     first_byte, to_direct, kinds = [], [], []
+    first_direct: float | None = None
     async with Node.start(state, rendezvous=url) as node:
         assert node.rendezvous is not None
         await node.rendezvous.wait_registered(20)
@@ -100,6 +101,8 @@ async def drive(state: str, relay_state: str, url: str, peer: str, tries: int, t
                 await asyncio.sleep(0.01)
             if conn.path is not None and conn.path.kind is not PathKind.RELAY:
                 to_direct.append(time.perf_counter() - start)
+                if len(first_byte) == 1:
+                    first_direct = to_direct[0]
                 kinds.append(conn.path.kind.value)
                 if direct_measure is None:
                     direct_measure = await _measure_path(conn, total)
@@ -116,6 +119,8 @@ async def drive(state: str, relay_state: str, url: str, peer: str, tries: int, t
         "direct_kinds": sorted(set(kinds)),
         "connect_to_first_byte_ms": round(statistics.median(first_byte) * 1000, 1),
         "connect_to_direct_ms": round(statistics.median(to_direct) * 1000, 1) if to_direct else None,
+        # The first try meets cold NATs; later tries reuse the mappings it left (same sockets).
+        "first_try_to_direct_ms": round(first_direct * 1000, 1) if first_direct is not None else None,
         "direct_path": direct_measure,
         "relay_path": relay_measure,
     }

@@ -40,6 +40,8 @@ ROUND_BACKOFF = (0.5, 2.0, 5.0, 15.0, 30.0)
 PROBE_INTERVAL = 1.0
 #: After a round ends, keep answering the peer's checks this long.
 LINGER = 2.0
+#: Seconds a round waits for the mapping hint before punching without it.
+NAT_WAIT = 1.0
 
 
 class _Offer(msgspec.Struct, frozen=True):
@@ -58,6 +60,8 @@ class _Answer(msgspec.Struct, frozen=True):
     hard: bool = False
     tcp: list[str] = msgspec.field(default_factory=list)
     udp: bool = True
+    #: Seconds the responder held the answer back (its netcheck), not part of the round trip.
+    held: float = 0.0
 
 
 class _Go(msgspec.Struct, frozen=True):
@@ -179,7 +183,10 @@ class DirectPaths:
     def _hard(self) -> bool:
         """Whether our NAT maps per destination (and no port mapping on the router undoes it)."""
         nat = self.node.nat or {}
-        hard = nat.get("mapping") in ("address-dependent", "address-and-port-dependent")
+        if nat.get("mapping"):
+            hard = nat["mapping"] in ("address-dependent", "address-and-port-dependent")
+        else:
+            hard = self.node.mapping_hint == "endpoint-dependent"
         return hard and self._mapped() is None
 
     def _reflexive(self) -> str | None:
@@ -201,15 +208,24 @@ class DirectPaths:
     def _tcp_candidates(self) -> list[str]:
         return self.node.tcp_candidates() if "tcp" in self.transports else []
 
+    async def _nat_known(self) -> None:
+        """Wait (briefly) for the mapping hint when UDP evidently works and its second STUN
+        answer is on the way: whether our NAT is hard decides the mode. (The session is
+        already moving data over the relay; a node whose UDP is blocked does not wait.)"""
+        task = self.node._reflexive_task
+        if task is not None and not task.done() and self.node.reflexive is not None:
+            await asyncio.wait({task}, timeout=NAT_WAIT)
+
     async def _round(self, conn: Connection, failures: int = 0) -> bool:
+        await self._nat_known()
         key = os.urandom(punch.KEY_BYTES)
         offer = _Offer(
             key, self._udp_candidates(), self._reflexive(), self._hard(), self._tcp_candidates(), self._udp_works()
         )
         start = clock()
         reply = await conn.request(msgspec.msgpack.encode(offer), timeout=5, _topic="punch-offer")
-        rtt = clock() - start
         answer = msgspec.msgpack.decode(reply, type=_Answer)
+        rtt = max(0.0, clock() - start - min(answer.held, NAT_WAIT))
         # TCP when UDP is out of the question for either side, or did not work last time.
         tcp = bool(offer.tcp and answer.tcp) and (not offer.udp or not answer.udp or failures > 0)
         await conn.send(msgspec.msgpack.encode(_Go(tcp)), _topic="punch-go")
@@ -233,8 +249,15 @@ class DirectPaths:
         """The responder's side of a round."""
         if topic == "punch-offer":
             offer = msgspec.msgpack.decode(data, type=_Offer)
+            arrived = clock()
+            await self._nat_known()
             answer = _Answer(
-                self._udp_candidates(), self._reflexive(), self._hard(), self._tcp_candidates(), self._udp_works()
+                self._udp_candidates(),
+                self._reflexive(),
+                self._hard(),
+                self._tcp_candidates(),
+                self._udp_works(),
+                held=clock() - arrived,
             )
             self._offers[conn] = (offer, answer)
             return msgspec.msgpack.encode(answer)

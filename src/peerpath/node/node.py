@@ -163,6 +163,9 @@ class Node:
         self.nat: dict[str, Any] | None = None
         self._nat_checked = -1e9
         self._nat_task: asyncio.Task[None] | None = None
+        self._reflexive_task: asyncio.Task[None] | None = None
+        #: Mapping behaviour from two STUN answers on the node's own socket (before netcheck).
+        self.mapping_hint: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -215,18 +218,27 @@ class Node:
         if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
             self._nat_task = loop.create_task(self._check_nat(list(registered.stun)))
         if registered.stun:
-            self.direct._spawn(self._learn_reflexive(registered.stun[0]))
+            self._reflexive_task = loop.create_task(self._learn_reflexive(list(registered.stun)))
 
-    async def _learn_reflexive(self, stun: str) -> None:
-        """The address the server's STUN port sees this node's socket at: a punch candidate."""
+    async def _stun_mapped(self, stun: str) -> tuple[str, int] | None:
         host, _, port = stun.rpartition(":")
         try:
             response = await self._stun.request(TransportAddress(host.strip("[]"), int(port)), timeout=2.0, rto=0.2)
         except ValueError:
-            return
+            return None
         mapped = response.message.mapped_address if response is not None else None
-        if mapped is not None:
-            self.reflexive = (mapped.host, mapped.port)
+        return (mapped.host, mapped.port) if mapped is not None else None
+
+    async def _learn_reflexive(self, stun: list[str]) -> None:
+        """The address the server's STUN port sees this node's socket at (a punch candidate),
+        then the one its second address sees: the same port means the NAT maps independently
+        of the destination (RFC 5780 mapping test II), a first hint of how to punch that
+        arrives well before the full netcheck."""
+        self.reflexive = await self._stun_mapped(stun[0]) or self.reflexive
+        if self.reflexive is not None and len(stun) > 1:
+            other = await self._stun_mapped(stun[1])
+            if other is not None:
+                self.mapping_hint = "endpoint-independent" if other == self.reflexive else "endpoint-dependent"
 
     async def _check_nat(self, stun: list[str]) -> None:
         try:
@@ -343,7 +355,7 @@ class Node:
         for task in self._connecting.values():
             task.cancel()
         await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
-        for background in (self._home_task, self._nat_task):
+        for background in (self._home_task, self._nat_task, self._reflexive_task):
             if background is not None:
                 background.cancel()
         await self.direct.close()
