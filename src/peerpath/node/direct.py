@@ -87,8 +87,6 @@ TCP_DURATION = 6.0
 TCP_IDLE = 30.0
 #: TCP candidates tried per round, at most.
 MAX_TCP_CANDIDATES = 8
-#: What a probe answer sent back over the relay names as the check's source (it has none).
-RELAY_OBSERVED = ("0.0.0.0", 0)
 
 
 def _mode(mine_hard: bool, theirs_hard: bool) -> str:
@@ -160,7 +158,7 @@ class DirectPaths:
         while not conn.closed.done():
             path = conn.path
             on_relay = path is not None and path.kind is PathKind.RELAY
-            if initiator and on_relay and conn.is_established and not self._set_aside(conn):
+            if initiator and on_relay and conn.is_established:
                 try:
                     direct = await self._round(conn, failures)
                 except (errors.PeerpathError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
@@ -178,16 +176,6 @@ class DirectPaths:
         self._offers.pop(conn, None)
         for sock in self._kept.pop(conn, []):
             sock.close()
-
-    @staticmethod
-    def _set_aside(conn: Connection) -> bool:
-        """Whether the session is on the relay because its direct path, alive, is clearly
-        worse: a new round would only find that path again."""
-        now = clock()
-        return any(
-            p.degraded is not None and now - (p.last_received or p.created) <= conn.paths.stale_after
-            for p in conn.paths.paths.values()
-        )
 
     def _mapped(self) -> Addr | None:
         return self.node.portmap.usable(self.node.portmap.udp)
@@ -381,7 +369,8 @@ class DirectPaths:
             return
         now = clock()
         for path in list(conn.paths.paths.values()):
-            # The relay path is probed too: its RTT is what a direct path is measured against.
+            if path.kind is PathKind.RELAY:
+                continue
             if path.kind is PathKind.DIRECT_TCP and now - (path.last_received or path.created) > TCP_IDLE:
                 for link in list(self.node.tcp.links):
                     if link.conn is conn and link.name == path.remote:
@@ -391,8 +380,8 @@ class DirectPaths:
             self._probes[tid] = (conn, path)
             if len(self._probes) > 4096:
                 self._probes.pop(next(iter(self._probes)))
-            path.probe_sent(tid, now)
-            path.send_datagram(punch.encode_check(key, tid))  # from the socket, link or relay the path uses
+            path.probes_sent += 1
+            path.send_datagram(punch.encode_check(key, tid))  # from the socket or link the path uses
 
     def _probe_answered(self, tid: bytes, kind: PathKind, remote: str) -> None:
         probe = self._probes.get(tid)
@@ -401,23 +390,8 @@ class DirectPaths:
         conn, path = probe
         if path.kind is kind and path.remote == remote:
             del self._probes[tid]
-            conn.paths.probe_answered(path, tid, clock())
-
-    def on_relay_check(self, data: bytes, source: bytes, reply: Any, relay: str) -> None:
-        """A check or probe answer that came over a relay from the peer whose address digest
-        is ``source``: answered back through ``reply`` (the relay's send), or counted."""
-        for conn, key in list(self._keys.items()):
-            if conn.peer is None or conn.peer.digest != source:
-                continue
-            try:
-                kind, tid, _ = punch.parse(key, data)
-            except punch.CheckError:
-                continue
-            if kind == punch.CHECK:
-                reply(punch.encode_response(key, tid, RELAY_OBSERVED))
-            else:
-                self._probe_answered(tid, PathKind.RELAY, relay)
-            return
+            path.probes_answered += 1
+            conn.paths.received(path, 0, clock())
 
     def on_check(self, data: bytes, source: Addr, via: Any) -> None:
         """A check-range datagram arrived on ``via`` (the node's socket, or a round's extra one)."""
