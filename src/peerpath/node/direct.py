@@ -60,7 +60,8 @@ class _Answer(msgspec.Struct, frozen=True):
     hard: bool = False
     tcp: list[str] = msgspec.field(default_factory=list)
     udp: bool = True
-    #: Seconds the responder held the answer back (its netcheck), not part of the round trip.
+    #: Seconds the responder held the answer back (waiting for its mapping hint), not part
+    #: of the round trip.
     held: float = 0.0
 
 

@@ -218,6 +218,8 @@ class Node:
         if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
             self._nat_task = loop.create_task(self._check_nat(list(registered.stun)))
         if registered.stun:
+            if self._reflexive_task is not None:
+                self._reflexive_task.cancel()  # a re-registration's answers replace the last ones
             self._reflexive_task = loop.create_task(self._learn_reflexive(list(registered.stun)))
 
     async def _stun_mapped(self, stun: str) -> tuple[str, int] | None:
