@@ -576,9 +576,15 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
     for session in status["sessions"]:
         for path in session.get("paths", []):
             heard = f"heard {path['heard_s_ago']} s ago" if path["heard_s_ago"] is not None else "not heard yet"
+            rtt = f", rtt {path['rtt_ms']} ms" if path.get("rtt_ms") is not None else ""
             loss = f", probe loss {path['loss']:.0%}" if path["loss"] is not None else ""
+            if path.get("recent_loss") is not None:
+                loss += f" (recent {path['recent_loss']:.0%})"
+            aside = f"; set aside: {path['degraded']}" if path.get("degraded") else ""
             sent, received = _bytes(path["bytes_sent"]), _bytes(path["bytes_received"])
-            console.print(f"  {path['path']}: up {path['age_s']} s, {heard}, {sent} out / {received} in{loss}")
+            console.print(
+                f"  {path['path']}: up {path['age_s']} s, {heard}{rtt}, {sent} out / {received} in{loss}{aside}"
+            )
         if session.get("relay_reason"):
             console.print(f"{session['peer']} stays on the relay: {session['relay_reason']}")
 

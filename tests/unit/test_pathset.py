@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from peerpath.session.pathset import Path, PathKind, PathSet
 
 
@@ -59,3 +61,157 @@ def test_direct_path_that_goes_silent_hands_over_to_the_relay_and_comes_back() -
     assert paths.current is relay  # 3.5 s of silence: the relay takes over
     paths.received(direct, 100, now=20.0)  # heard from again (checks or QUIC)
     assert paths.current is direct
+
+
+def probe(paths: PathSet, p: Path, now: float, rtt: float | None) -> None:
+    """One probe on ``p`` at ``now``, answered ``rtt`` later (None: lost)."""
+    tid = f"{p.remote}-{now}".encode()
+    p.probe_sent(tid, now)
+    if rtt is not None:
+        paths.probe_answered(p, tid, now + rtt)
+
+
+def test_probe_round_trips_are_smoothed_as_rfc_6298_says() -> None:
+    paths = PathSet()
+    direct = paths.add(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []))
+    probe(paths, direct, 1.0, 0.100)
+    assert direct.srtt == pytest.approx(0.100) and direct.rttvar == pytest.approx(0.050)
+    probe(paths, direct, 2.0, 0.020)
+    assert direct.rttvar == pytest.approx(0.75 * 0.050 + 0.25 * 0.080)
+    assert direct.srtt == pytest.approx(0.875 * 0.100 + 0.125 * 0.020)
+    # An unknown or duplicate answer is no sample.
+    assert paths.probe_answered(direct, b"never sent", 3.0) is None
+    quality = direct.quality(3.0)
+    assert quality["rtt_ms"] == round(direct.srtt * 1000, 2) and quality["loss"] == 0.0
+
+
+def test_unanswered_probes_count_as_recent_loss_once_they_time_out() -> None:
+    paths = PathSet()
+    direct = paths.add(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []))
+    for t in range(10):
+        probe(paths, direct, float(t), 0.01 if t % 2 else None)
+    # Nine outcomes so far (the probe sent at 8.0 is not overdue yet): no verdict on a few.
+    assert direct.recent_loss(9.5) is None and direct.quality(9.5)["recent_loss"] is None
+    assert direct.recent_loss(10.5) == 0.5
+    assert direct.quality(10.5)["recent_loss"] == 0.5
+
+
+def test_probes_lost_just_after_validation_are_not_held_against_the_path() -> None:
+    """The peer may not have the round's key yet when the first probes arrive."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(3):
+        probe(paths, relay, float(t), 0.010)
+        probe(paths, direct, float(t), None)  # within the grace period
+        paths.received(direct, 1200, now=t + 0.1)  # QUIC traffic keeps it alive
+    for t in range(3, 13):
+        probe(paths, relay, float(t), 0.010)
+        probe(paths, direct, float(t), 0.005 if t % 4 else None)  # 3 of 10 lost
+        paths.tick(t + 0.5)
+    assert direct.recent_loss(14.5) == 0.3
+    assert paths.current is direct and direct.degraded is None
+
+
+def test_a_lossy_direct_path_is_set_aside_for_the_relay_without_flapping() -> None:
+    changes: list[str] = []
+    paths = PathSet(on_change=lambda old, new: changes.append(new.kind.value), hold_down=30.0)
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    assert paths.current is direct
+    # 70 % of probes lost for a minute: a few seconds to tell, then it stays on the relay.
+    aside_at: int | None = None
+    for t in range(60):
+        now = float(t)
+        probe(paths, relay, now, 0.010)
+        probe(paths, direct, now, 0.005 if t % 10 in (0, 4, 7) else None)
+        paths.tick(now + 0.5)
+        if aside_at is None and direct.degraded is not None:
+            aside_at, moves = t, len(changes)
+    assert aside_at is not None and aside_at <= 16, aside_at  # a full window of outcomes
+    assert "lost" in str(direct.degraded)
+    assert paths.current is relay and len(changes) == moves  # no move after it was set aside
+    # The loss ends: back to direct once the hold-down is over and the record is clean.
+    for t in range(60, 100):
+        now = float(t)
+        probe(paths, relay, now, 0.010)
+        probe(paths, direct, now, 0.005)
+        paths.tick(now + 0.5)
+        if paths.current is direct:
+            break
+    assert paths.current is direct and direct.degraded is None
+    assert 65 <= t < 75, t  # most of the window clean again
+    assert len(changes) == moves + 1
+
+
+def test_a_direct_path_much_slower_than_the_relay_is_set_aside() -> None:
+    paths = PathSet(hold_down=10.0)
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(10):
+        probe(paths, relay, float(t), 0.020)
+        probe(paths, direct, float(t), 0.300)  # around the world, while the relay is near
+        paths.tick(t + 0.5)
+    assert paths.current is relay and "rtt" in str(direct.degraded)
+    # A somewhat slower direct path is not "clearly worse": it is kept.
+    other = PathSet()
+    relay2 = other.add(path(PathKind.RELAY, "relay-1", []))
+    direct2 = other.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(10):
+        probe(other, relay2, float(t), 0.020)
+        probe(other, direct2, float(t), 0.045)
+        other.tick(t + 0.5)
+    assert other.current is direct2 and direct2.degraded is None
+
+
+def test_a_path_back_from_silence_is_taken_at_once() -> None:
+    """A cut path that comes back is not held down for the probes lost while it was cut."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(1, 12):
+        probe(paths, direct, float(t), None)  # cut
+        paths.tick(t + 0.5)
+    assert paths.current is relay
+    probe(paths, direct, 12.0, 0.005)  # restored
+    paths.tick(12.5)
+    assert paths.current is direct and direct.degraded is None
+
+
+def test_without_a_relay_a_bad_direct_path_is_still_used() -> None:
+    paths = PathSet()
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(10):
+        probe(paths, direct, float(t), 0.01 if t % 3 == 0 else None)
+        paths.tick(t + 0.5)
+    assert paths.current is direct and direct.degraded is None
+
+
+def test_a_path_lossy_before_it_went_silent_keeps_its_losses() -> None:
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(3, 16):  # lossy (3 of 6 lost), then silent from 9 s on
+        probe(paths, direct, float(t), 0.005 if t in (3, 5, 8) else None)
+        if t < 9:
+            paths.received(direct, 1200, now=t + 0.1)  # QUIC traffic until the silence
+        paths.tick(t + 0.5)
+        assert direct.degraded is None  # too few outcomes while heard, then silent: no verdict
+    assert paths.current is relay
+    probe(paths, direct, 16.0, 0.005)  # back after a silence, but it was bad before it too
+    paths.tick(16.5)
+    assert paths.current is relay and direct.degraded is not None
+
+
+def test_a_loaded_path_is_judged_by_its_base_rtt_not_its_queue() -> None:
+    """A bulk transfer queues behind itself on the direct path while the relay idles: the
+    lowest recent sample, not the smoothed RTT, is what is compared."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(10):
+        probe(paths, relay, float(t), 0.030)
+        probe(paths, direct, float(t), 0.010 if t % 5 == 0 else 0.250)
+        paths.tick(t + 0.5)
+    assert direct.srtt is not None and direct.srtt > 2 * 0.030 + 0.020
+    assert paths.current is direct and direct.degraded is None

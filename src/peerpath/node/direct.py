@@ -88,6 +88,10 @@ TCP_DURATION = 6.0
 TCP_IDLE = 30.0
 #: TCP candidates tried per round, at most.
 MAX_TCP_CANDIDATES = 8
+#: Round keys remembered per session, for answering checks and probes.
+ROUND_KEYS = 4
+#: What a probe answer sent back over the relay names as the check's source (it has none).
+RELAY_OBSERVED = ("0.0.0.0", 0)
 
 
 def _mode(mine_hard: bool, theirs_hard: bool) -> str:
@@ -113,7 +117,12 @@ class DirectPaths:
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        #: The key each session's probes are sent under: its latest round that found a path.
         self._keys: dict[Connection, bytes] = {}
+        #: Keys of each session's recent rounds, newest last: checks and probes under any of
+        #: them are answered, so a probe never goes unanswered because the two sides have not
+        #: yet agreed which round's key is current.
+        self._round_keys: dict[Connection, list[bytes]] = {}
         self._offers: dict[Connection, tuple[_Offer, _Answer]] = {}
         self._active: dict[Puncher, tuple[Connection, asyncio.Event, Any]] = {}
         self._probes: dict[bytes, tuple[Connection, Path]] = {}
@@ -159,7 +168,7 @@ class DirectPaths:
         while not conn.closed.done():
             path = conn.path
             on_relay = path is not None and path.kind is PathKind.RELAY
-            if initiator and on_relay and conn.is_established:
+            if initiator and on_relay and conn.is_established and not self._set_aside(conn):
                 try:
                     direct = await self._round(conn, failures)
                 except (errors.PeerpathError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
@@ -174,9 +183,20 @@ class DirectPaths:
                 next_probe = clock() + PROBE_INTERVAL
             await asyncio.sleep(min(PROBE_INTERVAL, 0.5))
         self._keys.pop(conn, None)
+        self._round_keys.pop(conn, None)
         self._offers.pop(conn, None)
         for sock in self._kept.pop(conn, []):
             sock.close()
+
+    @staticmethod
+    def _set_aside(conn: Connection) -> bool:
+        """Whether the session is on the relay because its direct path, alive, is clearly
+        worse: a new round would only find that path again."""
+        now = clock()
+        return any(
+            p.degraded is not None and now - (p.last_received or p.created) <= conn.paths.stale_after
+            for p in conn.paths.paths.values()
+        )
 
     def _mapped(self) -> Addr | None:
         return self.node.portmap.usable(self.node.portmap.udp)
@@ -220,6 +240,7 @@ class DirectPaths:
     async def _round(self, conn: Connection, failures: int = 0) -> bool:
         await self._nat_known()
         key = os.urandom(punch.KEY_BYTES)
+        self._remember(conn, key)
         offer = _Offer(
             key, self._udp_candidates(), self._reflexive(), self._hard(), self._tcp_candidates(), self._udp_works()
         )
@@ -250,6 +271,7 @@ class DirectPaths:
         """The responder's side of a round."""
         if topic == "punch-offer":
             offer = msgspec.msgpack.decode(data, type=_Offer)
+            self._remember(conn, offer.key)
             arrived = clock()
             await self._nat_known()
             answer = _Answer(
@@ -347,6 +369,15 @@ class DirectPaths:
                 else:
                     self._kept.setdefault(conn, []).append(sock)
 
+    def _remember(self, conn: Connection, key: bytes) -> None:
+        keys = self._round_keys.setdefault(conn, [])
+        keys.append(key)
+        del keys[:-ROUND_KEYS]
+
+    def _session_keys(self) -> list[tuple[Connection, bytes]]:
+        """Every live session's round keys, the newest first."""
+        return [(c, k) for c, keys in self._round_keys.items() if not c.closed.done() for k in reversed(keys)]
+
     def _explain(self, conn: Connection, reason: str) -> None:
         if conn.relay_reason != reason:
             conn.relay_reason = reason
@@ -370,8 +401,7 @@ class DirectPaths:
             return
         now = clock()
         for path in list(conn.paths.paths.values()):
-            if path.kind is PathKind.RELAY:
-                continue
+            # The relay path is probed too: its RTT is what a direct path is measured against.
             if path.kind is PathKind.DIRECT_TCP and now - (path.last_received or path.created) > TCP_IDLE:
                 for link in list(self.node.tcp.links):
                     if link.conn is conn and link.name == path.remote:
@@ -381,8 +411,8 @@ class DirectPaths:
             self._probes[tid] = (conn, path)
             if len(self._probes) > 4096:
                 self._probes.pop(next(iter(self._probes)))
-            path.probes_sent += 1
-            path.send_datagram(punch.encode_check(key, tid))  # from the socket or link the path uses
+            path.probe_sent(tid, now)
+            path.send_datagram(punch.encode_check(key, tid))  # from the socket, link or relay the path uses
 
     def _probe_answered(self, tid: bytes, kind: PathKind, remote: str) -> None:
         probe = self._probes.get(tid)
@@ -391,8 +421,23 @@ class DirectPaths:
         conn, path = probe
         if path.kind is kind and path.remote == remote:
             del self._probes[tid]
-            path.probes_answered += 1
-            conn.paths.received(path, 0, clock())
+            conn.paths.probe_answered(path, tid, clock())
+
+    def on_relay_check(self, data: bytes, source: bytes, reply: Any, relay: str) -> None:
+        """A check or probe answer that came over a relay from the peer whose address digest
+        is ``source``: answered back through ``reply`` (the relay's send), or counted."""
+        for conn, key in self._session_keys():
+            if conn.peer is None or conn.peer.digest != source:
+                continue
+            try:
+                kind, tid, _ = punch.parse(key, data)
+            except punch.CheckError:
+                continue
+            if kind == punch.CHECK:
+                reply(punch.encode_response(key, tid, RELAY_OBSERVED))
+            else:
+                self._probe_answered(tid, PathKind.RELAY, relay)
+            return
 
     def on_check(self, data: bytes, source: Addr, via: Any) -> None:
         """A check-range datagram arrived on ``via`` (the node's socket, or a round's extra one)."""
@@ -400,7 +445,7 @@ class DirectPaths:
             if sock is via and puncher.receive(data, source):
                 wake.set()
                 return
-        for key in list(self._keys.values()):
+        for _, key in self._session_keys():
             try:
                 kind, tid, _ = punch.parse(key, data)
             except punch.CheckError:
@@ -456,10 +501,11 @@ class DirectPaths:
     def on_tcp_check(self, link: TcpLink, data: bytes) -> None:
         """A check-range frame on a TCP link: answer the peer's checks, validate ours."""
         if link.conn is not None and link.key is not None and not link.conn.closed.done():
-            owners = [(link.conn, link.key)]
+            keys = [link.key] + [k for k in reversed(self._round_keys.get(link.conn, [])) if k != link.key]
+            owners = [(link.conn, k) for k in keys]
         else:
             owners = [(c, k) for k, (c, _) in reversed(self._tcp_rounds.items())]
-            owners += [(c, k) for c, k in self._keys.items()]
+            owners += self._session_keys()
         for conn, key in owners:
             try:
                 kind, tid, _ = punch.parse(key, data)

@@ -671,6 +671,10 @@ class Node:
         return NetPath(PathKind.DIRECT_TCP, link.name, link.send, created=clock())
 
     def _relay_received(self, client: RendezvousClient, source: bytes, data: bytes) -> None:
+        if is_check(data):  # the peer probing the relay path (its RTT is the yardstick)
+            reply = functools.partial(client.send_relay, source)
+            self.direct.on_relay_check(data, source, reply, client.url.endpoint)
+            return
         self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source))
 
     def _demux(self, data: bytes, key: tuple[PathKind, str], make_path: Callable[[], NetPath]) -> None:

@@ -31,7 +31,7 @@ from peerpath import errors
 from peerpath.certs import certificate_address, self_signed_certificate
 from peerpath.identity import Address, Identity, verify
 from peerpath.session import control
-from peerpath.session.pathset import VIRTUAL_PEER, Path, PathSet
+from peerpath.session.pathset import HOLD_DOWN, VIRTUAL_PEER, Path, PathSet
 from peerpath.session.pathset import clock as _clock
 from peerpath.session.streams import StreamWriter
 
@@ -63,6 +63,9 @@ class SessionConfig:
     max_stream_data: int = 8 * 1024 * 1024
     #: Reply with nothing to a request from a peer whose handler is slower than this.
     handler_timeout: float = 300.0
+    #: A direct path set aside for being clearly worse than the relay stays aside this long
+    #: at least (see :class:`~peerpath.session.pathset.PathSet`).
+    path_hold_down: float = HOLD_DOWN
 
 
 class Services(Protocol):
@@ -141,6 +144,7 @@ class Connection:
         self.role = role
         self.paths = paths
         paths.on_change = self._path_changed
+        paths.hold_down = config.path_hold_down
         self.config = config
         self.peer: Address | None = expected_peer if role is Role.INITIATOR else None
         self._services = services
@@ -347,7 +351,8 @@ class Connection:
 
     def _path_changed(self, old: Path | None, new: Path) -> None:
         if old is not None:
-            log.info("path to %s: %s -> %s", self.peer, old.describe(), new.describe())
+            why = f" ({old.describe()} {old.degraded})" if old.degraded else ""
+            log.info("path to %s: %s -> %s%s", self.peer, old.describe(), new.describe(), why)
         # Datagrams queued for the old path are resent by QUIC's loss recovery; poke it so
         # the first of them goes out on the new path now rather than at the next timer.
         self._schedule_transmit()

@@ -7,6 +7,7 @@ supplies, and time comes in as ``now`` (read from :data:`clock` by the driver).
 
 from __future__ import annotations
 
+import collections
 import enum
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from peerpath.wire.endpoint import format_endpoint, parse_endpoint
 
-__all__ = ["VIRTUAL_PEER", "Path", "PathKind", "PathSet", "clock", "format_endpoint", "parse_endpoint"]
+__all__ = ["HOLD_DOWN", "VIRTUAL_PEER", "Path", "PathKind", "PathSet", "clock", "format_endpoint", "parse_endpoint"]
 
 #: The address QUIC believes its peer has; the real one is the path set's business.
 VIRTUAL_PEER = ("peerpath-peer", 0)
@@ -33,6 +34,28 @@ class PathKind(enum.StrEnum):
 
 _PREFERENCE = {PathKind.DIRECT_UDP: 0, PathKind.DIRECT_TCP: 1, PathKind.RELAY: 2}
 
+#: A probe not answered within this many seconds counts as lost.
+PROBE_TIMEOUT = 2.0
+#: How many of a path's most recent probe outcomes its recent loss is computed over; the
+#: figure counts only once the window is full, so a couple of early losses decide nothing.
+LOSS_WINDOW = 10
+#: Seconds after a path is validated during which its unanswered probes are not held
+#: against it: the peer may not have taken up the round's key yet.
+PROBE_GRACE = 3.0
+#: RTT samples a path needs before its RTT is compared with the relay's.
+RTT_MIN_SAMPLES = 5
+#: A direct path is clearly worse than the relay when it loses this share of its recent
+#: probes, or when its base RTT (see :meth:`Path.base_rtt`; a loaded path's smoothed RTT
+#: includes its queue) exceeds the relay's by this factor plus this slack.
+DEGRADED_LOSS = 0.5
+DEGRADED_RTT_FACTOR = 2.0
+DEGRADED_RTT_SLACK = 0.020
+#: It is good again at no more than this loss and within this factor of the relay's RTT.
+RECOVERED_LOSS = 0.2
+RECOVERED_RTT_FACTOR = 1.25
+#: Seconds a path set aside for its quality stays aside, at least: the session never flaps.
+HOLD_DOWN = 30.0
+
 
 @dataclass(eq=False)
 class Path:
@@ -50,6 +73,21 @@ class Path:
     #: Liveness probes on this path, and how many were answered (direct paths).
     probes_sent: int = 0
     probes_answered: int = 0
+    #: Smoothed round-trip time and its variation from probe samples (RFC 6298 2), seconds.
+    srtt: float | None = None
+    rttvar: float | None = None
+    #: Why the path set keeps this path aside for its quality, and until when at least.
+    degraded: str | None = None
+    held_until: float = 0.0
+    #: Probes sent before this time that go unanswered are not counted as lost.
+    grace_until: float = 0.0
+    _pending: dict[bytes, float] = field(default_factory=dict, repr=False)
+    _outcomes: collections.deque[bool] = field(
+        default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW), repr=False
+    )
+    _samples: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW), repr=False
+    )
 
     @property
     def key(self) -> tuple[PathKind, str]:
@@ -60,15 +98,85 @@ class Path:
         """Human form, e.g. ``direct udp 198.51.100.7:41641``."""
         return f"{self.kind.value} {self.remote}"
 
+    def probe_sent(self, tid: bytes, now: float) -> None:
+        """A liveness probe with transaction id ``tid`` left over this path."""
+        self._expire(now)
+        self.probes_sent += 1
+        self._pending[tid] = now
+        while len(self._pending) > LOSS_WINDOW:  # unanswered long ago: lost
+            self._lost(self._pending.pop(next(iter(self._pending))))
+
+    def probe_answered(self, tid: bytes, now: float) -> float | None:
+        """The answer to probe ``tid`` came back: its round-trip sample, or None if the
+        probe is unknown or already counted lost."""
+        sent = self._pending.pop(tid, None)
+        if sent is None:
+            return None
+        self.probes_answered += 1
+        self._outcomes.append(True)
+        sample = max(0.0, now - sent)
+        self._samples.append(sample)
+        if self.srtt is None or self.rttvar is None:
+            self.srtt, self.rttvar = sample, sample / 2
+        else:  # RFC 6298 2.3: beta 1/4, alpha 1/8
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+            self.srtt = 0.875 * self.srtt + 0.125 * sample
+        return sample
+
+    def _expire(self, now: float) -> None:
+        for tid, sent in list(self._pending.items()):
+            if now - sent <= PROBE_TIMEOUT:
+                break
+            del self._pending[tid]
+            self._lost(sent)
+
+    def _lost(self, sent: float) -> None:
+        if sent >= self.grace_until:
+            self._outcomes.append(False)
+
+    def validated(self, now: float) -> None:
+        """A connectivity check just proved the path: its first probes get a grace period."""
+        self.grace_until = now + PROBE_GRACE
+
+    def revived(self) -> None:
+        """The path answers again after a silence. If it was good until the silence (a cut,
+        not a lossy path), forget the probes lost in the silence itself."""
+        outcomes = list(self._outcomes)
+        while outcomes and not outcomes[-1]:
+            outcomes.pop()
+        if outcomes.count(False) <= RECOVERED_LOSS * len(outcomes):
+            self._outcomes.clear()
+            self._outcomes.extend(outcomes)
+
+    def recent_loss(self, now: float) -> float | None:
+        """The share of the last :data:`LOSS_WINDOW` probes that went unanswered (None
+        until that many have an outcome)."""
+        self._expire(now)
+        if len(self._outcomes) < LOSS_WINDOW:
+            return None
+        return self._outcomes.count(False) / len(self._outcomes)
+
+    def base_rtt(self) -> float | None:
+        """The lowest of the recent RTT samples: the path's own delay, without the queueing
+        that the traffic it carries adds (None until :data:`RTT_MIN_SAMPLES` samples)."""
+        if len(self._samples) < RTT_MIN_SAMPLES:
+            return None
+        return min(self._samples)
+
     def quality(self, now: float) -> dict[str, object]:
-        """Counters, age, when last heard from, and probe loss (None until probed)."""
+        """Counters, age, when last heard from, smoothed probe RTT, and probe loss overall
+        and recently (None until probed)."""
+        recent = self.recent_loss(now)
         return {
             "path": self.describe(),
             "age_s": round(now - self.created, 1),
             "heard_s_ago": round(now - self.last_received, 1) if self.last_received is not None else None,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "rtt_ms": round(self.srtt * 1000, 2) if self.srtt is not None else None,
             "loss": round(1 - self.probes_answered / self.probes_sent, 3) if self.probes_sent else None,
+            "recent_loss": round(recent, 3) if recent is not None else None,
+            "degraded": self.degraded,
         }
 
 
@@ -82,6 +190,8 @@ class PathSet:
     on_change: Callable[[Path | None, Path], None] | None = None
     #: Seconds of silence on the current path before another path of its kind takes over.
     stale_after: float = 3.0
+    #: Seconds a direct path set aside for its quality stays aside, at least.
+    hold_down: float = HOLD_DOWN
 
     def add(self, path: Path) -> Path:
         """Add a path (or return the one already there with the same key)."""
@@ -95,6 +205,8 @@ class PathSet:
 
     def add_validated(self, path: Path, now: float) -> Path:
         """Add a path that a check just proved, and switch to it if it is better."""
+        if path.key not in self.paths:
+            path.validated(now)  # a path found again keeps its record, and no grace
         path = self.add(path)
         path.last_received = now
         self.tick(now)
@@ -102,10 +214,36 @@ class PathSet:
 
     def tick(self, now: float) -> None:
         """Re-evaluate the choice as time passes: a direct path that has gone silent for
-        ``stale_after`` seconds while a relay path exists hands the traffic to the relay."""
+        ``stale_after`` seconds, or whose quality is clearly worse than the relay's, hands
+        the traffic to the relay while a relay path exists."""
+        self._judge(now)
         best = self._best(now)
         if best is not None and best is not self.current:
             self._switch(best)
+
+    def probe_answered(self, path: Path, tid: bytes, now: float) -> float | None:
+        """A liveness probe on ``path`` was answered: the path is alive, and the probe's
+        round trip is a sample of its RTT (returned; None for an unknown probe)."""
+        self.received(path, 0, now)
+        return path.probe_answered(tid, now)
+
+    def _judge(self, now: float) -> None:
+        """Set direct paths that are clearly worse than the relay aside, for ``hold_down``
+        seconds at least, and take them back once they are good again."""
+        relay = next((p for p in self.paths.values() if p.kind is PathKind.RELAY), None)
+        for path in self.paths.values():
+            if path.kind is PathKind.RELAY:
+                continue
+            if relay is None:
+                path.degraded = None  # nothing better to go to
+            elif path.degraded is None:
+                if now - (path.last_received or path.created) > self.stale_after:
+                    continue  # silent, not bad: staleness hands it over, and it comes back at once
+                verdict = _worse(path, relay, now)
+                if verdict is not None:
+                    path.degraded, path.held_until = verdict, now + self.hold_down
+            elif now >= path.held_until and _recovered(path, relay, now):
+                path.degraded = None
 
     def has_kind(self, kind: PathKind) -> bool:
         """Whether a path of ``kind`` is in the set."""
@@ -133,6 +271,8 @@ class PathSet:
     def received(self, path: Path, size: int, now: float) -> None:
         """Account a datagram that arrived over ``path`` (already accepted by QUIC's AEAD)."""
         path = self.add(path)
+        if path.last_received is not None and now - path.last_received > self.stale_after:
+            path.revived()  # back from silence: losses of a mere cut are forgotten
         path.bytes_received += size
         path.datagrams_received += 1
         path.last_received = now
@@ -150,7 +290,8 @@ class PathSet:
             fresh = [
                 p
                 for p in candidates
-                if p.kind is PathKind.RELAY or now - (p.last_received or p.created) <= self.stale_after
+                if p.kind is PathKind.RELAY
+                or (p.degraded is None and now - (p.last_received or p.created) <= self.stale_after)
             ]
             candidates = fresh or candidates
         # Prefer the more direct kind; among equals the one heard from most recently.
@@ -168,3 +309,25 @@ class PathSet:
         old, self.current = self.current, path
         if self.on_change is not None:
             self.on_change(old, path)
+
+
+def _worse(path: Path, relay: Path, now: float) -> str | None:
+    """Why ``path`` is clearly worse than ``relay`` right now, or None."""
+    loss = path.recent_loss(now)
+    if loss is not None and loss >= DEGRADED_LOSS:
+        return f"lost {loss:.0%} of recent probes"
+    mine, theirs = path.base_rtt(), relay.base_rtt()
+    if mine is not None and theirs is not None and mine > theirs * DEGRADED_RTT_FACTOR + DEGRADED_RTT_SLACK:
+        return f"rtt {mine * 1000:.1f} ms against the relay's {theirs * 1000:.1f} ms"
+    return None
+
+
+def _recovered(path: Path, relay: Path, now: float) -> bool:
+    """Whether a path set aside is good again: little recent loss, an RTT near the relay's."""
+    loss = path.recent_loss(now)
+    if loss is None or loss > RECOVERED_LOSS:
+        return False
+    mine, theirs = path.base_rtt(), relay.base_rtt()
+    if mine is None or theirs is None:
+        return True
+    return mine <= theirs * RECOVERED_RTT_FACTOR + DEGRADED_RTT_SLACK
