@@ -14,12 +14,15 @@ import sys
 import time
 
 from peerpath.node.node import Node
-from peerpath.session.connection import Connection
+from peerpath.session.connection import Connection, SessionConfig
+from peerpath.session.pathset import HOLD_DOWN
 
 #: How long (tenths of a second) an exercise waits for a session to go direct.
 WAIT_DIRECT_STEPS = int(os.environ.get("PEERPATH_WAIT_DIRECT", "40"))
 #: Smaller payloads, for slow lossy links.
 SMALL = os.environ.get("PEERPATH_AGENT_SMALL", "0") == "1"
+#: Seconds a direct path set aside for its quality stays aside (SessionConfig.path_hold_down).
+HOLD_DOWN_S = float(os.environ.get("PEERPATH_HOLD_DOWN", str(HOLD_DOWN)))
 #: A recognisable plaintext inside the payloads; it must never show up on the wire.
 MARKER = b"PEERPATH-PLAINTEXT-MARKER-7f3a"
 
@@ -95,9 +98,11 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
 
 
 async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
-    """Requests of 64 KiB back to back for ``seconds``; which path each took, and any loss."""
+    """Requests of 64 KiB back to back for ``seconds``; which path each took, any loss, and
+    why a path was set aside for its quality."""
     conn = await node.connect(address, timeout=20)
     paths: list[str] = []
+    aside: list[str] = []
     sent = ok = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -111,14 +116,18 @@ async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
         path = conn.path.describe() if conn.path else "none"
         if not paths or paths[-1] != path:
             paths.append(path)
+        for p in conn.paths.paths.values():
+            if p.degraded and f"{p.describe()}: {p.degraded}" not in aside:
+                aside.append(f"{p.describe()}: {p.degraded}")
         await asyncio.sleep(0.05)
-    return {"sent": sent, "ok": ok, "paths": paths}
+    return {"sent": sent, "ok": ok, "paths": paths, "aside": aside}
 
 
 async def mesh(state_dir: str, url: str) -> None:
     loop = asyncio.get_running_loop()
     direct = os.environ.get("PEERPATH_AGENT_DIRECT", "1") != "0"
-    async with Node.start(state_dir, rendezvous=url, direct=direct) as node:
+    config = SessionConfig(path_hold_down=HOLD_DOWN_S)
+    async with Node.start(state_dir, rendezvous=url, direct=direct, config=config) as node:
         node.serve(7, echo)
         node.on_message(handle)
         assert node.rendezvous is not None

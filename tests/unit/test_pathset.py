@@ -199,6 +199,7 @@ def test_a_path_lossy_before_it_went_silent_keeps_its_losses() -> None:
         assert direct.degraded is None  # too few outcomes while heard, then silent: no verdict
     assert paths.current is relay
     probe(paths, direct, 16.0, 0.005)  # back after a silence, but it was bad before it too
+    assert paths.current is relay and "fell silent" in str(direct.degraded)  # not even for a moment
     paths.tick(16.5)
     assert paths.current is relay and direct.degraded is not None
 

@@ -7,6 +7,7 @@ supplies, and time comes in as ``now`` (read from :data:`clock` by the driver).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import enum
 import time
@@ -42,6 +43,8 @@ LOSS_WINDOW = 10
 #: Seconds after a path is validated during which its unanswered probes are not held
 #: against it: the peer may not have taken up the round's key yet.
 PROBE_GRACE = 3.0
+#: Probe outcomes before a silence that can tell a lossy path from a cut one.
+SILENT_VERDICT_OUTCOMES = 4
 #: RTT samples a path needs before its RTT is compared with the relay's.
 RTT_MIN_SAMPLES = 5
 #: A direct path is clearly worse than the relay when it loses this share of its recent
@@ -79,12 +82,12 @@ class Path:
     #: Why the path set keeps this path aside for its quality, and until when at least.
     degraded: str | None = None
     held_until: float = 0.0
-    #: Probes sent before this time that go unanswered are not counted as lost.
-    grace_until: float = 0.0
+    #: Probes sent within this interval that go unanswered are not counted as lost: a new
+    #: path's first seconds, or the silence of a good path that was cut and came back.
+    forgiven: tuple[float, float] = (0.0, 0.0)
     _pending: dict[bytes, float] = field(default_factory=dict, repr=False)
-    _outcomes: collections.deque[bool] = field(
-        default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW), repr=False
-    )
+    #: (sent, answered) of the most recent probes with an outcome, in the order they left.
+    _outcomes: list[tuple[float, bool]] = field(default_factory=list, repr=False)
     _samples: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW), repr=False
     )
@@ -113,7 +116,7 @@ class Path:
         if sent is None:
             return None
         self.probes_answered += 1
-        self._outcomes.append(True)
+        self._record(sent, True)
         sample = max(0.0, now - sent)
         self._samples.append(sample)
         if self.srtt is None or self.rttvar is None:
@@ -131,22 +134,35 @@ class Path:
             self._lost(sent)
 
     def _lost(self, sent: float) -> None:
-        if sent >= self.grace_until:
-            self._outcomes.append(False)
+        start, end = self.forgiven
+        if not start <= sent < end:
+            self._record(sent, False)
+
+    def _record(self, sent: float, answered: bool) -> None:
+        bisect.insort(self._outcomes, (sent, answered))
+        del self._outcomes[:-LOSS_WINDOW]
 
     def validated(self, now: float) -> None:
         """A connectivity check just proved the path: its first probes get a grace period."""
-        self.grace_until = now + PROBE_GRACE
+        self.forgiven = (now, now + PROBE_GRACE)
 
-    def revived(self) -> None:
-        """The path answers again after a silence. If it was good until the silence (a cut,
-        not a lossy path), forget the probes lost in the silence itself."""
-        outcomes = list(self._outcomes)
-        while outcomes and not outcomes[-1]:
-            outcomes.pop()
-        if outcomes.count(False) <= RECOVERED_LOSS * len(outcomes):
-            self._outcomes.clear()
-            self._outcomes.extend(outcomes)
+    def revived(self, silent_since: float, now: float) -> str | None:
+        """The path is heard from again at ``now`` after a silence since ``silent_since``.
+
+        If it was good until the silence (a cut, not a lossy path), the probes sent in the
+        silence are forgotten and None is returned. If it lost much of what it carried
+        before it fell silent, say so: a lossy path goes quiet now and then, and must not
+        be taken back each time it speaks."""
+        self._expire(now)
+        before = [answered for sent, answered in self._outcomes if sent <= silent_since]
+        lost = before.count(False)
+        if lost <= RECOVERED_LOSS * len(before):
+            self.forgiven = (silent_since, now)
+            self._outcomes = [(sent, answered) for sent, answered in self._outcomes if sent <= silent_since]
+            return None
+        if len(before) >= SILENT_VERDICT_OUTCOMES and lost >= DEGRADED_LOSS * len(before):
+            return f"lost {lost / len(before):.0%} of its probes, then fell silent"
+        return None
 
     def recent_loss(self, now: float) -> float | None:
         """The share of the last :data:`LOSS_WINDOW` probes that went unanswered (None
@@ -154,7 +170,7 @@ class Path:
         self._expire(now)
         if len(self._outcomes) < LOSS_WINDOW:
             return None
-        return self._outcomes.count(False) / len(self._outcomes)
+        return [answered for _, answered in self._outcomes].count(False) / len(self._outcomes)
 
     def base_rtt(self) -> float | None:
         """The lowest of the recent RTT samples: the path's own delay, without the queueing
@@ -272,7 +288,10 @@ class PathSet:
         """Account a datagram that arrived over ``path`` (already accepted by QUIC's AEAD)."""
         path = self.add(path)
         if path.last_received is not None and now - path.last_received > self.stale_after:
-            path.revived()  # back from silence: losses of a mere cut are forgotten
+            why = path.revived(path.last_received, now)  # a mere cut's losses are forgotten
+            lossy = why is not None and path.kind is not PathKind.RELAY and path.degraded is None
+            if lossy and self.has_kind(PathKind.RELAY):
+                path.degraded, path.held_until = why, now + self.hold_down
         path.bytes_received += size
         path.datagrams_received += 1
         path.last_received = now
