@@ -213,6 +213,8 @@ def _print_netcheck(result: NetcheckResult) -> None:
     table.add_row("filtering", show(result.filtering))
     table.add_row("hairpinning", show(result.hairpinning))
     table.add_row("port preserving", show(result.port_preserving))
+    if result.port_step is not None:
+        table.add_row("port allocation", f"in sequence, step {result.port_step}" if result.port_step else "random")
     table.add_row("took", f"{result.elapsed_s:.2f} s")
     console.print(table)
     console.print(f"\n{result.verdict()}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from peerpath.testing.netlab import Impairment, Lab, Node, every_router_kind
+from peerpath.testing.netlab import Impairment, Lab, NatKind, Node, every_router_kind
 
 from .conftest import SERVER_IPS, run_netcheck, start_peerpath_server
 
@@ -60,6 +60,15 @@ def test_netcheck_classifies_router_kind(hosts: dict[str, Node], name: str) -> N
     if want.udp:
         public = str(result["public_address"])
         assert public.rsplit(":", 1)[0] != hosts[name].ip or not want.nat
+
+
+def test_netcheck_tells_sequential_ports_from_random_ones(lab: Lab, hosts: dict[str, Node]) -> None:
+    sequential = lab.host("h-seq", behind=lab.router("seq", NatKind.SYMMETRIC_SEQUENTIAL))
+    result = run_netcheck(sequential)
+    assert result["mapping"] == APD and result["port_step"] == 1, result  # nothing else uses that router
+    assert "port prediction" in str(result["direct"]), result
+    assert run_netcheck(hosts["symmetric"])["port_step"] == 0
+    assert run_netcheck(hosts["port-restricted"])["port_step"] is None  # one port for every destination
 
 
 def test_udp_blocked_answers_within_its_timeout(hosts: dict[str, Node]) -> None:

@@ -35,6 +35,24 @@ async def test_netcheck_classifies_every_nat_behaviour(mapping: Behaviour, filte
     assert result.hairpinning is False
 
 
+@pytest.mark.parametrize(("mapping", "step"), [(APD, 1), (APD, 3), (AD, 2), (APD, 0)])
+async def test_netcheck_tells_ports_handed_out_in_sequence_from_random_ones(mapping: Behaviour, step: int) -> None:
+    net = network()
+    nat = FakeNat("198.51.100.1", mapping=mapping, port_preserving=False, port_step=step)
+    net.add_nat(nat)
+    result = await netcheck(SERVER, open_socket=FakeHost(net, "10.0.0.2", nat).open_stun_socket)
+    assert result.mapping is mapping and result.port_step == step
+    assert ("in sequence" in result.verdict()) is bool(step)
+
+
+async def test_an_endpoint_independent_nat_has_no_port_step() -> None:
+    net = network()
+    nat = FakeNat("198.51.100.1")
+    net.add_nat(nat)
+    result = await netcheck(SERVER, open_socket=FakeHost(net, "10.0.0.2", nat).open_stun_socket)
+    assert result.port_step is None and result.to_json()["port_step"] is None
+
+
 async def test_netcheck_public_host_reports_no_nat() -> None:
     net = network()
     host = FakeHost(net, "198.51.100.20")

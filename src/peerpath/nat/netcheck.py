@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,10 @@ class NetcheckResult:
     filtering: Behaviour | None = None
     hairpinning: bool | None = None
     port_preserving: bool | None = None
+    #: Behind a NAT that maps per destination: the step between the ports it gave one
+    #: socket toward the server's addresses in turn, when small (ports handed out in
+    #: sequence, so the next one can be predicted); 0 when they look random.
+    port_step: int | None = None
     rtt_ms: float | None = None
     elapsed_s: float = 0.0
     other_address: str | None = None
@@ -74,6 +79,11 @@ class NetcheckResult:
             return "easy NAT: direct UDP likely with most peers (hole punching)"
         if self.mapping is None:
             return "NAT behaviour unknown (the server has one address): direct UDP may work; relay as fallback"
+        if self.port_step:
+            return (
+                f"hard NAT, but its ports come in sequence (step {self.port_step}): direct UDP with peers behind "
+                "easy NATs through port prediction; needs a relay with peers behind hard NATs"
+            )
         return (
             "hard NAT (mapping depends on the destination): direct UDP with peers behind easy NATs "
             "through port probing; needs a relay with peers behind the same kind of NAT"
@@ -218,7 +228,23 @@ async def _mapping_tests(result: NetcheckResult, sock: StunTransport, server: Ad
     rtts.append(third.rtt)
     mapped3 = third.message.mapped_address
     result.mapping = Behaviour.ADDRESS_DEPENDENT if mapped3 == mapped2 else Behaviour.ADDRESS_AND_PORT_DEPENDENT
+    ports = [mapped1.port, mapped2.port] + ([mapped3.port] if mapped3 != mapped2 else [])
+    result.port_step = port_step(ports)
     return done()
+
+
+#: The largest step between consecutive ports that still counts as "in sequence" (other
+#: flows through the same NAT may take a few of the ports in between).
+MAX_PORT_STEP = 8
+
+
+def port_step(ports: list[int]) -> int:
+    """The step of a NAT that gave ``ports`` to one socket's first flows in turn: the last
+    difference when every difference is between 1 and :data:`MAX_PORT_STEP`, else 0."""
+    steps = [b - a for a, b in itertools.pairwise(ports)]
+    if steps and all(0 < step <= MAX_PORT_STEP for step in steps):
+        return steps[-1]
+    return 0
 
 
 async def _filtering_tests(result: NetcheckResult, sock: StunTransport, server: Address, wait: float) -> None:

@@ -85,6 +85,8 @@ class FakeNat:
     filtering: Behaviour = Behaviour.ADDRESS_AND_PORT_DEPENDENT
     hairpinning: bool = False
     port_preserving: bool = True
+    #: Hand out new ports in sequence, this far apart (0: random ports).
+    port_step: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(4787))
     network: FakeNetwork | None = None
     _mappings: dict[tuple[Any, ...], int] = field(default_factory=dict)
@@ -107,6 +109,8 @@ class FakeNat:
         port = self._mappings.get(key)
         if port is None:
             port = internal.port if self.port_preserving and internal.port not in self._internal else 0
+            if port == 0 and self.port_step:
+                port = max(self._internal, default=20000) + self.port_step
             while port == 0 or port in self._internal:
                 port = self.rng.randrange(1024, 65536)
             self._mappings[key] = port

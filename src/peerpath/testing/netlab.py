@@ -48,6 +48,9 @@ class NatKind(enum.Enum):
     PORT_RESTRICTED = "port-restricted"
     #: Address-and-port-dependent mapping with random ports, and filtering.
     SYMMETRIC = "symmetric"
+    #: Address-and-port-dependent mapping and filtering, ports handed out in sequence
+    #: (one counter for every new flow, as many carrier and enterprise NATs do).
+    SYMMETRIC_SEQUENTIAL = "symmetric-sequential"
     #: A port-restricted NAT whose firewall drops all outbound UDP.
     UDP_BLOCKED = "udp-blocked"
     #: A carrier-grade NAT (RFC 6598 space inside); put a home router behind it.
@@ -417,6 +420,11 @@ class Lab:
         return host
 
 
+#: The ports a SYMMETRIC_SEQUENTIAL router hands out, in turn.
+SEQUENTIAL_FIRST_PORT = 20000
+SEQUENTIAL_PORTS = 4096
+
+
 def nat_ruleset(kind: NatKind, wan_ip: str, *, hairpinning: bool = False) -> str:
     """The nftables ruleset of a router of ``kind`` (WAN interface ``wan``, LAN bridge ``lan0``).
 
@@ -428,6 +436,15 @@ def nat_ruleset(kind: NatKind, wan_ip: str, *, hairpinning: bool = False) -> str
     a conntrack entry for it and later remap the port.
     """
     fully_random = " fully-random" if kind is NatKind.SYMMETRIC else ""
+    if kind is NatKind.SYMMETRIC_SEQUENTIAL:
+        # Each new flow takes the next port of one counter: 20000, 20001, ... 24095, then
+        # around again. (The map turns numgen's host-order integer into a port; used as a
+        # port directly it comes out byte-swapped, 256 apart.)
+        ports = ", ".join(f"{i} : {SEQUENTIAL_FIRST_PORT + i}" for i in range(SEQUENTIAL_PORTS))
+        counter = f"numgen inc mod {SEQUENTIAL_PORTS} map {{ {ports} }}"
+        sequential = f'oifname "wan" meta l4proto {{ tcp, udp }} snat ip to {wan_ip} : {counter}'
+    else:
+        sequential = ""
     learn: list[str] = []
     dnat: list[str] = []
     if kind in (NatKind.FULL_CONE, NatKind.ADDRESS_RESTRICTED) or hairpinning:
@@ -469,6 +486,7 @@ table ip lab {{
     }}
     chain srcnat {{
         type nat hook postrouting priority srcnat; policy accept;
+        {sequential}
         oifname "wan" masquerade{fully_random}
         {hairpin_snat}
     }}
