@@ -35,6 +35,7 @@ PAIRS = [
     ("port-restricted", "port-restricted"),
     ("symmetric", "full-cone"),
     ("symmetric", "port-restricted"),
+    ("symmetric-sequential", "port-restricted"),
     ("udp-blocked", "public"),
     ("udp-blocked", "port-restricted"),
 ]
@@ -42,6 +43,7 @@ KINDS = {
     "full-cone": NatKind.FULL_CONE,
     "port-restricted": NatKind.PORT_RESTRICTED,
     "symmetric": NatKind.SYMMETRIC,
+    "symmetric-sequential": NatKind.SYMMETRIC_SEQUENTIAL,
     "udp-blocked": NatKind.UDP_BLOCKED,
 }
 

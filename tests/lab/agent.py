@@ -141,6 +141,8 @@ async def mesh(state_dir: str, url: str) -> None:
                 print("done", flush=True)
             elif words[:1] == ["soak"]:
                 print(json.dumps(await soak(node, words[1], float(words[2]))), flush=True)
+            elif words[:1] == ["counters"]:
+                print(json.dumps(node.direct.counters), flush=True)
 
 
 async def exercise(state_dir: str, target: str) -> dict[str, object]:

@@ -119,6 +119,12 @@ class Mesh:
         self.start_exercise(name, target)
         return self.results(name)[target]
 
+    def counters(self, name: str) -> dict[str, int]:
+        """Agent ``name``'s direct-path counters (rounds, checks, predicted paths...)."""
+        self.send(name, "counters")
+        result: dict[str, int] = json.loads(self._out(name).readline())
+        return result
+
     def soak(self, name: str, target: str, seconds: float) -> dict[str, object]:
         """Back-to-back requests from ``name`` to ``target`` for ``seconds``."""
         self.send(name, f"soak {self.addresses[target]} {seconds}")

@@ -184,6 +184,28 @@ def test_a_nat_rebinding_mid_session_moves_the_direct_path_to_the_new_port(tmp_p
         assert paths[-1].startswith(f"direct udp {router.wan_ip}:") and 40000 <= new_port < 41000, paths
 
 
+@pytest.mark.parametrize("initiator", ["easy", "hard"])
+def test_port_prediction_takes_a_sequential_symmetric_nat_direct(tmp_path: Path, initiator: str) -> None:
+    """A NAT that maps per destination but hands out ports in sequence, against a
+    port-restricted one (which needs the hard side's exact port to open its filter): the
+    easy side checks the ports the hard side's sequence predicts, and that is where the
+    direct path is found, whichever side starts the round."""
+    with Lab() as lab:
+        url = start_peerpath_server(lab.public_host("server", SERVER_IPS))
+        sequential = lab.router("seq", NatKind.SYMMETRIC_SEQUENTIAL)
+        hosts = {
+            "hard": lab.host("h-seq", behind=sequential),
+            "easy": lab.host("h-easy", behind=lab.router("easy", NatKind.PORT_RESTRICTED)),
+        }
+        mesh = Mesh(tmp_path, url, hosts, {**os.environ, "PEERPATH_WAIT_DIRECT": "100"})
+        result = mesh.exercise(initiator, "easy" if initiator == "hard" else "hard")
+        counters = {name: mesh.counters(name) for name in hosts}
+        print(result, counters)
+        assert result.get("ok"), result
+        assert str(result["final_path"]).startswith("direct udp"), result
+        assert counters["easy"]["predicted_rounds"] >= 1 and counters["easy"]["predicted_paths"] >= 1, counters
+
+
 def test_two_symmetric_nats_stay_on_the_relay_and_say_why(tmp_path: Path) -> None:
     with Lab() as lab:
         url = start_peerpath_server(lab.public_host("server", SERVER_IPS))

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from peerpath.nat.punch import Puncher
+from peerpath.node.direct import _predicted_ports
 from peerpath.wire import punch
 
 KEY = bytes(range(32))
@@ -109,3 +110,35 @@ def test_a_round_without_candidates_still_ends_on_time() -> None:
     assert not puncher.done and puncher.next_time() is not None and puncher.next_time() > 12.0  # type: ignore[operator]
     assert puncher.datagrams_to_send(11.0) == [] and not puncher.done
     assert puncher.datagrams_to_send(12.5) == [] and puncher.done and puncher.next_time() is None
+
+
+def test_port_prediction_meets_a_sequential_symmetric_nat_from_a_port_restricted_one() -> None:
+    """The hard side asks two STUN addresses where its NAT maps it (two ports a step apart);
+    the easy side checks the ports that sequence predicts, which opens its filter for the
+    one the hard side's next mapping gets, and the hard side's check comes through."""
+    easy_nat, hard_nat = Nat("198.51.100.1", restricted=True), Nat("198.51.100.2", restricted=True, symmetric=True)
+    first = hard_nat.out(("203.0.113.10", 3478))[1]
+    last = hard_nat.out(("203.0.113.11", 3478))[1]
+    predicted = _predicted_ports(last, last - first)
+    assert predicted[:2] == [last + 7, last + 14] and len(predicted) == 64
+    easy_reflexive = easy_nat.out(("203.0.113.10", 3478))
+    hard = Puncher(KEY, [easy_reflexive], start=0.0)
+    easy = Puncher(KEY, [(hard_nat.public_ip, port) for port in predicted], start=0.0, interval=0.004, per_tick=2)
+    sides = {"hard": (hard, hard_nat, easy, easy_nat), "easy": (easy, easy_nat, hard, hard_nat)}
+    now = 0.0
+    while now < 2.0 and not (hard.validated and easy.validated):
+        for puncher, nat, other, other_nat in sides.values():
+            for data, dest in puncher.datagrams_to_send(now):
+                source = nat.out(dest)
+                if dest[0] == other_nat.public_ip and other_nat.inbound(dest[1], source):
+                    other.receive(data, source)
+        now += 0.004
+    assert hard.validated == [easy_reflexive]
+    assert easy.validated and easy.validated[0] in [(hard_nat.public_ip, p) for p in predicted[:2]]
+    assert now < 0.5  # the first few predicted ports, not a scan of thousands
+
+
+def test_ports_that_do_not_step_predict_nothing() -> None:
+    assert _predicted_ports(40000, 0) == [] and _predicted_ports(40000, -3) == []
+    assert _predicted_ports(40000, 2000) == []  # a random allocator's two ports far apart
+    assert _predicted_ports(65530, 1) == [65531, 65532, 65533, 65534, 65535]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from peerpath import errors
+from peerpath.nat.netcheck import MAX_PORT_STEP, port_step
 from peerpath.nat.punch import Addr, Puncher
 from peerpath.session.connection import Connection
 from peerpath.session.pathset import Path, PathKind, clock, format_endpoint, parse_endpoint
@@ -42,6 +43,8 @@ PROBE_INTERVAL = 1.0
 LINGER = 2.0
 #: Seconds a round waits for the mapping hint before punching without it.
 NAT_WAIT = 1.0
+#: Seconds port prediction's STUN queries may take, at most.
+PREDICT_WAIT = 2.0
 
 
 class _Offer(msgspec.Struct, frozen=True):
@@ -52,6 +55,10 @@ class _Offer(msgspec.Struct, frozen=True):
     #: TCP candidates, and whether UDP works from here as far as this side knows.
     tcp: list[str] = msgspec.field(default_factory=list)
     udp: bool = True
+    #: On a hard NAT that hands out ports in sequence: the last public port it gave, and
+    #: the step between consecutive ones (0: ports not predictable).
+    next_port: int = 0
+    port_step: int = 0
 
 
 class _Answer(msgspec.Struct, frozen=True):
@@ -63,6 +70,8 @@ class _Answer(msgspec.Struct, frozen=True):
     #: Seconds the responder held the answer back (waiting for its mapping hint), not part
     #: of the round trip.
     held: float = 0.0
+    next_port: int = 0
+    port_step: int = 0
 
 
 class _Go(msgspec.Struct, frozen=True):
@@ -77,6 +86,10 @@ class _Go(msgspec.Struct, frozen=True):
 #: (1 - 256/64512) ** 1024, under 2 %.
 SPRAY_SOCKETS = 256
 SCAN_PORTS = 1024
+#: Port prediction: when the hard side's NAT gave a fresh socket two ports a small step
+#: apart, its spray sockets get the ports after them in turn; the easy side checks the
+#: next PREDICTED_PORTS of that sequence before any random port.
+PREDICTED_PORTS = 64
 BIRTHDAY_DURATION = 4.0
 #: Birthday rounds one node runs at once (a spray holds SPRAY_SOCKETS descriptors); a round
 #: over the limit punches normally this time and tries again with the next round.
@@ -104,6 +117,13 @@ def _mode(mine_hard: bool, theirs_hard: bool) -> str:
     return "normal"
 
 
+def _predicted_ports(last: int, step: int) -> list[int]:
+    """The ports a NAT that hands them out ``step`` apart gives next after ``last``."""
+    if not 0 < step <= MAX_PORT_STEP or not 0 < last < 65536:
+        return []
+    return [p for p in (last + step * i for i in range(1, PREDICTED_PORTS + 1)) if p < 65536]
+
+
 def _parse(text: str) -> Addr | None:
     """A candidate from the peer, or None if it is not HOST:PORT (the peer's word only)."""
     try:
@@ -123,7 +143,7 @@ class DirectPaths:
         #: them are answered, so a probe never goes unanswered because the two sides have not
         #: yet agreed which round's key is current.
         self._round_keys: dict[Connection, list[bytes]] = {}
-        self._offers: dict[Connection, tuple[_Offer, _Answer]] = {}
+        self._offers: dict[Connection, tuple[_Offer, _Answer, Any]] = {}
         self._active: dict[Puncher, tuple[Connection, asyncio.Event, Any]] = {}
         self._probes: dict[bytes, tuple[Connection, Path]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -136,7 +156,15 @@ class DirectPaths:
         #: Which transports rounds use: UDP punching and TCP (simultaneous open / connect).
         #: TCP is tried when either side finds UDP blocked, or after a round failed over UDP.
         self.transports = {"udp", "tcp"}
-        self.counters = {"rounds": 0, "rounds_direct": 0, "checks_sent": 0, "tcp_rounds": 0, "tcp_paths": 0}
+        self.counters = {
+            "rounds": 0,
+            "rounds_direct": 0,
+            "checks_sent": 0,
+            "tcp_rounds": 0,
+            "tcp_paths": 0,
+            "predicted_rounds": 0,
+            "predicted_paths": 0,
+        }
         self._birthdays = 0
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -184,7 +212,9 @@ class DirectPaths:
             await asyncio.sleep(min(PROBE_INTERVAL, 0.5))
         self._keys.pop(conn, None)
         self._round_keys.pop(conn, None)
-        self._offers.pop(conn, None)
+        pending = self._offers.pop(conn, None)
+        if pending is not None and pending[2] is not None:
+            pending[2].close()
         for sock in self._kept.pop(conn, []):
             sock.close()
 
@@ -209,6 +239,25 @@ class DirectPaths:
         else:
             hard = self.node.mapping_hint == "endpoint-dependent"
         return hard and self._mapped() is None
+
+    async def _predict(self) -> tuple[Any, int, int]:
+        """Behind a hard NAT: a fresh socket and, when the NAT hands out ports in sequence,
+        the last port it gave that socket and the step (else 0, 0). Not hard: (None, 0, 0)."""
+        if not self._hard() or "udp" not in self.transports:
+            return None, 0, 0
+        try:
+            measured = await self.node._fresh_mapping()
+        except OSError as exc:
+            log.debug("port prediction: no socket: %s", exc)
+            return None, 0, 0
+        if measured is None:
+            return None, 0, 0
+        sock, first, second = measured
+        step = port_step([first, second])
+        if step:
+            log.debug("port prediction: NAT gave %d then %d", first, second)
+            return sock, second, step
+        return sock, 0, 0
 
     def _reflexive(self) -> str | None:
         """Where the peer's birthday sockets should aim: our mapped port, else the reflexive one."""
@@ -241,13 +290,30 @@ class DirectPaths:
         await self._nat_known()
         key = os.urandom(punch.KEY_BYTES)
         self._remember(conn, key)
+        fresh, next_port, step = await self._predict()
+        try:
+            return await self._initiate(conn, key, failures, fresh, next_port, step)
+        finally:
+            if fresh is not None and fresh not in self._kept.get(conn, []):
+                fresh.close()  # the round did not get to use it, or it did not win
+
+    async def _initiate(
+        self, conn: Connection, key: bytes, failures: int, fresh: Any, next_port: int, step: int
+    ) -> bool:
         offer = _Offer(
-            key, self._udp_candidates(), self._reflexive(), self._hard(), self._tcp_candidates(), self._udp_works()
+            key,
+            self._udp_candidates(),
+            self._reflexive(),
+            self._hard(),
+            self._tcp_candidates(),
+            self._udp_works(),
+            next_port,
+            step,
         )
         start = clock()
         reply = await conn.request(msgspec.msgpack.encode(offer), timeout=5, _topic="punch-offer")
         answer = msgspec.msgpack.decode(reply, type=_Answer)
-        rtt = max(0.0, clock() - start - min(answer.held, NAT_WAIT))
+        rtt = max(0.0, clock() - start - min(answer.held, NAT_WAIT + PREDICT_WAIT))
         # TCP when UDP is out of the question for either side, or did not work last time.
         tcp = bool(offer.tcp and answer.tcp) and (not offer.udp or not answer.udp or failures > 0)
         await conn.send(msgspec.msgpack.encode(_Go(tcp)), _topic="punch-go")
@@ -259,7 +325,8 @@ class DirectPaths:
         begin = clock() + rtt / 2
         attempts = []
         if remote and offer.candidates:
-            attempts.append(self._punch(conn, key, remote, begin, mode, answer.reflexive))
+            sequence = (answer.next_port, answer.port_step)
+            attempts.append(self._punch(conn, key, remote, begin, mode, answer.reflexive, sequence, fresh))
         if tcp:
             attempts.append(self._tcp_round(conn, key, answer.tcp, begin))
         direct = any(await asyncio.gather(*attempts))
@@ -274,6 +341,7 @@ class DirectPaths:
             self._remember(conn, offer.key)
             arrived = clock()
             await self._nat_known()
+            fresh, next_port, step = await self._predict()
             answer = _Answer(
                 self._udp_candidates(),
                 self._reflexive(),
@@ -281,20 +349,29 @@ class DirectPaths:
                 self._tcp_candidates(),
                 self._udp_works(),
                 held=clock() - arrived,
+                next_port=next_port,
+                port_step=step,
             )
-            self._offers[conn] = (offer, answer)
+            stale = self._offers.pop(conn, None)
+            if stale is not None and stale[2] is not None:
+                stale[2].close()
+            self._offers[conn] = (offer, answer, fresh)
             return msgspec.msgpack.encode(answer)
         if topic == "punch-go":
             go = msgspec.msgpack.decode(data, type=_Go) if data else _Go()
             pending = self._offers.pop(conn, None)
             if pending is not None:
-                offer, answer = pending
+                offer, answer, fresh = pending
                 remote = [a for a in map(_parse, offer.candidates) if a is not None]
                 mode = _mode(answer.hard, offer.hard)
                 if offer.hard and answer.hard:
                     self._explain(conn, BOTH_HARD)
                 if remote and answer.candidates:
-                    self._spawn(self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive))
+                    sequence = (offer.next_port, offer.port_step)
+                    punching = self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive, sequence, fresh)
+                    self._spawn(punching)
+                elif fresh is not None:
+                    fresh.close()
                 if go.tcp and answer.tcp:
                     self._spawn(self._tcp_round(conn, offer.key, offer.tcp, clock()))
             return None
@@ -308,7 +385,13 @@ class DirectPaths:
         start: float,
         mode: str = "normal",
         peer_reflexive: str | None = None,
+        peer_sequence: tuple[int, int] = (0, 0),
+        fresh: Any = None,
     ) -> bool:
+        """One round of checks from our socket to the peer's candidates; against a hard NAT
+        (``mode``) also a birthday round: ``spray`` opens many mappings here, starting with
+        ``fresh`` (the socket our port prediction measured), ``scan`` checks many ports of
+        the peer's public IP, first those ``peer_sequence`` (its last port and step) predicts."""
         main = self.node._socket
         rounds: list[tuple[Puncher, Any]] = [(Puncher(key, candidates, start), main)]
         extra: list[Any] = []
@@ -318,9 +401,11 @@ class DirectPaths:
             mode = "normal"
         birthday = mode != "normal" and target is not None
         self._birthdays += birthday
+        if fresh is not None:
+            extra.append(fresh)  # closed with the others unless it carries the winning path
         if mode == "spray" and target is not None:
             # Many mappings on our hard NAT, all toward the peer's one reflexive address.
-            for _ in range(SPRAY_SOCKETS):
+            while len(extra) < SPRAY_SOCKETS:
                 try:
                     extra.append(self.node._extra_socket())
                 except OSError:
@@ -328,8 +413,13 @@ class DirectPaths:
             for sock in extra:
                 rounds.append((Puncher(key, [target], start, duration=BIRTHDAY_DURATION, interval=0.25), sock))
         elif mode == "scan" and target is not None:
-            # Probe random ports of the peer's public IP until one meets an open mapping.
-            ports = random.sample(range(1024, 65536), SCAN_PORTS)
+            # Probe ports of the peer's public IP until one meets an open mapping: the ones
+            # its NAT's sequence predicts first, then random ones.
+            predicted = _predicted_ports(*peer_sequence)
+            if predicted:
+                self.counters["predicted_rounds"] += 1
+            taken = set(predicted)
+            ports = predicted + [p for p in random.sample(range(1024, 65536), SCAN_PORTS) if p not in taken]
             scan = [(target[0], port) for port in ports]
             rounds.append((Puncher(key, scan, start, duration=BIRTHDAY_DURATION, interval=0.004, per_tick=2), main))
         wake = asyncio.Event()
@@ -348,6 +438,11 @@ class DirectPaths:
                         if puncher.validated:
                             kept.add(sock)
                             self._promote(conn, key, puncher.validated, sock)
+                            if target is not None and any(
+                                a[0] == target[0] and a[1] in _predicted_ports(*peer_sequence)
+                                for a in puncher.validated
+                            ):
+                                self.counters["predicted_paths"] += 1
                 if linger_until is not None and clock() >= linger_until:
                     break
                 times = [t for t in (p.next_time() for p, _ in rounds) if t is not None]

@@ -58,6 +58,9 @@ class _UdpSocket:
         self.node = node
         self.sock = sock
         self.closed = False
+        #: STUN transactions run from this socket (extra sockets that ask the server where
+        #: their mappings are); the main socket's STUN is the node's.
+        self.stun: UdpStunSocket | None = None
         sock.setblocking(False)
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
@@ -136,6 +139,8 @@ class Node:
         #: The TCP listener on the node's port and the direct TCP links (direct paths only).
         self.tcp = TcpLinks(self._tcp_frame, self.direct.on_tcp_lost)
         self.reflexive: tuple[str, int] | None = None
+        #: The server's STUN addresses from the last registration.
+        self.stun_servers: list[str] = []
         #: Ports the home router maps to us on request (PCP / NAT-PMP), when it does.
         self.portmap = PortMappings()
         self._stun = UdpStunSocket()
@@ -217,15 +222,18 @@ class Node:
         self._home_task = loop.create_task(self._choose_home_relay(list(registered.relays)))
         if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
             self._nat_task = loop.create_task(self._check_nat(list(registered.stun)))
+        self.stun_servers = list(registered.stun)
         if registered.stun:
             if self._reflexive_task is not None:
                 self._reflexive_task.cancel()  # a re-registration's answers replace the last ones
             self._reflexive_task = loop.create_task(self._learn_reflexive(list(registered.stun)))
 
-    async def _stun_mapped(self, stun: str) -> tuple[str, int] | None:
+    async def _stun_mapped(self, stun: str, client: UdpStunSocket | None = None) -> tuple[str, int] | None:
         host, _, port = stun.rpartition(":")
         try:
-            response = await self._stun.request(TransportAddress(host.strip("[]"), int(port)), timeout=2.0, rto=0.2)
+            response = await (client or self._stun).request(
+                TransportAddress(host.strip("[]"), int(port)), timeout=2.0, rto=0.2
+            )
         except ValueError:
             return None
         mapped = response.message.mapped_address if response is not None else None
@@ -246,7 +254,10 @@ class Node:
         try:
             host, _, port = stun[0].rpartition(":")
             result = await netcheck(TransportAddress(host.strip("[]"), int(port)), timeout=2.0)
-            keys = ("udp", "nat", "public_address", "mapping", "filtering", "hairpinning", "port_preserving")
+            keys = {
+                *("udp", "nat", "public_address", "mapping", "filtering"),
+                *("hairpinning", "port_preserving", "port_step"),
+            }
             self.nat = {key: value for key, value in result.to_json().items() if key in keys}
             self._nat_checked = clock()
             if self.rendezvous is not None and self.rendezvous.registered.is_set():
@@ -306,6 +317,25 @@ class Node:
         except BaseException:
             sock.close()
             raise
+
+    async def _fresh_mapping(self) -> tuple[_UdpSocket, int, int] | None:
+        """A fresh socket, and the public ports the NAT gave it toward the server's two STUN
+        addresses, asked one right after the other. On a NAT that hands out ports in
+        sequence, the socket's next new destination gets the second port plus the step
+        between them (port prediction). None without two STUN addresses or their answers."""
+        if len(self.stun_servers) < 2:
+            return None
+        sock = self._extra_socket()
+        sock.stun = UdpStunSocket()
+        sock.stun.connection_made(_StunTransport(sock))
+        first = asyncio.ensure_future(self._stun_mapped(self.stun_servers[0], sock.stun))
+        await asyncio.sleep(0)  # the first query leaves first: its mapping is the first one
+        second = await self._stun_mapped(self.stun_servers[1], sock.stun)
+        mapped = await first
+        if mapped is None or second is None:
+            sock.close()
+            return None
+        return sock, mapped[1], second[1]
 
     def _letter_received(self, letter: Any) -> None:
         outcome = self.broker.receive(letter)
@@ -620,7 +650,9 @@ class Node:
         remote = (str(addr[0]), int(addr[1]))
         if via is not None and via is not self._socket:
             # One of the extra sockets of a birthday round: checks, then the session's QUIC.
-            if is_check(data):
+            if is_stun(data) and via.stun is not None:
+                via.stun.datagram_received(data, remote)
+            elif is_check(data):
                 self.direct.on_check(data, remote, via)
             else:
                 key = (PathKind.DIRECT_UDP, format_endpoint(remote))
