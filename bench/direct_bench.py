@@ -7,7 +7,7 @@
 - round-trip time and one stream's throughput over the direct path (UDP, or TCP for a
   host whose network blocks UDP) and over the relay, measured in the same run.
 
-    sudo python3 bench/direct_bench.py [--tries 10] [--mbytes 8]
+    sudo python3 bench/direct_bench.py [--tries 10] [--mbytes 8] [--pair NEAR:FAR ...]
 """
 
 from __future__ import annotations
@@ -133,7 +133,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tries", type=int, default=10)
     parser.add_argument("--mbytes", type=int, default=8)
+    parser.add_argument(
+        "--pair",
+        action="append",
+        metavar="NEAR:FAR",
+        help="only this pair (repeatable), e.g. symmetric:full-cone; default every pair",
+    )
     args = parser.parse_args()
+    pairs = PAIRS
+    if args.pair:
+        pairs = [tuple(p.split(":", 1)) for p in args.pair]  # type: ignore[misc]
+        unknown = {k for pair in pairs for k in pair} - set(KINDS) - {"public"}
+        if unknown or any(len(p) != 2 for p in pairs):
+            parser.error(f"--pair takes NEAR:FAR of {', '.join(['public', *KINDS])}")
     reason = available()
     if reason:
         print(f"direct_bench: {reason}", file=sys.stderr)
@@ -146,7 +158,7 @@ def main() -> int:
         ips = [a for ip in SERVER_IPS for a in ("--public-ip", ip)]
         server.start([*PEERPATH, "server", "--state-dir", str(server_state), *ips], ready="STUN server")
         url = (server_state / "rendezvous.url").read_text().strip()
-        for i, (near_kind, far_kind) in enumerate(PAIRS):
+        for i, (near_kind, far_kind) in enumerate(pairs):
             hosts = []
             for side, kind in (("near", near_kind), ("far", far_kind)):
                 name = f"{side}{i}"

@@ -7,7 +7,9 @@ import itertools
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +21,27 @@ RELAY = f"relay {SERVER_IPS[0]}:7000"
 
 #: Hosts behind a NAT whose mapping is endpoint-independent (and UDP allowed).
 EASY = {"public", "full-cone", "address-restricted", "port-restricted", "cgnat", "same-nat-1", "same-nat-2"}
+
+
+def forward_filter(table: str, *rules: str) -> str:
+    """An nftables table for a router: ``rules`` in a forward chain ahead of its NAT's own."""
+    lines = [f"table ip {table} {{", "  chain forward {", "    type filter hook forward priority -10; policy accept;"]
+    return "\n".join([*lines, *(f"    {rule}" for rule in rules), "  }", "}"])
+
+
+def soak_through(mesh: Mesh, name: str, target: str, seconds: float, faults: Callable[[], None]) -> dict[str, Any]:
+    """Requests from ``name`` to ``target`` for ``seconds`` while ``faults`` runs beside
+    them; every request must come back intact. The soak's result (paths taken in order)."""
+    chaos = threading.Thread(target=faults)
+    chaos.start()
+    try:
+        result: dict[str, Any] = mesh.soak(name, target, seconds)
+    finally:
+        chaos.join()
+    print(result)
+    assert "error" not in result, result
+    assert result["ok"] == result["sent"] > 20, result  # nothing lost, nothing corrupted
+    return result
 
 
 def expected_direct(a: str, b: str) -> str | None:
@@ -70,17 +93,7 @@ def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path:
         warm = mesh.exercise("one", "two")  # the session goes direct
         assert str(warm["final_path"]).startswith(path), warm
 
-        cut = "\n".join(
-            [
-                "table ip cut {",
-                "  chain forward {",
-                "    type filter hook forward priority -10; policy accept;",
-                f"    ip daddr {two.ip} drop",
-                f"    ip saddr {two.ip} drop",
-                "  }",
-                "}",
-            ]
-        )
+        cut = forward_filter("cut", f"ip daddr {two.ip} drop", f"ip saddr {two.ip} drop")
 
         def faults() -> None:
             time.sleep(2.0)
@@ -90,14 +103,7 @@ def test_direct_path_cut_mid_transfer_falls_back_to_relay_and_recovers(tmp_path:
             time.sleep(5.0)
             router.run(["conntrack", "-F"], check=False)  # every NAT mapping forgotten
 
-        chaos = threading.Thread(target=faults)
-        chaos.start()
-        result = mesh.soak("one", "two", 22)
-        chaos.join()
-        print(result)
-        assert "error" not in result, result
-        assert result["ok"] == result["sent"] > 20  # type: ignore[operator]  # nothing lost, nothing corrupted
-        paths = [str(p) for p in result["paths"]]  # type: ignore[attr-defined]
+        paths = [str(p) for p in soak_through(mesh, "one", "two", 22, faults)["paths"]]
         kinds = [" ".join(p.split()[:2]) if p.startswith("direct") else "relay" for p in paths]
         assert kinds[0] == path and "relay" in kinds, paths
         assert kinds[kinds.index("relay") :].count(path) >= 1, paths  # back to direct
@@ -116,17 +122,8 @@ def test_a_lossy_direct_path_is_set_aside_for_the_relay_without_flapping(tmp_pat
         mesh = Mesh(tmp_path, url, {"one": one, "two": two}, env)
         warm = mesh.exercise("one", "two")
         assert str(warm["final_path"]).startswith("direct udp"), warm
-        lossy = "\n".join(
-            [
-                "table ip lossy {",
-                "  chain forward {",
-                "    type filter hook forward priority -10; policy accept;",
-                f"    ip daddr {two.ip} numgen random mod 10 < 7 drop",
-                f"    ip saddr {two.ip} numgen random mod 10 < 7 drop",
-                "  }",
-                "}",
-            ]
-        )
+        drop = "numgen random mod 10 < 7 drop"
+        lossy = forward_filter("lossy", f"ip daddr {two.ip} {drop}", f"ip saddr {two.ip} {drop}")
 
         def faults() -> None:
             time.sleep(2.0)
@@ -134,15 +131,9 @@ def test_a_lossy_direct_path_is_set_aside_for_the_relay_without_flapping(tmp_pat
             time.sleep(20.0)
             router.run(["nft", "delete", "table", "ip", "lossy"])
 
-        chaos = threading.Thread(target=faults)
-        chaos.start()
-        result = mesh.soak("one", "two", 40)
-        chaos.join()
-        print(result)
-        assert "error" not in result, result
-        assert result["ok"] == result["sent"] > 20  # type: ignore[operator]  # nothing lost, nothing corrupted
-        assert any("lost" in reason for reason in result["aside"]), result  # type: ignore[attr-defined]
-        paths = [str(p) for p in result["paths"]]  # type: ignore[attr-defined]
+        result = soak_through(mesh, "one", "two", 40, faults)
+        assert any("lost" in reason for reason in result["aside"]), result
+        paths = [str(p) for p in result["paths"]]
         kinds = ["relay" if p.startswith("relay") else "direct" for p in paths]
         assert kinds[0] == "direct" and kinds[-1] == "direct" and "relay" in kinds, paths
         # A silent stretch may hand the lossy path to the relay before the probes have
@@ -171,14 +162,7 @@ def test_a_nat_rebinding_mid_session_moves_the_direct_path_to_the_new_port(tmp_p
             router.run(["nft", f"insert rule ip lab srcnat {rule}"])
             router.run(["conntrack", "-F"], check=False)
 
-        chaos = threading.Thread(target=rebind)
-        chaos.start()
-        result = mesh.soak("two", "one", 20)
-        chaos.join()
-        print(result)
-        assert "error" not in result, result
-        assert result["ok"] == result["sent"] > 20  # type: ignore[operator]  # nothing lost, nothing corrupted
-        paths = [str(p) for p in result["paths"]]  # type: ignore[attr-defined]
+        paths = [str(p) for p in soak_through(mesh, "two", "one", 20, rebind)["paths"]]
         assert paths[0] == before, paths
         new_port = int(paths[-1].rpartition(":")[2])
         assert paths[-1].startswith(f"direct udp {router.wan_ip}:") and 40000 <= new_port < 41000, paths
@@ -206,16 +190,22 @@ def test_port_prediction_takes_a_sequential_symmetric_nat_direct(tmp_path: Path,
         assert counters["easy"]["predicted_rounds"] >= 1 and counters["easy"]["predicted_paths"] >= 1, counters
 
 
-def test_two_symmetric_nats_stay_on_the_relay_and_say_why(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [(NatKind.SYMMETRIC, "with random ports"), (NatKind.SYMMETRIC_SEQUENTIAL, "ports come in sequence")],
+    ids=["random", "sequential"],
+)
+def test_two_symmetric_nats_stay_on_the_relay_and_say_why(tmp_path: Path, kind: NatKind, why: str) -> None:
     with Lab() as lab:
         url = start_peerpath_server(lab.public_host("server", SERVER_IPS))
-        one = lab.host("one", behind=lab.router("r1", NatKind.SYMMETRIC))
-        two = lab.host("two", behind=lab.router("r2", NatKind.SYMMETRIC))
+        one = lab.host("one", behind=lab.router("r1", kind))
+        two = lab.host("two", behind=lab.router("r2", kind))
         mesh = Mesh(tmp_path, url, {"one": one, "two": two}, {**os.environ, "PEERPATH_WAIT_DIRECT": "50"})
         result = mesh.exercise("one", "two")
         assert result.get("ok"), result
         assert result["final_path"] == RELAY
-        assert "both NATs map per destination" in str(result["relay_reason"] or ""), result
+        reason = str(result["relay_reason"] or "")
+        assert "both NATs map per destination" in reason and why in reason, result
 
 
 @pytest.mark.parametrize("protocols", ["pcp,nat-pmp", "nat-pmp"])

@@ -142,3 +142,14 @@ def test_ports_that_do_not_step_predict_nothing() -> None:
     assert _predicted_ports(40000, 0) == [] and _predicted_ports(40000, -3) == []
     assert _predicted_ports(40000, 2000) == []  # a random allocator's two ports far apart
     assert _predicted_ports(65530, 1) == [65531, 65532, 65533, 65534, 65535]
+
+
+def test_a_finished_round_sends_no_more_checks_but_still_answers() -> None:
+    puncher = Puncher(KEY, [("198.51.100.2", 4000)], start=0.0)
+    assert puncher.datagrams_to_send(0.0)
+    puncher.finish()
+    assert puncher.done and puncher.next_time() is None and puncher.datagrams_to_send(0.5) == []
+    assert puncher.receive(punch.encode_check(KEY, b"\x01" * punch.TID_BYTES), ("198.51.100.2", 4000))
+    answers = puncher.datagrams_to_send(0.6)
+    assert [dest for _, dest in answers] == [("198.51.100.2", 4000)]
+    assert punch.parse(KEY, answers[0][0])[0] == punch.RESPONSE

@@ -52,6 +52,10 @@ class Puncher:
         """True once a path is valid, or the round is over."""
         return bool(self.validated) or self._next > self.start + self.duration
 
+    def finish(self) -> None:
+        """Send no more scheduled checks (answers to the peer's checks still go out)."""
+        self._next = float("inf")
+
     def next_time(self) -> float | None:
         """When :meth:`datagrams_to_send` next has something (None: nothing more to send)."""
         if self._outbox:

@@ -95,6 +95,17 @@ BIRTHDAY_DURATION = 4.0
 #: over the limit punches normally this time and tries again with the next round.
 MAX_BIRTHDAY_ROUNDS = 2
 BOTH_HARD = "both NATs map per destination with random ports; no direct path is likely"
+BOTH_HARD_SEQUENTIAL = (
+    "both NATs map per destination; their ports come in sequence, but two predictions "
+    "would have to meet exactly, so no direct path is tried"
+)
+
+
+def _both_hard(mine_step: int, theirs_step: int) -> str:
+    """Why a session between two hard NATs stays on the relay."""
+    return BOTH_HARD_SEQUENTIAL if mine_step and theirs_step else BOTH_HARD
+
+
 #: Seconds a TCP round keeps trying (the kernel resends an unanswered SYN after 1 and 3 s).
 TCP_DURATION = 6.0
 #: A direct TCP link not heard from for this long is closed (its path is long stale).
@@ -321,7 +332,7 @@ class DirectPaths:
         remote = [a for a in map(_parse, answer.candidates) if a is not None]
         mode = _mode(offer.hard, answer.hard)
         if offer.hard and answer.hard:
-            self._explain(conn, BOTH_HARD)
+            self._explain(conn, _both_hard(offer.port_step, answer.port_step))
         begin = clock() + rtt / 2
         attempts = []
         if remote and offer.candidates:
@@ -365,7 +376,7 @@ class DirectPaths:
                 remote = [a for a in map(_parse, offer.candidates) if a is not None]
                 mode = _mode(answer.hard, offer.hard)
                 if offer.hard and answer.hard:
-                    self._explain(conn, BOTH_HARD)
+                    self._explain(conn, _both_hard(answer.port_step, offer.port_step))
                 if remote and answer.candidates:
                     sequence = (offer.next_port, offer.port_step)
                     punching = self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive, sequence, fresh)
@@ -434,6 +445,8 @@ class DirectPaths:
                         sock.sendto(data, addr)
                 if linger_until is None and (any(p.validated for p, _ in rounds) or all(p.done for p, _ in rounds)):
                     linger_until = clock() + LINGER
+                    for puncher, _ in rounds[1:]:
+                        puncher.finish()  # a path is found: the birthday search stops sending
                     for puncher, sock in rounds:
                         if puncher.validated:
                             kept.add(sock)

@@ -46,6 +46,13 @@ NAT_RECHECK = 600.0
 _CID_LENGTH = 8
 
 
+def _large_buffers(sock: socket.socket) -> None:
+    """Socket buffers for bursts at full speed (the kernel may cap them lower)."""
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+
+
 class _UdpSocket:
     """The node's one UDP socket, read in batches straight from the event loop's selector.
 
@@ -313,6 +320,7 @@ class Node:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind((self.local_endpoint[0], 0))
+            _large_buffers(sock)  # the winner carries the session; a limit costs nothing unused
             return _UdpSocket(self, sock)
         except BaseException:
             sock.close()
@@ -355,9 +363,7 @@ class Node:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind((host, port))
-            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+            _large_buffers(sock)
             self._socket = _UdpSocket(self, sock)
         except BaseException:
             sock.close()
