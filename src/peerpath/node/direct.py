@@ -160,6 +160,8 @@ class DirectPaths:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Extra sockets that carry a birthday round's winning path, until the session ends.
         self._kept: dict[Connection, list[Any]] = {}
+        #: The socket each direct UDP path a round validated sends from.
+        self._sockets: dict[Path, Any] = {}
         #: Keys of TCP rounds under way: checks on inbound links are matched against them.
         self._tcp_rounds: dict[bytes, tuple[Connection, asyncio.Event]] = {}
         #: Our checks in flight on TCP links: tid -> (link, connection, key).
@@ -228,6 +230,8 @@ class DirectPaths:
             pending[2].close()
         for sock in self._kept.pop(conn, []):
             sock.close()
+        for path in conn.paths.paths.values():
+            self._sockets.pop(path, None)
 
     @staticmethod
     def _set_aside(conn: Connection) -> bool:
@@ -447,13 +451,17 @@ class DirectPaths:
                     linger_until = clock() + LINGER
                     for puncher, _ in rounds[1:]:
                         puncher.finish()  # a path is found: the birthday search stops sending
+                    promoted: set[Addr] = set()
                     for puncher, sock in rounds:
-                        if puncher.validated:
+                        # One socket per address: against an open NAT every spray socket may
+                        # validate the same one, and only the first is kept to carry it.
+                        found = [a for a in puncher.validated if a not in promoted]
+                        if found:
+                            promoted.update(found)
                             kept.add(sock)
-                            self._promote(conn, key, puncher.validated, sock)
+                            self._promote(conn, key, found, sock)
                             if target is not None and any(
-                                a[0] == target[0] and a[1] in _predicted_ports(*peer_sequence)
-                                for a in puncher.validated
+                                a[0] == target[0] and a[1] in _predicted_ports(*peer_sequence) for a in found
                             ):
                                 self.counters["predicted_paths"] += 1
                 if linger_until is not None and clock() >= linger_until:
@@ -498,7 +506,13 @@ class DirectPaths:
         conn.relay_reason = None
         now = clock()
         for addr in validated:
-            path = conn.paths.add_validated(self.node._udp_path(addr, sock), now)
+            fresh = self.node._udp_path(addr, sock)
+            path = conn.paths.add_validated(fresh, now)
+            if path is not fresh and self._sockets.get(path, self.node._socket) is not sock:
+                # Found again from another socket (an earlier round's mapping is gone): the
+                # path now sends from the socket this round proved.
+                path.send_datagram = fresh.send_datagram
+            self._sockets[path] = sock
             log.info("direct path to %s: %s", conn.peer, path.describe())
 
     # -- liveness ---------------------------------------------------------------------------
