@@ -1,6 +1,6 @@
 """Port mapping: ask the home router to forward an external port to the node (PCP, RFC 6887,
-falling back to NAT-PMP, RFC 6886), renew the mapping before it lapses, and delete it when
-the node stops.
+falling back to NAT-PMP, RFC 6886, then to UPnP IGD, :mod:`peerpath.nat.upnp`), renew the
+mapping before it lapses, and delete it when the node stops.
 
 A mapping turns any NAT into an endpoint-independent, unfiltered one for that port: peers
 reach the mapped address whatever their own NAT does, so a host behind a symmetric NAT
@@ -19,9 +19,13 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peerpath.wire import portmap as pm
 from peerpath.wire.endpoint import format_endpoint
+
+if TYPE_CHECKING:
+    from peerpath.nat.upnp import UpnpMapper
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,11 @@ class PortMapper:
         self.method: str | None = None
         self._epoch: int | None = None
 
+    @property
+    def answered(self) -> bool:
+        """Whether the gateway has answered PCP or NAT-PMP (else asking again is not worth it)."""
+        return self.method is not None
+
     async def _ask(self, request: bytes, accept: type[object] | None = None) -> bytes:
         loop = asyncio.get_running_loop()
         transport, proto = await loop.create_datagram_endpoint(
@@ -184,7 +193,7 @@ class PortMappings:
         self.udp: Mapping | None = None
         self.tcp: Mapping | None = None
         self.last_error: str | None = None
-        self._mapper: PortMapper | None = None
+        self._mapper: PortMapper | UpnpMapper | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self, udp_port: int, tcp_port: int | None, gateway: str | None = None) -> None:
@@ -193,10 +202,17 @@ class PortMappings:
         if not enabled() or gateway is None:
             self.last_error = "disabled" if not enabled() else "no default gateway"
             return
-        self._mapper = PortMapper(gateway)
-        self._task = asyncio.get_running_loop().create_task(self._keep(self._mapper, udp_port, tcp_port))
+        from peerpath.nat.upnp import UpnpMapper  # noqa: PLC0415 (it builds on this module)
 
-    async def _keep(self, mapper: PortMapper, udp_port: int, tcp_port: int | None) -> None:
+        self._mapper = PortMapper(gateway)
+        mappers: list[PortMapper | UpnpMapper] = [self._mapper, UpnpMapper(gateway)]
+        self._task = asyncio.get_running_loop().create_task(self._keep(mappers, udp_port, tcp_port))
+
+    async def _keep(self, mappers: list[PortMapper | UpnpMapper], udp_port: int, tcp_port: int | None) -> None:
+        """Map with the first of ``mappers`` that the gateway answers (PCP or NAT-PMP, then
+        UPnP), and keep the mappings alive."""
+        mapper = mappers.pop(0)
+        self._mapper = mapper
         while True:
             try:
                 self.udp = await mapper.map("udp", udp_port, previous=self.udp)
@@ -215,8 +231,12 @@ class PortMappings:
                 if self.last_error != str(exc):
                     log.info("no port mapping: %s", exc)
                 self.last_error = str(exc)
-                if self.udp is None and mapper.method is None:
-                    return  # nobody there: not worth asking again
+                if self.udp is None and not mapper.answered:
+                    if not mappers:
+                        return  # nobody there: not worth asking again
+                    mapper = mappers.pop(0)  # the gateway may speak another protocol
+                    self._mapper = mapper
+                    continue
                 wait = 60.0
             await asyncio.sleep(wait)
 

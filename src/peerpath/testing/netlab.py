@@ -385,8 +385,9 @@ class Lab:
     ) -> Router:
         """A NAT router of ``kind`` whose WAN side sits on ``upstream`` (default: the internet).
 
-        ``port_mapping`` ("pcp,nat-pmp", "pcp" or "nat-pmp") runs
-        :mod:`peerpath.testing.pcpd` on the router, which maps ports on request."""
+        ``port_mapping``, a comma-separated choice of "pcp", "nat-pmp" and "upnp", runs
+        :mod:`peerpath.testing.pcpd` (PCP, NAT-PMP) and :mod:`peerpath.testing.igd` (a UPnP
+        IGD) on the router, which then map ports on request."""
         up = upstream or self.internet
         number = next(self._lan_numbers)
         lan_prefix = f"100.64.{number}" if kind is NatKind.CARRIER else f"10.{number}.0"
@@ -404,9 +405,14 @@ class Lab:
         router.run(["ip", "link", "set", "lan0", "up"])
         router.sysctl("net.ipv4.ip_forward", "1")
         router.run(["nft", "-f", "-"], input=nat_ruleset(kind, wan_ip, hairpinning=hairpinning))
-        if port_mapping:
-            daemon = [sys.executable, "-m", "peerpath.testing.pcpd", "--wan-ip", wan_ip, "--lan-ip", router.lan_ip]
-            router.start([*daemon, "--protocols", port_mapping], ready="^port mapping")
+        wanted = set(port_mapping.split(",")) if port_mapping else set()
+        where = ["--wan-ip", wan_ip, "--lan-ip", router.lan_ip]
+        if wanted & {"pcp", "nat-pmp"}:
+            protocols = ",".join(sorted(wanted & {"pcp", "nat-pmp"}))
+            pcpd = [sys.executable, "-m", "peerpath.testing.pcpd", *where, "--protocols", protocols]
+            router.start(pcpd, ready="^port mapping")
+        if "upnp" in wanted:
+            router.start([sys.executable, "-m", "peerpath.testing.igd", *where], ready="^UPnP IGD")
         return router
 
     def host(self, name: str, behind: Router, link: Impairment | None = None) -> Node:

@@ -80,6 +80,29 @@ class PortMapServer:
         self.mappings[key] = mapping
         return mapping
 
+    def holder(self, protocol: str, external: int) -> tuple[str, int] | None:
+        """Which (host, port) the external port is mapped to, if any."""
+        return next(
+            ((h, p) for (pr, h, p), m in self.mappings.items() if pr == protocol and m.external_port == external), None
+        )
+
+    def map_exactly(self, protocol: str, host: str, port: int, external: int, lifetime: int) -> None:
+        """Map exactly ``external`` to ``host:port`` (UPnP's way: the caller checked it is
+        free), or renew that mapping."""
+        existing = self.mappings.get((protocol, host, port))
+        if existing is not None and existing.external_port != external:
+            self._unmap(protocol, host, port)
+            existing = None
+        if existing is not None:
+            existing.expires = self.clock() + lifetime
+            return
+        handle = self.install(protocol, external, host, port)
+        self.mappings[(protocol, host, port)] = _Mapping(external, self.clock() + lifetime, handle, b"")
+
+    def unmap(self, protocol: str, host: str, port: int) -> None:
+        """Remove the mapping of ``host:port``, if there is one."""
+        self._unmap(protocol, host, port)
+
     def _unmap(self, protocol: str, host: str, port: int) -> None:
         mapping = self.mappings.pop((protocol, host, port), None)
         if mapping is not None:
