@@ -3,7 +3,7 @@ WANConnectionDevice, WANIPConnection), the way a home router offers it: SSDP on 
 a device description and SOAP control over HTTP (async-upnp-client's server side). Port
 mappings become real nftables rules through :mod:`peerpath.testing.pcpd`'s mapping table,
 so a router can offer UPnP alone or beside PCP and NAT-PMP. For tests; it trusts its LAN
-(but maps ports only to the host that asks, as miniupnpd's secure mode does).
+entirely (it maps a port to whichever internal client a request names).
 
     python -m peerpath.testing.igd --wan-ip 198.51.100.5 --lan-ip 10.3.0.1 [--http-port 5000]
 """
