@@ -204,7 +204,9 @@ def test_daemons_find_each_other_by_address_through_the_local_rendezvous(two_dae
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["received"] == 2
-    assert summary["replies"][0]["path"].startswith("relay 127.0.0.1:")
+    # Over the relay the server offered; on a loaded machine the punch round, which starts
+    # with the session, may already have moved it to a direct path by the first reply.
+    assert summary["replies"][0]["path"].startswith(("relay 127.0.0.1:", "direct udp 127.0.0.1:")), summary
     status = json.loads(run("status", "--json", "--state-dir", str(two)).stdout)
     assert status["rendezvous"]["registered"] is True
 

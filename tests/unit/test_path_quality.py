@@ -95,3 +95,33 @@ async def test_a_lossy_direct_path_hands_over_to_the_relay_and_comes_back_when_g
     await until(lambda: conn.path is direct, timeout=30)
     assert direct.degraded is None
     assert await conn.request(b"back", timeout=5) == b"back"
+
+
+async def test_a_session_that_stays_on_the_relay_still_measures_it(tmp_path: Path, server: RendezvousServer) -> None:
+    """No direct path is possible (no transports to punch with): the relay path is probed
+    all the same, so its RTT and loss show in status."""
+    nodes = []
+    try:
+        for name in ("a", "b"):
+            node = await Node.start(
+                identity=Identity.generate(),
+                trust=TrustStore(tmp_path / f"{name}.json"),
+                host="127.0.0.1",
+                rendezvous=server.url(),
+            )
+            node.direct.transports = set()
+            nodes.append(node)
+            assert node.rendezvous is not None
+            await node.rendezvous.wait_registered(5)
+        a, b = nodes
+        trust_each_other(a, b)
+        conn = await a.connect(b.address, timeout=5)
+        relay = conn.path
+        assert relay is not None and relay.kind is PathKind.RELAY
+        await until(lambda: relay.srtt is not None and relay.probes_answered >= 3, timeout=10)
+        quality = conn.describe()["paths"][0]
+        assert quality["rtt_ms"] > 0 and quality["loss"] == 0.0
+        assert conn.path is relay and len(conn.paths.paths) == 1
+    finally:
+        for node in nodes:
+            await node.close()

@@ -205,11 +205,12 @@ class DirectPaths:
 
     async def _maintain(self, conn: Connection, initiator: bool) -> None:
         failures = 0
-        next_probe = 0.0
+        next_probe = next_round = 0.0
         while not conn.closed.done():
             path = conn.path
             on_relay = path is not None and path.kind is PathKind.RELAY
-            if initiator and on_relay and conn.is_established and not self._set_aside(conn):
+            due = clock() >= next_round
+            if initiator and on_relay and due and conn.is_established and not self._set_aside(conn):
                 try:
                     direct = await self._round(conn, failures)
                 except (errors.PeerpathError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
@@ -217,8 +218,8 @@ class DirectPaths:
                     direct = False
                 failures = 0 if direct else failures + 1
                 if not direct:
-                    await asyncio.sleep(ROUND_BACKOFF[min(failures - 1, len(ROUND_BACKOFF) - 1)])
-                    continue
+                    next_round = clock() + ROUND_BACKOFF[min(failures - 1, len(ROUND_BACKOFF) - 1)]
+            # Probes go on between rounds too: a session on the relay measures it all the same.
             if clock() >= next_probe:
                 self._probe(conn)
                 next_probe = clock() + PROBE_INTERVAL
@@ -518,7 +519,10 @@ class DirectPaths:
     # -- liveness ---------------------------------------------------------------------------
 
     def _probe(self, conn: Connection) -> None:
-        key = self._keys.get(conn)
+        # Under the key of the round that found the current direct path; a session that has
+        # none (yet) probes its relay path under its latest round's key, which both sides
+        # know from the offer, so its quality shows all the same.
+        key = self._keys.get(conn) or next(iter(reversed(self._round_keys.get(conn, []))), None)
         if key is None:
             return
         now = clock()
