@@ -29,25 +29,34 @@ async def until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+async def start_pair(
+    tmp_path: Path, server: RendezvousServer, nodes: list[Node], transports: set[str], config: SessionConfig
+) -> tuple[Node, Node]:
+    """Two registered nodes that trust each other and punch only with ``transports``;
+    appended to ``nodes`` as they start, for the caller to close."""
+    for name in ("a", "b"):
+        node = await Node.start(
+            identity=Identity.generate(),
+            trust=TrustStore(tmp_path / f"{name}.json"),
+            host="127.0.0.1",
+            rendezvous=server.url(),
+            config=config,
+        )
+        node.direct.transports = transports
+        nodes.append(node)
+        assert node.rendezvous is not None
+        await node.rendezvous.wait_registered(5)
+    a, b = nodes
+    trust_each_other(a, b)
+    return a, b
+
+
 @pytest.fixture
 async def session(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[tuple[Node, Node, Connection]]:
-    config = SessionConfig(path_hold_down=4.0)
-    nodes = []
+    nodes: list[Node] = []
     try:
-        for name in ("a", "b"):
-            node = await Node.start(
-                identity=Identity.generate(),
-                trust=TrustStore(tmp_path / f"{name}.json"),
-                host="127.0.0.1",
-                rendezvous=server.url(),
-                config=config,
-            )
-            node.direct.transports = {"udp"}  # the choice under test: direct UDP or the relay
-            nodes.append(node)
-            assert node.rendezvous is not None
-            await node.rendezvous.wait_registered(5)
-        a, b = nodes
-        trust_each_other(a, b)
+        # The choice under test: direct UDP or the relay.
+        a, b = await start_pair(tmp_path, server, nodes, {"udp"}, SessionConfig(path_hold_down=4.0))
 
         async def echo(conn: Connection, data: bytes) -> bytes:
             return data
@@ -100,21 +109,9 @@ async def test_a_lossy_direct_path_hands_over_to_the_relay_and_comes_back_when_g
 async def test_a_session_that_stays_on_the_relay_still_measures_it(tmp_path: Path, server: RendezvousServer) -> None:
     """No direct path is possible (no transports to punch with): the relay path is probed
     all the same, so its RTT and loss show in status."""
-    nodes = []
+    nodes: list[Node] = []
     try:
-        for name in ("a", "b"):
-            node = await Node.start(
-                identity=Identity.generate(),
-                trust=TrustStore(tmp_path / f"{name}.json"),
-                host="127.0.0.1",
-                rendezvous=server.url(),
-            )
-            node.direct.transports = set()
-            nodes.append(node)
-            assert node.rendezvous is not None
-            await node.rendezvous.wait_registered(5)
-        a, b = nodes
-        trust_each_other(a, b)
+        a, b = await start_pair(tmp_path, server, nodes, set(), SessionConfig())
         conn = await a.connect(b.address, timeout=5)
         relay = conn.path
         assert relay is not None and relay.kind is PathKind.RELAY

@@ -127,11 +127,8 @@ class UpnpMapper:
     async def map(
         self, protocol: str, internal_port: int, lifetime: int = LIFETIME, previous: Mapping | None = None
     ) -> Mapping:
-        """Map (or, with ``previous``, renew) ``internal_port``; lifetime 0 deletes it."""
+        """Map (or, with ``previous``, renew) ``internal_port``."""
         service = await self._find()
-        if lifetime == 0 and previous is not None:
-            await self.unmap(previous)
-            return previous
         external_ip = str((await self._call(service, "GetExternalIPAddress")).get("NewExternalIPAddress") or "")
         if not external_ip:
             raise PortMapUnavailable(f"the UPnP gateway {self.gateway} has no external address")

@@ -99,13 +99,6 @@ BOTH_HARD_SEQUENTIAL = (
     "both NATs map per destination; their ports come in sequence, but two predictions "
     "would have to meet exactly, so no direct path is tried"
 )
-
-
-def _both_hard(mine_step: int, theirs_step: int) -> str:
-    """Why a session between two hard NATs stays on the relay."""
-    return BOTH_HARD_SEQUENTIAL if mine_step and theirs_step else BOTH_HARD
-
-
 #: Seconds a TCP round keeps trying (the kernel resends an unanswered SYN after 1 and 3 s).
 TCP_DURATION = 6.0
 #: A direct TCP link not heard from for this long is closed (its path is long stale).
@@ -126,6 +119,11 @@ def _mode(mine_hard: bool, theirs_hard: bool) -> str:
     if theirs_hard and not mine_hard:
         return "scan"
     return "normal"
+
+
+def _both_hard(mine_step: int, theirs_step: int) -> str:
+    """Why a session between two hard NATs stays on the relay."""
+    return BOTH_HARD_SEQUENTIAL if mine_step and theirs_step else BOTH_HARD
 
 
 def _predicted_ports(last: int, step: int) -> list[int]:
@@ -210,7 +208,7 @@ class DirectPaths:
             path = conn.path
             on_relay = path is not None and path.kind is PathKind.RELAY
             due = clock() >= next_round
-            if initiator and on_relay and due and conn.is_established and not self._set_aside(conn):
+            if initiator and on_relay and due and conn.is_established and not conn.paths.held_aside(clock()):
                 try:
                     direct = await self._round(conn, failures)
                 except (errors.PeerpathError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
@@ -226,23 +224,11 @@ class DirectPaths:
             await asyncio.sleep(min(PROBE_INTERVAL, 0.5))
         self._keys.pop(conn, None)
         self._round_keys.pop(conn, None)
-        pending = self._offers.pop(conn, None)
-        if pending is not None and pending[2] is not None:
-            pending[2].close()
+        self._drop_offer(conn)
         for sock in self._kept.pop(conn, []):
             sock.close()
         for path in conn.paths.paths.values():
             self._sockets.pop(path, None)
-
-    @staticmethod
-    def _set_aside(conn: Connection) -> bool:
-        """Whether the session is on the relay because its direct path, alive, is clearly
-        worse: a new round would only find that path again."""
-        now = clock()
-        return any(
-            p.degraded is not None and now - (p.last_received or p.created) <= conn.paths.stale_after
-            for p in conn.paths.paths.values()
-        )
 
     def _mapped(self) -> Addr | None:
         return self.node.portmap.usable(self.node.portmap.udp)
@@ -368,9 +354,7 @@ class DirectPaths:
                 next_port=next_port,
                 port_step=step,
             )
-            stale = self._offers.pop(conn, None)
-            if stale is not None and stale[2] is not None:
-                stale[2].close()
+            self._drop_offer(conn)  # an earlier offer that never got its "go"
             self._offers[conn] = (offer, answer, fresh)
             return msgspec.msgpack.encode(answer)
         if topic == "punch-go":
@@ -419,6 +403,7 @@ class DirectPaths:
         self._birthdays += birthday
         if fresh is not None:
             extra.append(fresh)  # closed with the others unless it carries the winning path
+        predicted = _predicted_ports(*peer_sequence)
         if mode == "spray" and target is not None:
             # Many mappings on our hard NAT, all toward the peer's one reflexive address.
             while len(extra) < SPRAY_SOCKETS:
@@ -431,7 +416,6 @@ class DirectPaths:
         elif mode == "scan" and target is not None:
             # Probe ports of the peer's public IP until one meets an open mapping: the ones
             # its NAT's sequence predicts first, then random ones.
-            predicted = _predicted_ports(*peer_sequence)
             if predicted:
                 self.counters["predicted_rounds"] += 1
             taken = set(predicted)
@@ -461,9 +445,7 @@ class DirectPaths:
                             promoted.update(found)
                             kept.add(sock)
                             self._promote(conn, key, found, sock)
-                            if target is not None and any(
-                                a[0] == target[0] and a[1] in _predicted_ports(*peer_sequence) for a in found
-                            ):
+                            if target is not None and any(a[0] == target[0] and a[1] in predicted for a in found):
                                 self.counters["predicted_paths"] += 1
                 if linger_until is not None and clock() >= linger_until:
                     break
@@ -485,6 +467,12 @@ class DirectPaths:
                     sock.close()
                 else:
                     self._kept.setdefault(conn, []).append(sock)
+
+    def _drop_offer(self, conn: Connection) -> None:
+        """Forget the offer waiting for its "go", closing the socket it measured."""
+        pending = self._offers.pop(conn, None)
+        if pending is not None and pending[2] is not None:
+            pending[2].close()
 
     def _remember(self, conn: Connection, key: bytes) -> None:
         keys = self._round_keys.setdefault(conn, [])

@@ -44,6 +44,10 @@ RECV_BATCH = 64
 #: netcheck runs again after a re-registration only if its last result is older than this.
 NAT_RECHECK = 600.0
 _CID_LENGTH = 8
+#: What of a netcheck result the node keeps (and reports to the server).
+_NAT_REPORT = frozenset(
+    {"udp", "nat", "public_address", "mapping", "filtering", "hairpinning", "port_preserving", "port_step"}
+)
 
 
 def _large_buffers(sock: socket.socket) -> None:
@@ -261,11 +265,7 @@ class Node:
         try:
             host, _, port = stun[0].rpartition(":")
             result = await netcheck(TransportAddress(host.strip("[]"), int(port)), timeout=2.0)
-            keys = {
-                *("udp", "nat", "public_address", "mapping", "filtering"),
-                *("hairpinning", "port_preserving", "port_step"),
-            }
-            self.nat = {key: value for key, value in result.to_json().items() if key in keys}
+            self.nat = {key: value for key, value in result.to_json().items() if key in _NAT_REPORT}
             self._nat_checked = clock()
             if self.rendezvous is not None and self.rendezvous.registered.is_set():
                 self.rendezvous.report_nat(self.nat)
@@ -334,12 +334,16 @@ class Node:
         if len(self.stun_servers) < 2:
             return None
         sock = self._extra_socket()
-        sock.stun = UdpStunSocket()
-        sock.stun.connection_made(_StunTransport(sock))
-        first = asyncio.ensure_future(self._stun_mapped(self.stun_servers[0], sock.stun))
-        await asyncio.sleep(0)  # the first query leaves first: its mapping is the first one
-        second = await self._stun_mapped(self.stun_servers[1], sock.stun)
-        mapped = await first
+        try:
+            sock.stun = UdpStunSocket()
+            sock.stun.connection_made(_StunTransport(sock))
+            first = asyncio.ensure_future(self._stun_mapped(self.stun_servers[0], sock.stun))
+            await asyncio.sleep(0)  # the first query leaves first: its mapping is the first one
+            second = await self._stun_mapped(self.stun_servers[1], sock.stun)
+            mapped = await first
+        except BaseException:
+            sock.close()
+            raise
         if mapped is None or second is None:
             sock.close()
             return None

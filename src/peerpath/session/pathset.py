@@ -243,6 +243,15 @@ class PathSet:
         self.received(path, 0, now)
         return path.probe_answered(tid, now)
 
+    def silent(self, path: Path, now: float) -> bool:
+        """Whether ``path`` has not been heard from for ``stale_after`` seconds."""
+        return now - (path.last_received or path.created) > self.stale_after
+
+    def held_aside(self, now: float) -> bool:
+        """Whether a direct path that is alive is set aside for its quality (so the session
+        is on the relay by choice, and a new punch round would only find that path again)."""
+        return any(p.degraded is not None and not self.silent(p, now) for p in self.paths.values())
+
     def _judge(self, now: float) -> None:
         """Set direct paths that are clearly worse than the relay aside, for ``hold_down``
         seconds at least, and take them back once they are good again."""
@@ -253,7 +262,7 @@ class PathSet:
             if relay is None:
                 path.degraded = None  # nothing better to go to
             elif path.degraded is None:
-                if now - (path.last_received or path.created) > self.stale_after:
+                if self.silent(path, now):
                     continue  # silent, not bad: staleness hands it over, and it comes back at once
                 verdict = _worse(path, relay, now)
                 if verdict is not None:
@@ -307,10 +316,7 @@ class PathSet:
             # A direct path silent for stale_after loses to any path that is not. The relay
             # counts as alive while it is there: its own connection is kept up separately.
             fresh = [
-                p
-                for p in candidates
-                if p.kind is PathKind.RELAY
-                or (p.degraded is None and now - (p.last_received or p.created) <= self.stale_after)
+                p for p in candidates if p.kind is PathKind.RELAY or (p.degraded is None and not self.silent(p, now))
             ]
             candidates = fresh or candidates
         # Prefer the more direct kind; among equals the one heard from most recently.

@@ -61,7 +61,7 @@ class PortMapServer:
         return int(self.clock() - self.started)
 
     def _taken(self, protocol: str, port: int) -> bool:
-        return any(m.external_port == port for (p, _, _), m in self.mappings.items() if p == protocol)
+        return self.holder(protocol, port) is not None
 
     def _map(self, protocol: str, host: str, port: int, suggested: int, lifetime: int, nonce: bytes) -> _Mapping:
         key = (protocol, host, port)
@@ -91,7 +91,7 @@ class PortMapServer:
         free), or renew that mapping."""
         existing = self.mappings.get((protocol, host, port))
         if existing is not None and existing.external_port != external:
-            self._unmap(protocol, host, port)
+            self.unmap(protocol, host, port)
             existing = None
         if existing is not None:
             existing.expires = self.clock() + lifetime
@@ -101,9 +101,6 @@ class PortMapServer:
 
     def unmap(self, protocol: str, host: str, port: int) -> None:
         """Remove the mapping of ``host:port``, if there is one."""
-        self._unmap(protocol, host, port)
-
-    def _unmap(self, protocol: str, host: str, port: int) -> None:
         mapping = self.mappings.pop((protocol, host, port), None)
         if mapping is not None:
             self.remove(mapping.handle)
@@ -113,7 +110,7 @@ class PortMapServer:
         now = self.clock()
         for key, mapping in list(self.mappings.items()):
             if mapping.expires <= now:
-                self._unmap(*key)
+                self.unmap(*key)
 
     def handle(self, data: bytes, source: tuple[str, int]) -> bytes | None:
         """The answer to one request from ``source`` (None: not worth an answer)."""
@@ -135,7 +132,7 @@ class PortMapServer:
         if error is not None:
             return pm.encode_pcp_map_response(request, _PCP[error], 0, self._epoch(), ("0.0.0.0", 0))
         if request.lifetime == 0:
-            self._unmap(request.protocol, source[0], request.internal_port)
+            self.unmap(request.protocol, source[0], request.internal_port)
             return pm.encode_pcp_map_response(request, 0, 0, self._epoch(), ("0.0.0.0", 0))
         lifetime = min(request.lifetime, MAX_LIFETIME)
         mapping = self._map(
@@ -155,7 +152,7 @@ class PortMapServer:
         internal, suggested, lifetime = int.from_bytes(data[4:6]), int.from_bytes(data[6:8]), int.from_bytes(data[8:12])
         protocol = "udp" if opcode == pm.NATPMP_OP_UDP else "tcp"
         if lifetime == 0:
-            self._unmap(protocol, source[0], internal)
+            self.unmap(protocol, source[0], internal)
             return pm.encode_natpmp_map_response(opcode, 0, epoch, internal, 0, 0)
         lifetime = min(lifetime, MAX_LIFETIME)
         mapping = self._map(protocol, source[0], internal, suggested, lifetime, b"")
