@@ -216,3 +216,15 @@ def test_a_loaded_path_is_judged_by_its_base_rtt_not_its_queue() -> None:
         paths.tick(t + 0.5)
     assert direct.srtt is not None and direct.srtt > 2 * 0.030 + 0.020
     assert paths.current is direct and direct.degraded is None
+
+
+def test_a_path_that_keeps_falling_silent_is_not_forgiven_each_time() -> None:
+    """Answers more than stale_after apart, nothing but losses between them: only the first
+    silence is forgiven, so the losses pile up and the path is set aside."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(3, 40):
+        probe(paths, direct, float(t), 0.005 if t % 4 == 0 else None)  # heard every 4 s
+        paths.tick(t + 0.5)
+    assert paths.current is relay and direct.degraded is not None

@@ -88,6 +88,7 @@ class Path:
     _pending: dict[bytes, float] = field(default_factory=dict, repr=False)
     #: (sent, answered) of the most recent probes with an outcome, in the order they left.
     _outcomes: list[tuple[float, bool]] = field(default_factory=list, repr=False)
+    _forgave_silence_at: float | None = field(default=None, repr=False)
     _samples: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=LOSS_WINDOW), repr=False
     )
@@ -156,7 +157,12 @@ class Path:
         self._expire(now)
         before = [answered for sent, answered in self._outcomes if sent <= silent_since]
         lost = before.count(False)
-        if lost <= RECOVERED_LOSS * len(before):
+        # One silence per full window is forgiven: a path that keeps falling silent is lossy,
+        # and the answers between its silences alone would always look good.
+        since = self._forgave_silence_at
+        calm = since is None or sum(1 for sent, _ in self._outcomes if sent > since) >= LOSS_WINDOW
+        if calm and lost <= RECOVERED_LOSS * len(before):
+            self._forgave_silence_at = now
             self.forgiven = (silent_since, now)
             self._outcomes = [(sent, answered) for sent, answered in self._outcomes if sent <= silent_since]
             return None
