@@ -43,6 +43,18 @@ def test_tampered_observed_address_is_refused() -> None:
         punch.parse(KEY, bytes(response))
 
 
+def test_a_round_leaves_answers_to_other_checks_to_the_session() -> None:
+    """A liveness probe under the round's key, answered while the round is under way, is
+    not the round's: the puncher hands it back so the probe is counted, not lost."""
+    peer = ("198.51.100.7", 41641)
+    puncher = Puncher(KEY, [peer], 0.0)
+    ours = [punch.parse(KEY, data)[1] for data, _ in puncher.datagrams_to_send(0.0)]
+    assert ours
+    assert not puncher.receive(punch.encode_response(KEY, b"p" * 12, peer), peer)
+    assert puncher.receive(punch.encode_response(KEY, ours[0], peer), peer)
+    assert puncher.validated == [peer]
+
+
 class Nat:
     """Endpoint-independent mapping; filtering open (full cone) or by contacted address+port."""
 

@@ -87,7 +87,8 @@ class Puncher:
         return out
 
     def receive(self, data: bytes, source: Addr) -> bool:
-        """A check-range datagram arrived from ``source``; True if it was authentic for this round."""
+        """A check-range datagram arrived from ``source``; True if this round took it (an
+        authentic check, or the answer to one of this round's checks)."""
         try:
             kind, tid, _ = punch.parse(self.key, data)
         except punch.CheckError:
@@ -103,6 +104,8 @@ class Puncher:
                 self._outbox.append((punch.encode_check(self.key, triggered), source))
             return True
         target = self._sent.get(tid)
-        if target is not None and target == source and source not in self.validated:
+        if target is None:
+            return False  # not one of this round's checks: a liveness probe's answer, say
+        if target == source and source not in self.validated:
             self.validated.append(source)
         return True

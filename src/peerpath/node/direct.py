@@ -202,13 +202,38 @@ class DirectPaths:
     # -- rounds ---------------------------------------------------------------------------
 
     async def _maintain(self, conn: Connection, initiator: bool) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._keep_probing(conn))
+                if initiator:
+                    group.create_task(self._keep_punching(conn))
+        finally:
+            self._keys.pop(conn, None)
+            self._round_keys.pop(conn, None)
+            self._drop_offer(conn)
+            for sock in self._kept.pop(conn, []):
+                sock.close()
+            for path in conn.paths.paths.values():
+                self._sockets.pop(path, None)
+
+    async def _keep_probing(self, conn: Connection) -> None:
+        """Probe every path once a PROBE_INTERVAL for the session's lifetime, on the relay
+        too and while a punch round is under way: a path's loss is judged on a steady
+        series of probes, and the relay's RTT is what a direct path is measured against."""
+        while not conn.closed.done():
+            self._probe(conn)
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    async def _keep_punching(self, conn: Connection) -> None:
+        """Run punch rounds, with backoff, whenever the session is on the relay and no live
+        direct path is only set aside for its quality (a round would just find it again)."""
         failures = 0
-        next_probe = next_round = 0.0
+        next_round = 0.0
         while not conn.closed.done():
             path = conn.path
             on_relay = path is not None and path.kind is PathKind.RELAY
             due = clock() >= next_round
-            if initiator and on_relay and due and conn.is_established and not conn.paths.held_aside(clock()):
+            if on_relay and due and conn.is_established and not conn.paths.held_aside(clock()):
                 try:
                     direct = await self._round(conn, failures)
                 except (errors.PeerpathError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
@@ -217,18 +242,7 @@ class DirectPaths:
                 failures = 0 if direct else failures + 1
                 if not direct:
                     next_round = clock() + ROUND_BACKOFF[min(failures - 1, len(ROUND_BACKOFF) - 1)]
-            # Probes go on between rounds too: a session on the relay measures it all the same.
-            if clock() >= next_probe:
-                self._probe(conn)
-                next_probe = clock() + PROBE_INTERVAL
-            await asyncio.sleep(min(PROBE_INTERVAL, 0.5))
-        self._keys.pop(conn, None)
-        self._round_keys.pop(conn, None)
-        self._drop_offer(conn)
-        for sock in self._kept.pop(conn, []):
-            sock.close()
-        for path in conn.paths.paths.values():
-            self._sockets.pop(path, None)
+            await asyncio.sleep(0.5)
 
     def _mapped(self) -> Addr | None:
         return self.node.portmap.usable(self.node.portmap.udp)
