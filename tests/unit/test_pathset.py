@@ -228,3 +228,26 @@ def test_a_path_that_keeps_falling_silent_is_not_forgiven_each_time() -> None:
         probe(paths, direct, float(t), 0.005 if t % 4 == 0 else None)  # heard every 4 s
         paths.tick(t + 0.5)
     assert paths.current is relay and direct.degraded is not None
+
+
+def test_a_path_silent_again_soon_after_a_forgiven_silence_is_set_aside() -> None:
+    """Its first silence looks like a cut and is forgiven; heard for a moment, it falls silent
+    again for the rest of the loss. That silence's losses count: when it is heard from
+    again, it is set aside (the silence alone fills the window, so nothing before it is left
+    to show it was lossy)."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(1, 6):
+        probe(paths, direct, float(t), 0.005 if t < 3 else None)  # good, then silent from 2 s
+        paths.tick(t + 0.5)
+    assert paths.current is relay
+    probe(paths, direct, 6.0, 0.005)  # back: a cut, forgiven
+    paths.tick(6.5)
+    assert paths.current is direct and direct.degraded is None
+    for t in range(7, 25):
+        probe(paths, direct, float(t), None)  # silent again at once, for long
+        paths.tick(t + 0.5)
+    assert paths.current is relay and direct.degraded is None  # a silent path is not judged
+    probe(paths, direct, 25.0, 0.005)
+    assert paths.current is relay and direct.degraded is not None

@@ -43,8 +43,10 @@ LOSS_WINDOW = 10
 #: Seconds after a path is validated during which its unanswered probes are not held
 #: against it: the peer may not have taken up the round's key yet.
 PROBE_GRACE = 3.0
-#: Probe outcomes before a silence that can tell a lossy path from a cut one.
+#: Probe outcomes that can tell a lossy path from a cut one when it is heard from again.
 SILENT_VERDICT_OUTCOMES = 4
+#: Seconds a path must be heard from after a forgiven silence before another is forgiven.
+FORGIVE_INTERVAL = 10.0
 #: RTT samples a path needs before its RTT is compared with the relay's.
 RTT_MIN_SAMPLES = 5
 #: A direct path is clearly worse than the relay when it loses this share of its recent
@@ -152,22 +154,24 @@ class Path:
 
         If it was good until the silence (a cut, not a lossy path), the probes sent in the
         silence are forgotten and None is returned. If it lost much of what it carried
-        before it fell silent, say so: a lossy path goes quiet now and then, and must not
-        be taken back each time it speaks."""
+        before it fell silent, or falls silent again soon after a silence was forgiven, the
+        silence's losses count with the rest, and if they are many, say so: a lossy path
+        goes quiet now and then, and must not be taken back each time it speaks."""
         self._expire(now)
         before = [answered for sent, answered in self._outcomes if sent <= silent_since]
-        lost = before.count(False)
-        # One silence per full window is forgiven: a path that keeps falling silent is lossy,
-        # and the answers between its silences alone would always look good.
+        # One silence per FORGIVE_INTERVAL of being heard from is forgiven: the answers
+        # between the silences of a path that keeps falling silent would always look good.
         since = self._forgave_silence_at
-        calm = since is None or sum(1 for sent, _ in self._outcomes if sent > since) >= LOSS_WINDOW
-        if calm and lost <= RECOVERED_LOSS * len(before):
+        calm = since is None or silent_since - since >= FORGIVE_INTERVAL
+        if calm and before.count(False) <= RECOVERED_LOSS * len(before):
             self._forgave_silence_at = now
             self.forgiven = (silent_since, now)
             self._outcomes = [(sent, answered) for sent, answered in self._outcomes if sent <= silent_since]
             return None
-        if len(before) >= SILENT_VERDICT_OUTCOMES and lost >= DEGRADED_LOSS * len(before):
-            return f"lost {lost / len(before):.0%} of its probes, then fell silent"
+        record = [answered for _, answered in self._outcomes]
+        lost = record.count(False)
+        if len(record) >= SILENT_VERDICT_OUTCOMES and lost >= DEGRADED_LOSS * len(record):
+            return f"lost {lost / len(record):.0%} of its probes, then fell silent"
         return None
 
     def recent_loss(self, now: float) -> float | None:
