@@ -15,7 +15,7 @@ import time
 
 from peerpath.node.node import Node
 from peerpath.session.connection import Connection, SessionConfig
-from peerpath.session.pathset import HOLD_DOWN
+from peerpath.session.pathset import HOLD_DOWN, clock
 
 #: How long (tenths of a second) an exercise waits for a session to go direct.
 WAIT_DIRECT_STEPS = int(os.environ.get("PEERPATH_WAIT_DIRECT", "40"))
@@ -97,14 +97,45 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
     }
 
 
+def path_trace(conn: Connection, t: float) -> str:
+    """One line of what the path set knows, for a failing soak's report: per path its probe
+    outcomes oldest first (+ answered, - lost), recent loss, seconds since heard, verdict."""
+    now = clock()
+    parts = [f"{t:.0f}s on {conn.path.kind.value if conn.path else None}"]
+    for p in conn.paths.paths.values():
+        outcomes = "".join("+" if answered else "-" for _, answered in p._outcomes)
+        heard = f"{now - p.last_received:.1f}" if p.last_received is not None else "-"
+        parts.append(f"{p.kind.value} [{outcomes}] {len(p._pending)}? heard {heard}s aside {p.degraded}")
+    return " | ".join(parts)
+
+
 async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
-    """Requests of 64 KiB back to back for ``seconds``; which path each took, any loss, and
-    why a path was set aside for its quality."""
+    """Requests of 64 KiB back to back for ``seconds``; which path each took, any loss, why
+    a path was set aside for its quality, and a trace of the path set every second."""
     conn = await node.connect(address, timeout=20)
     paths: list[str] = []
     aside: list[str] = []
+    trace: list[str] = []
+    begin = time.monotonic()
+    end = begin + seconds
+
+    async def tracer() -> None:
+        while True:
+            trace.append(path_trace(conn, time.monotonic() - begin))
+            await asyncio.sleep(1.0)
+
+    tracing = asyncio.ensure_future(tracer())
+    try:
+        return await soak_until(conn, end, paths, aside, trace)
+    finally:
+        tracing.cancel()
+
+
+async def soak_until(
+    conn: Connection, end: float, paths: list[str], aside: list[str], trace: list[str]
+) -> dict[str, object]:
+    """The soak's request loop (see :func:`soak`)."""
     sent = ok = 0
-    end = time.monotonic() + seconds
     while time.monotonic() < end:
         blob = os.urandom(64 * 1024)
         sent += 1
@@ -112,7 +143,7 @@ async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
             if await conn.request(blob, timeout=30) == hashlib.sha256(blob).digest():
                 ok += 1
         except Exception as exc:
-            return {"error": f"{type(exc).__name__}: {exc}", "sent": sent, "ok": ok, "paths": paths}
+            return {"error": f"{type(exc).__name__}: {exc}", "sent": sent, "ok": ok, "paths": paths, "trace": trace}
         path = conn.path.describe() if conn.path else "none"
         if not paths or paths[-1] != path:
             paths.append(path)
@@ -120,7 +151,7 @@ async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
             if p.degraded and f"{p.describe()}: {p.degraded}" not in aside:
                 aside.append(f"{p.describe()}: {p.degraded}")
         await asyncio.sleep(0.05)
-    return {"sent": sent, "ok": ok, "paths": paths, "aside": aside}
+    return {"sent": sent, "ok": ok, "paths": paths, "aside": aside, "trace": trace}
 
 
 async def mesh(state_dir: str, url: str) -> None:
