@@ -251,3 +251,32 @@ def test_a_path_silent_again_soon_after_a_forgiven_silence_is_set_aside() -> Non
     assert paths.current is relay and direct.degraded is None  # a silent path is not judged
     probe(paths, direct, 25.0, 0.005)
     assert paths.current is relay and direct.degraded is not None
+
+
+def test_a_young_path_is_set_aside_once_half_a_window_of_probes_is_lost() -> None:
+    """A path with only a few probes behind it starts losing most of them: the verdict comes
+    with the fifth loss, the one that makes half of any full window lost, not when ten
+    outcomes have piled up."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    verdict_at = None
+    for t in range(4, 20):
+        probe(paths, direct, float(t), 0.005 if t in (4, 5, 8) else None)
+        paths.received(direct, 1200, now=t + 0.1)  # QUIC traffic keeps it heard from
+        paths.tick(t + 0.5)
+        if direct.degraded is not None and verdict_at is None:
+            verdict_at = t
+    # Lost: 6, 7, 9, 10, 11 (each counted 2 s after it left), against 3 answered.
+    assert verdict_at == 13 and direct.degraded == "lost 62% of recent probes"
+    assert paths.current is relay
+
+
+def test_two_early_losses_do_not_set_a_path_aside() -> None:
+    paths = PathSet()
+    paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(4, 20):
+        probe(paths, direct, float(t), None if t in (4, 5) else 0.005)
+        paths.tick(t + 0.5)
+    assert paths.current is direct and direct.degraded is None

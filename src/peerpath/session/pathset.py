@@ -37,8 +37,9 @@ _PREFERENCE = {PathKind.DIRECT_UDP: 0, PathKind.DIRECT_TCP: 1, PathKind.RELAY: 2
 
 #: A probe not answered within this many seconds counts as lost.
 PROBE_TIMEOUT = 2.0
-#: How many of a path's most recent probe outcomes its recent loss is computed over; the
-#: figure counts only once the window is full, so a couple of early losses decide nothing.
+#: How many of a path's most recent probe outcomes its recent loss is computed over; a
+#: path is judged lossy only once half a window is lost, so a couple of early losses
+#: decide nothing.
 LOSS_WINDOW = 10
 #: Seconds after a path is validated during which its unanswered probes are not held
 #: against it: the peer may not have taken up the round's key yet.
@@ -174,13 +175,17 @@ class Path:
             return f"lost {lost / len(record):.0%} of its probes, then fell silent"
         return None
 
+    def recent_outcomes(self, now: float) -> tuple[int, int]:
+        """How many of the last :data:`LOSS_WINDOW` probes with an outcome went unanswered,
+        and how many have an outcome."""
+        self._expire(now)
+        return [answered for _, answered in self._outcomes].count(False), len(self._outcomes)
+
     def recent_loss(self, now: float) -> float | None:
         """The share of the last :data:`LOSS_WINDOW` probes that went unanswered (None
         until that many have an outcome)."""
-        self._expire(now)
-        if len(self._outcomes) < LOSS_WINDOW:
-            return None
-        return [answered for _, answered in self._outcomes].count(False) / len(self._outcomes)
+        lost, count = self.recent_outcomes(now)
+        return lost / count if count == LOSS_WINDOW else None
 
     def base_rtt(self) -> float | None:
         """The lowest of the recent RTT samples: the path's own delay, without the queueing
@@ -348,9 +353,11 @@ class PathSet:
 
 def _worse(path: Path, relay: Path, now: float) -> str | None:
     """Why ``path`` is clearly worse than ``relay`` right now, or None."""
-    loss = path.recent_loss(now)
-    if loss is not None and loss >= DEGRADED_LOSS:
-        return f"lost {loss:.0%} of recent probes"
+    # Judged as over a full window, but as soon as its verdict is sure: a young path need
+    # not wait for ten outcomes once half of any full window it can have is lost.
+    lost, count = path.recent_outcomes(now)
+    if lost >= DEGRADED_LOSS * LOSS_WINDOW:
+        return f"lost {lost / count:.0%} of recent probes"
     mine, theirs = path.base_rtt(), relay.base_rtt()
     if mine is not None and theirs is not None and mine > theirs * DEGRADED_RTT_FACTOR + DEGRADED_RTT_SLACK:
         return f"rtt {mine * 1000:.1f} ms against the relay's {theirs * 1000:.1f} ms"
