@@ -68,3 +68,50 @@ async def test_garbage_datagrams_are_counted_and_server_keeps_answering(server: 
 async def test_server_refuses_an_address_it_does_not_own() -> None:
     with pytest.raises(OSError):
         await StunServer.start(["192.0.2.55"], 0)
+
+
+async def test_free_ports_taken_for_tcp_are_picked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With port 0 the UDP socket picks a free number, which a TCP socket may already hold:
+    the server picks again instead of failing to start."""
+    import errno
+
+    import peerpath.nat.stun_server as module
+
+    real = asyncio.start_server
+    refused: list[int] = []
+
+    async def taken_once(*args, **kwargs):
+        if not refused:
+            refused.append(kwargs["port"])
+            raise OSError(errno.EADDRINUSE, "address already in use")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(module.asyncio, "start_server", taken_once)
+    srv = await StunServer.start(IPS, 0)
+    try:
+        assert refused and len(srv.listening()) == 8  # two ports on two IPs, UDP and TCP
+        _, writer = await asyncio.open_connection(IPS[0], srv.responder.ports[0])
+        writer.close()
+    finally:
+        await srv.close()
+
+
+async def test_a_fixed_port_taken_for_tcp_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ports the user named are not swapped for others."""
+    import errno
+
+    import peerpath.nat.stun_server as module
+
+    calls: list[int] = []
+
+    async def taken(*args, **kwargs):
+        calls.append(kwargs["port"])
+        raise OSError(errno.EADDRINUSE, "address already in use")
+
+    monkeypatch.setattr(module.asyncio, "start_server", taken)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((IPS[0], 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(OSError, match="already in use"):
+        await StunServer.start(IPS, port, port + 1 if port < 65535 else port - 1)
+    assert calls == [port]  # the port the user asked for, once: no other is tried

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import socket
@@ -22,6 +23,8 @@ DEFAULT_STUN_PORT = 3478
 #: TCP connections idle this long are closed.
 TCP_IDLE_TIMEOUT = 30.0
 MAX_TCP_CONNECTIONS = 1024
+#: Times free ports are picked again when their numbers are taken for TCP.
+EPHEMERAL_TRIES = 8
 MAGIC_COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 
 
@@ -79,14 +82,23 @@ class StunServer:
         answer from the wrong address). ``port`` 0 picks free ports (tests).
         """
         alternate = alternate_port if alternate_port is not None else (port + 1 if port else 0)
-        responder = StunResponder(ips, (port, alternate), rate_limiter=RateLimiter(rate=rate, burst=burst))
-        server = cls(responder)
-        try:
-            await server._bind(tcp)
-        except BaseException:
-            await server.close()
-            raise
-        return server
+        # Free ports are picked for UDP; the same numbers may be taken for TCP: pick again.
+        tries = EPHEMERAL_TRIES if (port, alternate) == (0, 0) and tcp else 1
+        while True:
+            responder = StunResponder(ips, (port, alternate), rate_limiter=RateLimiter(rate=rate, burst=burst))
+            server = cls(responder)
+            try:
+                await server._bind(tcp)
+            except OSError as exc:
+                await server.close()
+                tries -= 1
+                if exc.errno != errno.EADDRINUSE or not tries:
+                    raise
+                continue
+            except BaseException:
+                await server.close()
+                raise
+            return server
 
     async def _bind(self, tcp: bool) -> None:
         loop = asyncio.get_running_loop()
