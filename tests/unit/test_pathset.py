@@ -280,3 +280,64 @@ def test_two_early_losses_do_not_set_a_path_aside() -> None:
         probe(paths, direct, float(t), None if t in (4, 5) else 0.005)
         paths.tick(t + 0.5)
     assert paths.current is direct and direct.degraded is None
+
+
+def test_a_path_the_peer_checks_cross_while_ours_are_lost_is_lossy_not_cut() -> None:
+    """Silent to our probes, yet the peer's checks keep arriving over it: not a cut. It is
+    judged while still silent and stays aside when it is heard from again."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(1, 4):
+        probe(paths, direct, float(t), 0.005)
+    for t in range(4, 13):
+        probe(paths, direct, float(t), None)
+        if t % 3 == 0:
+            paths.peer_checked(direct, t + 0.3)  # a third of the peer's probes get through
+        paths.tick(t + 0.5)
+    assert paths.current is relay and direct.degraded == "lost 62% of recent probes"  # judged while silent
+    probe(paths, direct, 13.0, 0.005)  # heard from again: still aside
+    paths.tick(13.5)
+    assert paths.current is relay and direct.degraded is not None
+
+
+def test_a_cut_that_ends_with_the_peers_check_is_still_a_cut() -> None:
+    """When a cut ends, the peer's check may come through a moment before the answer to
+    ours: the path is taken back at once all the same."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(1, 4):
+        probe(paths, direct, float(t), 0.005)
+    for t in range(4, 12):
+        probe(paths, direct, float(t), None)  # cut
+        paths.tick(t + 0.5)
+    assert paths.current is relay
+    paths.peer_checked(direct, 11.7)  # restored: the peer's probe first
+    paths.tick(11.8)
+    probe(paths, direct, 12.0, 0.005)  # then the answer to ours
+    paths.tick(12.5)
+    assert paths.current is direct and direct.degraded is None
+
+
+@pytest.mark.parametrize("lossy", [False, True], ids=["cut", "lossy"])
+def test_a_path_a_round_finds_again_after_a_silence_is_judged_like_one_heard_again(lossy: bool) -> None:
+    """A punch round may prove a silent path again before any probe is answered: a cut's
+    losses are forgotten as when it speaks again; a lossy path's are not."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(1, 4):
+        probe(paths, direct, float(t), 0.005 if not lossy or t == 1 else None)
+        paths.received(direct, 1200, now=t + 0.1)
+    for t in range(4, 12):
+        probe(paths, direct, float(t), None)
+        paths.tick(t + 0.5)
+    assert paths.current is relay
+    again = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=12.0)
+    assert again is direct
+    if lossy:
+        assert paths.current is relay and direct.degraded is not None
+    else:
+        assert paths.current is direct and direct.degraded is None
+        assert direct.recent_outcomes(12.0) == (0, 3)

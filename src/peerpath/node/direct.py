@@ -573,13 +573,16 @@ class DirectPaths:
             if sock is via and puncher.receive(data, source):
                 wake.set()
                 return
-        for _, key in self._session_keys():
+        for conn, key in self._session_keys():
             try:
                 kind, tid, _ = punch.parse(key, data)
             except punch.CheckError:
                 continue
             if kind == punch.CHECK:
                 via.sendto(punch.encode_response(key, tid, source), source)
+                path = conn.paths.paths.get((PathKind.DIRECT_UDP, format_endpoint(source)))
+                if path is not None:
+                    conn.paths.peer_checked(path, clock())  # the peer's probes get through
             else:
                 self._probe_answered(tid, PathKind.DIRECT_UDP, format_endpoint(source))
             return

@@ -48,6 +48,10 @@ PROBE_GRACE = 3.0
 SILENT_VERDICT_OUTCOMES = 4
 #: Seconds a path must be heard from after a forgiven silence before another is forgiven.
 FORGIVE_INTERVAL = 10.0
+#: Seconds the peer's checks may cross a path that our probes do not before the path's
+#: silence is taken for loss, not a cut: longer than one of our probes needs to be answered
+#: once a cut ends, so the peer's first check through a restored path does not count.
+CHECKED_SILENCE = PROBE_TIMEOUT
 #: RTT samples a path needs before its RTT is compared with the relay's.
 RTT_MIN_SAMPLES = 5
 #: A direct path is clearly worse than the relay when it loses this share of its recent
@@ -88,6 +92,10 @@ class Path:
     #: Probes sent within this interval that go unanswered are not counted as lost: a new
     #: path's first seconds, or the silence of a good path that was cut and came back.
     forgiven: tuple[float, float] = (0.0, 0.0)
+    #: When the first of the peer's checks arrived over this path since it was last heard
+    #: from (None: none since). A cut path carries nothing either way; a lossy or one-way
+    #: one lets the peer's checks through while our probes go unanswered.
+    checked_unheard: float | None = None
     _pending: dict[bytes, float] = field(default_factory=dict, repr=False)
     #: (sent, answered) of the most recent probes with an outcome, in the order they left.
     _outcomes: list[tuple[float, bool]] = field(default_factory=list, repr=False)
@@ -150,12 +158,19 @@ class Path:
         """A connectivity check just proved the path: its first probes get a grace period."""
         self.forgiven = (now, now + PROBE_GRACE)
 
+    def checked_while_silent(self, now: float) -> bool:
+        """Whether the peer's checks have been crossing this path for CHECKED_SILENCE while
+        nothing of ours came back: its silence is loss (or a one-way path), not a cut."""
+        checked = self.checked_unheard
+        return checked is not None and now - checked >= CHECKED_SILENCE
+
     def revived(self, silent_since: float, now: float) -> str | None:
         """The path is heard from again at ``now`` after a silence since ``silent_since``.
 
-        If it was good until the silence (a cut, not a lossy path), the probes sent in the
-        silence are forgotten and None is returned. If it lost much of what it carried
-        before it fell silent, or falls silent again soon after a silence was forgiven, the
+        If it was good until the silence and carried nothing either way in it (a cut, not a
+        lossy path), the probes sent in the silence are forgotten and None is returned. If
+        it lost much of what it carried before it fell silent, let the peer's checks through
+        while silent to us, or falls silent again soon after a silence was forgiven, the
         silence's losses count with the rest, and if they are many, say so: a lossy path
         goes quiet now and then, and must not be taken back each time it speaks."""
         self._expire(now)
@@ -164,7 +179,8 @@ class Path:
         # between the silences of a path that keeps falling silent would always look good.
         since = self._forgave_silence_at
         calm = since is None or silent_since - since >= FORGIVE_INTERVAL
-        if calm and before.count(False) <= RECOVERED_LOSS * len(before):
+        cut = not self.checked_while_silent(now)
+        if calm and cut and before.count(False) <= RECOVERED_LOSS * len(before):
             self._forgave_silence_at = now
             self.forgiven = (silent_since, now)
             self._outcomes = [(sent, answered) for sent, answered in self._outcomes if sent <= silent_since]
@@ -239,7 +255,7 @@ class PathSet:
         if path.key not in self.paths:
             path.validated(now)  # a path found again keeps its record, and no grace
         path = self.add(path)
-        path.last_received = now
+        self._heard(path, now)  # found again after a silence: judged as if it had spoken
         self.tick(now)
         return path
 
@@ -257,6 +273,11 @@ class PathSet:
         round trip is a sample of its RTT (returned; None for an unknown probe)."""
         self.received(path, 0, now)
         return path.probe_answered(tid, now)
+
+    def peer_checked(self, path: Path, now: float) -> None:
+        """An authentic check from the peer arrived over ``path`` (a path in this set)."""
+        if path.checked_unheard is None:
+            path.checked_unheard = now
 
     def silent(self, path: Path, now: float) -> bool:
         """Whether ``path`` has not been heard from for ``stale_after`` seconds."""
@@ -277,8 +298,8 @@ class PathSet:
             if relay is None:
                 path.degraded = None  # nothing better to go to
             elif path.degraded is None:
-                if self.silent(path, now):
-                    continue  # silent, not bad: staleness hands it over, and it comes back at once
+                if self.silent(path, now) and not path.checked_while_silent(now):
+                    continue  # cut, not bad: staleness hands it over, and it comes back at once
                 verdict = _worse(path, relay, now)
                 if verdict is not None:
                     path.degraded, path.held_until = verdict, now + self.hold_down
@@ -311,17 +332,22 @@ class PathSet:
     def received(self, path: Path, size: int, now: float) -> None:
         """Account a datagram that arrived over ``path`` (already accepted by QUIC's AEAD)."""
         path = self.add(path)
+        self._heard(path, now)
+        path.bytes_received += size
+        path.datagrams_received += 1
+        best = self._best(now)
+        if best is not None and best is not self.current:
+            self._switch(best)
+
+    def _heard(self, path: Path, now: float) -> None:
+        """``path`` proved alive at ``now``; if it was silent, judge the silence first."""
         if path.last_received is not None and now - path.last_received > self.stale_after:
             why = path.revived(path.last_received, now)  # a mere cut's losses are forgotten
             lossy = why is not None and path.kind is not PathKind.RELAY and path.degraded is None
             if lossy and self.has_kind(PathKind.RELAY):
                 path.degraded, path.held_until = why, now + self.hold_down
-        path.bytes_received += size
-        path.datagrams_received += 1
         path.last_received = now
-        best = self._best(now)
-        if best is not None and best is not self.current:
-            self._switch(best)
+        path.checked_unheard = None
 
     def _best(self, now: float | None = None) -> Path | None:
         if not self.paths:
