@@ -341,3 +341,21 @@ def test_a_path_a_round_finds_again_after_a_silence_is_judged_like_one_heard_aga
     else:
         assert paths.current is direct and direct.degraded is None
         assert direct.recent_outcomes(12.0) == (0, 3)
+
+
+def test_a_check_that_came_before_a_cut_does_not_make_it_lossy() -> None:
+    """On an idle session the peer's probe may be the last thing to arrive before a cut:
+    only checks that cross while the path is silent count against it."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    for t in range(1, 5):
+        probe(paths, direct, float(t), 0.005)
+        paths.peer_checked(direct, t + 0.3)
+    for t in range(5, 16):
+        probe(paths, direct, float(t), None)  # cut just after the peer's last check
+        paths.tick(t + 0.5)
+    assert paths.current is relay and direct.degraded is None
+    probe(paths, direct, 16.0, 0.005)  # restored
+    paths.tick(16.5)
+    assert paths.current is direct and direct.degraded is None

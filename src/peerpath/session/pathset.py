@@ -92,9 +92,9 @@ class Path:
     #: Probes sent within this interval that go unanswered are not counted as lost: a new
     #: path's first seconds, or the silence of a good path that was cut and came back.
     forgiven: tuple[float, float] = (0.0, 0.0)
-    #: When the first of the peer's checks arrived over this path since it was last heard
-    #: from (None: none since). A cut path carries nothing either way; a lossy or one-way
-    #: one lets the peer's checks through while our probes go unanswered.
+    #: When the first of the peer's checks arrived over this path in its current silence
+    #: (None: none). A cut path carries nothing either way; a lossy or one-way one lets
+    #: the peer's checks through while our probes go unanswered.
     checked_unheard: float | None = None
     _pending: dict[bytes, float] = field(default_factory=dict, repr=False)
     #: (sent, answered) of the most recent probes with an outcome, in the order they left.
@@ -275,8 +275,10 @@ class PathSet:
         return path.probe_answered(tid, now)
 
     def peer_checked(self, path: Path, now: float) -> None:
-        """An authentic check from the peer arrived over ``path`` (a path in this set)."""
-        if path.checked_unheard is None:
+        """An authentic check from the peer arrived over ``path`` (a path in this set). Only
+        one that crosses a silent path counts: on an idle session the peer's probe may well
+        be the last thing to arrive before a cut."""
+        if path.checked_unheard is None and self.silent(path, now):
             path.checked_unheard = now
 
     def silent(self, path: Path, now: float) -> bool:
