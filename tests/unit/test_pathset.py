@@ -11,6 +11,14 @@ def path(kind: PathKind, remote: str, sent: list[tuple[str, bytes]]) -> Path:
     return Path(kind, remote, lambda d: sent.append((remote, d)))
 
 
+def relay_and_direct() -> tuple[PathSet, Path, Path]:
+    """A path set with a relay path and a direct path validated at 0 s (the current one)."""
+    paths = PathSet()
+    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
+    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    return paths, relay, direct
+
+
 def test_first_path_becomes_current_and_carries_datagrams() -> None:
     sent: list[tuple[str, bytes]] = []
     paths = PathSet()
@@ -98,9 +106,7 @@ def test_unanswered_probes_count_as_recent_loss_once_they_time_out() -> None:
 
 def test_probes_lost_just_after_validation_are_not_held_against_the_path() -> None:
     """The peer may not have the round's key yet when the first probes arrive."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(3):
         probe(paths, relay, float(t), 0.010)
         probe(paths, direct, float(t), None)  # within the grace period
@@ -166,9 +172,7 @@ def test_a_direct_path_much_slower_than_the_relay_is_set_aside() -> None:
 
 def test_a_path_back_from_silence_is_taken_at_once() -> None:
     """A cut path that comes back is not held down for the probes lost while it was cut."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(1, 12):
         probe(paths, direct, float(t), None)  # cut
         paths.tick(t + 0.5)
@@ -188,9 +192,7 @@ def test_without_a_relay_a_bad_direct_path_is_still_used() -> None:
 
 
 def test_a_path_lossy_before_it_went_silent_keeps_its_losses() -> None:
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(3, 16):  # lossy (3 of 6 lost), then silent from 9 s on
         probe(paths, direct, float(t), 0.005 if t in (3, 5, 8) else None)
         if t < 9:
@@ -207,9 +209,7 @@ def test_a_path_lossy_before_it_went_silent_keeps_its_losses() -> None:
 def test_a_loaded_path_is_judged_by_its_base_rtt_not_its_queue() -> None:
     """A bulk transfer queues behind itself on the direct path while the relay idles: the
     lowest recent sample, not the smoothed RTT, is what is compared."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(10):
         probe(paths, relay, float(t), 0.030)
         probe(paths, direct, float(t), 0.010 if t % 5 == 0 else 0.250)
@@ -221,9 +221,7 @@ def test_a_loaded_path_is_judged_by_its_base_rtt_not_its_queue() -> None:
 def test_a_path_that_keeps_falling_silent_is_not_forgiven_each_time() -> None:
     """Answers more than stale_after apart, nothing but losses between them: only the first
     silence is forgiven, so the losses pile up and the path is set aside."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(3, 40):
         probe(paths, direct, float(t), 0.005 if t % 4 == 0 else None)  # heard every 4 s
         paths.tick(t + 0.5)
@@ -235,9 +233,7 @@ def test_a_path_silent_again_soon_after_a_forgiven_silence_is_set_aside() -> Non
     again for the rest of the loss. That silence's losses count: when it is heard from
     again, it is set aside (the silence alone fills the window, so nothing before it is left
     to show it was lossy)."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(1, 6):
         probe(paths, direct, float(t), 0.005 if t < 3 else None)  # good, then silent from 2 s
         paths.tick(t + 0.5)
@@ -257,9 +253,7 @@ def test_a_young_path_is_set_aside_once_half_a_window_of_probes_is_lost() -> Non
     """A path with only a few probes behind it starts losing most of them: the verdict comes
     with the fifth loss, the one that makes half of any full window lost, not when ten
     outcomes have piled up."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     verdict_at = None
     for t in range(4, 20):
         probe(paths, direct, float(t), 0.005 if t in (4, 5, 8) else None)
@@ -285,9 +279,7 @@ def test_two_early_losses_do_not_set_a_path_aside() -> None:
 def test_a_path_the_peer_checks_cross_while_ours_are_lost_is_lossy_not_cut() -> None:
     """Silent to our probes, yet the peer's checks keep arriving over it: not a cut. It is
     judged while still silent and stays aside when it is heard from again."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(1, 4):
         probe(paths, direct, float(t), 0.005)
     for t in range(4, 13):
@@ -304,9 +296,7 @@ def test_a_path_the_peer_checks_cross_while_ours_are_lost_is_lossy_not_cut() -> 
 def test_a_cut_that_ends_with_the_peers_check_is_still_a_cut() -> None:
     """When a cut ends, the peer's check may come through a moment before the answer to
     ours: the path is taken back at once all the same."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(1, 4):
         probe(paths, direct, float(t), 0.005)
     for t in range(4, 12):
@@ -324,9 +314,7 @@ def test_a_cut_that_ends_with_the_peers_check_is_still_a_cut() -> None:
 def test_a_path_a_round_finds_again_after_a_silence_is_judged_like_one_heard_again(lossy: bool) -> None:
     """A punch round may prove a silent path again before any probe is answered: a cut's
     losses are forgotten as when it speaks again; a lossy path's are not."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(1, 4):
         probe(paths, direct, float(t), 0.005 if not lossy or t == 1 else None)
         paths.received(direct, 1200, now=t + 0.1)
@@ -346,9 +334,7 @@ def test_a_path_a_round_finds_again_after_a_silence_is_judged_like_one_heard_aga
 def test_a_check_that_came_before_a_cut_does_not_make_it_lossy() -> None:
     """On an idle session the peer's probe may be the last thing to arrive before a cut:
     only checks that cross while the path is silent count against it."""
-    paths = PathSet()
-    relay = paths.add(path(PathKind.RELAY, "relay-1", []))
-    direct = paths.add_validated(path(PathKind.DIRECT_UDP, "198.51.100.7:1", []), now=0.0)
+    paths, relay, direct = relay_and_direct()
     for t in range(1, 5):
         probe(paths, direct, float(t), 0.005)
         paths.peer_checked(direct, t + 0.3)
