@@ -99,7 +99,7 @@ async def exercise_peer(node: Node, address: str) -> dict[str, object]:
 
 def path_trace(conn: Connection, t: float) -> str:
     """One line of what the path set knows, for a failing soak's report: per path its probe
-    outcomes oldest first (+ answered, - lost), recent loss, seconds since heard, verdict."""
+    outcomes oldest first (+ answered, - lost), probes pending, seconds since heard, verdict."""
     now = clock()
     parts = [f"{t:.0f}s on {conn.path.kind.value if conn.path else None}"]
     for p in conn.paths.paths.values():
@@ -116,8 +116,8 @@ async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
     paths: list[str] = []
     aside: list[str] = []
     trace: list[str] = []
+    sent = ok = 0
     begin = time.monotonic()
-    end = begin + seconds
 
     async def tracer() -> None:
         while True:
@@ -126,31 +126,23 @@ async def soak(node: Node, address: str, seconds: float) -> dict[str, object]:
 
     tracing = asyncio.ensure_future(tracer())
     try:
-        return await soak_until(conn, end, paths, aside, trace)
+        while time.monotonic() < begin + seconds:
+            blob = os.urandom(64 * 1024)
+            sent += 1
+            try:
+                if await conn.request(blob, timeout=30) == hashlib.sha256(blob).digest():
+                    ok += 1
+            except Exception as exc:
+                return {"error": f"{type(exc).__name__}: {exc}", "sent": sent, "ok": ok, "paths": paths, "trace": trace}
+            path = conn.path.describe() if conn.path else "none"
+            if not paths or paths[-1] != path:
+                paths.append(path)
+            for p in conn.paths.paths.values():
+                if p.degraded and f"{p.describe()}: {p.degraded}" not in aside:
+                    aside.append(f"{p.describe()}: {p.degraded}")
+            await asyncio.sleep(0.05)
     finally:
         tracing.cancel()
-
-
-async def soak_until(
-    conn: Connection, end: float, paths: list[str], aside: list[str], trace: list[str]
-) -> dict[str, object]:
-    """The soak's request loop (see :func:`soak`)."""
-    sent = ok = 0
-    while time.monotonic() < end:
-        blob = os.urandom(64 * 1024)
-        sent += 1
-        try:
-            if await conn.request(blob, timeout=30) == hashlib.sha256(blob).digest():
-                ok += 1
-        except Exception as exc:
-            return {"error": f"{type(exc).__name__}: {exc}", "sent": sent, "ok": ok, "paths": paths, "trace": trace}
-        path = conn.path.describe() if conn.path else "none"
-        if not paths or paths[-1] != path:
-            paths.append(path)
-        for p in conn.paths.paths.values():
-            if p.degraded and f"{p.describe()}: {p.degraded}" not in aside:
-                aside.append(f"{p.describe()}: {p.degraded}")
-        await asyncio.sleep(0.05)
     return {"sent": sent, "ok": ok, "paths": paths, "aside": aside, "trace": trace}
 
 
