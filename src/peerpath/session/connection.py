@@ -48,6 +48,12 @@ _STREAM_CANCELLED = 0x110
 _STREAM_TOO_LARGE = 0x111
 #: How often the session re-evaluates its paths (a silent direct path hands over to the relay).
 PATH_TICK = 1.0
+#: Until the peer is authenticated it may send this much stream data in all (gaps included)
+#: and open no stream but its control stream; the window grows to the session's afterwards.
+PREAUTH_MAX_DATA = 16 * 1024
+#: Stream data held for the application before the session is established (a responder's
+#: streams that overtook its Welcome), in bytes.
+PREAUTH_HELD = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,13 +102,38 @@ class Role(enum.Enum):
 
 
 class _Quic(QuicConnection):
-    """aioquic's connection, counting packets that decrypted (so only they validate a path)."""
+    """aioquic's connection, counting packets that decrypted (so only they validate a path),
+    with the connection's receive window and stream counts held at their pre-authentication
+    size until :meth:`open_windows`.
+
+    aioquic doubles the window whenever the peer has used half of it, consumed or not, and
+    keeps a stream's gap below its highest offset in memory: left alone, an unauthenticated
+    peer could grow a session to gigabytes with a few bytes at ever higher offsets. Every
+    such byte counts against the connection window, so holding that one bounds them all.
+    """
 
     authentic_packets = 0
+    windows_open = False
+
+    def hold_windows(self) -> None:
+        """Before the handshake: no stream but one unidirectional (control) stream."""
+        for limit, value in ((self._local_max_streams_bidi, 0), (self._local_max_streams_uni, 1)):
+            limit.value = limit.sent = value
+
+    def open_windows(self, max_data: int, max_streams: int = 128) -> None:
+        """The peer is authenticated: grow to the session's window (sent with the next packet)."""
+        self.windows_open = True
+        self._local_max_data.value = max(self._local_max_data.value, max_data)
+        self._local_max_streams_bidi.value = max(self._local_max_streams_bidi.value, max_streams)
+        self._local_max_streams_uni.value = max(self._local_max_streams_uni.value, max_streams)
 
     def _payload_received(self, *args: Any, **kwargs: Any) -> Any:
         self.authentic_packets += 1
         return super()._payload_received(*args, **kwargs)
+
+    def _write_connection_limits(self, *args: Any, **kwargs: Any) -> None:
+        if self.windows_open:
+            super()._write_connection_limits(*args, **kwargs)
 
 
 @dataclass(eq=False)
@@ -135,6 +166,7 @@ class Connection:
         *,
         expected_peer: Address | None = None,
         original_destination_connection_id: bytes | None = None,
+        retry_source_connection_id: bytes | None = None,
         on_connection_id: Callable[[Connection, bytes, bool], None] | None = None,
         on_closed: Callable[[Connection], None] | None = None,
     ) -> None:
@@ -156,7 +188,7 @@ class Connection:
             alpn_protocols=[control.ALPN],
             idle_timeout=config.idle_timeout,
             max_datagram_size=config.max_datagram_size,
-            max_data=config.max_data,
+            max_data=PREAUTH_MAX_DATA,
             max_stream_data=config.max_stream_data,
             verify_mode=ssl.CERT_NONE,  # the certificate is checked against the address below
         )
@@ -166,13 +198,17 @@ class Connection:
         self.quic = _Quic(
             configuration=quic_config,
             original_destination_connection_id=original_destination_connection_id,
+            retry_source_connection_id=retry_source_connection_id,
         )
+        self.quic.hold_windows()
         self.established: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.close_reason = ""
         #: Why the session is on the relay and will stay there, when that is known.
         self.relay_reason: str | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: A session not established by then is closed (an unauthenticated peer holds a slot).
+        self._deadline: asyncio.TimerHandle | None = self._loop.call_later(config.connect_timeout, self._too_slow)
         self._keepalive: asyncio.TimerHandle | None = None
         self._path_timer: asyncio.TimerHandle | None = None
         self._transmit_soon = False
@@ -183,6 +219,7 @@ class Connection:
         self._nonce: bytes | None = None
         self._claimed_key: bytes | None = None
         self._early: list[events.StreamDataReceived | events.StreamReset] = []
+        self._early_bytes = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -394,10 +431,11 @@ class Connection:
             if event.stream_id & 0x2:  # unidirectional: only the peer's control stream exists
                 self._on_control(event)
             elif not self.established.done():
-                # Held until the session is established (on the responder: until the initiator's
-                # proof succeeds); never delivered if it fails.
+                # Held until the session is established (on the initiator: streams of the
+                # responder that overtook its Welcome); never delivered if it fails.
                 self._early.append(event)
-                if len(self._early) > 1024:
+                self._early_bytes += len(getattr(event, "data", b"")) + 64
+                if self._early_bytes > PREAUTH_HELD:
                     self._abort(_ERR_PROTOCOL, "too much data before authentication")
             elif self.is_established:
                 self._on_stream_event(event)
@@ -424,6 +462,7 @@ class Connection:
                 )
                 self._abort(_ERR_AUTH, "wrong identity")
                 return
+            self._open_windows()  # the responder is who we dialled: streams may come with its Welcome
             hello = control.Hello(control.PROTOCOL_VERSION, self.identity.public_key)
             self._send_control(hello)
         else:
@@ -439,7 +478,10 @@ class Connection:
         if isinstance(event, events.StreamReset):
             self._abort(_ERR_PROTOCOL, "control stream reset")
             return
-        self._control_in = event.stream_id
+        if self._control_in is None:
+            self._control_in = event.stream_id
+        elif event.stream_id != self._control_in:
+            raise control.ControlError("a second unidirectional stream (only the control stream is one)")
         for frame in self._control_reader.feed(event.data):
             self._on_control_frame(frame)
 
@@ -483,14 +525,26 @@ class Connection:
             self._refuse(f"{self.identity.address} does not trust {claimed}")
             return
         self.peer = claimed
+        self._open_windows()
         self._send_control(control.Welcome())
         self._established()
+
+    def _open_windows(self) -> None:
+        self.quic.open_windows(self.config.max_data)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.established.done():
+            self._abort(_ERR_PROTOCOL, f"not authenticated within {self.config.connect_timeout:g} s")
 
     def _refuse(self, reason: str, code: int = _ERR_REFUSED) -> None:
         # The reason travels in CONNECTION_CLOSE (RFC 9000 19.19); stream data queued now would be lost.
         self._abort(code, reason)
 
     def _established(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if not self.established.done():
             self.established.set_result(None)
             log.debug("session with %s established over %s", self.peer, self.path and self.path.describe())
@@ -727,10 +781,10 @@ class Connection:
         if self.closed.done():
             return
         self.close_reason = self.close_reason or reason
-        for handle in (self._timer, self._keepalive, self._path_timer):
+        for handle in (self._timer, self._keepalive, self._path_timer, self._deadline):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._keepalive = self._path_timer = None
+        self._timer = self._keepalive = self._path_timer = self._deadline = None
         exc = errors.SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
         self._fail_establish(exc)
         for stream in self._streams.values():

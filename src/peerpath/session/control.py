@@ -10,6 +10,7 @@ or :class:`Reply`.
 from __future__ import annotations
 
 import struct
+from typing import Annotated
 
 import msgspec
 
@@ -22,6 +23,13 @@ MAX_FRAME = 16 * 1024
 _AUTH_CONTEXT = b"peerpath-session-auth-v1\x00"
 
 
+# Bounds on what a peer fills in (a frame is at most MAX_FRAME bytes in any case).
+Blob = Annotated[bytes, msgspec.Meta(max_length=64)]  # keys, nonces, signatures
+Reason = Annotated[str, msgspec.Meta(max_length=512)]
+Topic = Annotated[str, msgspec.Meta(max_length=64)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+
+
 class ControlError(ValueError):
     """A malformed frame from the peer."""
 
@@ -30,19 +38,19 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     """Initiator -> responder: who I claim to be."""
 
     version: int
-    public_key: bytes
+    public_key: Blob
 
 
 class Challenge(msgspec.Struct, tag="challenge", frozen=True):
     """Responder -> initiator: a fresh nonce to sign."""
 
-    nonce: bytes
+    nonce: Blob
 
 
 class Auth(msgspec.Struct, tag="auth", frozen=True):
     """Initiator -> responder: the signature over :func:`auth_payload`."""
 
-    signature: bytes
+    signature: Blob
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):
@@ -52,14 +60,14 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True):
 class OpenStream(msgspec.Struct, tag="open", frozen=True):
     """First frame of a byte stream to a numbered service port."""
 
-    port: int
+    port: Port
 
 
 class Accept(msgspec.Struct, tag="accept", frozen=True):
     """Answer to :class:`OpenStream`."""
 
     ok: bool
-    error: str = ""
+    error: Reason = ""
 
 
 class Message(msgspec.Struct, tag="message", frozen=True):
@@ -70,7 +78,7 @@ class Message(msgspec.Struct, tag="message", frozen=True):
     """
 
     request: bool
-    topic: str = ""
+    topic: Topic = ""
 
 
 class Ping(msgspec.Struct, tag="ping", frozen=True):
@@ -81,7 +89,7 @@ class Reply(msgspec.Struct, tag="reply", frozen=True):
     """First frame of the answer to a request; the payload follows until the end of the stream."""
 
     ok: bool
-    error: str = ""
+    error: Reason = ""
 
 
 Frame = Hello | Challenge | Auth | Welcome | OpenStream | Accept | Message | Ping | Reply
@@ -126,8 +134,11 @@ class FrameReader:
         del self._buffer[: 4 + length]
         try:
             frame: Frame = _decoder.decode(body)
-        except msgspec.DecodeError as exc:
+        except msgspec.DecodeError as exc:  # ValidationError too: a field out of its bounds
             raise ControlError(f"malformed frame: {exc}") from exc
+        except RecursionError:
+            # msgspec recurses into nested arrays and maps, even those of a field it skips.
+            raise ControlError("malformed frame: nested too deeply") from None
         return frame
 
     def take_rest(self) -> bytes:
