@@ -2,7 +2,10 @@
 
 The socket is mode 0600 inside a 0700 state directory: only the node's owner can use it.
 Each request is one JSON object with an ``op``; the answer is one or more JSON objects,
-the last of which has ``"done": true`` (or ``"error": "..."``).
+the last of which has ``"done": true`` (or ``"error": "..."``). Requests are parsed strictly
+(one typed struct per op, no unknown fields, bounded lengths and numbers): anything else,
+and a line over :data:`MAX_REQUEST_LINE`, is answered with one error line, and the connection
+keeps serving.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args
 
 import msgspec
 
@@ -21,20 +24,130 @@ from peerpath import errors
 from peerpath.identity import Address
 from peerpath.node.node import Node
 from peerpath.session.pathset import parse_endpoint
+from peerpath.wire.rendezvous import MAX_NOTE
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
-_MAX_LINE = 64 * 1024
+#: Longest request line the daemon reads (bytes, newline included); a longer one is answered with an error.
+MAX_REQUEST_LINE = 64 * 1024
+#: Longest answer line the client reads (bytes): a status with many sessions is long, and the daemon is ours.
+MAX_ANSWER_LINE = 16 * 1024 * 1024
+#: Longest address or endpoint text in a request (an address is 40 characters; an endpoint a host and port).
+MAX_ADDRESS_TEXT = 256
+#: Most pings one request may ask for (the CLI's --count allows as many).
+MAX_PING_COUNT = 100_000
+#: Longest wait (seconds) a request may ask for: between pings, or for a session or a pong.
+MAX_PING_WAIT = 3600.0
+
+_Text = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_TEXT)]
+
+
+class _Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
+    """A request; its ``op`` names its type. Unknown fields are refused rather than skipped (skipping a
+    deeply nested value would recurse)."""
+
+
+class StatusOp(_Op, tag="status", frozen=True):
+    """The node's status."""
+
+
+class PingOp(_Op, tag="ping", frozen=True):
+    """Ping a peer ``count`` times, over ``via`` if given."""
+
+    address: _Text
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_PING_COUNT)] = 4
+    interval: Annotated[float, msgspec.Meta(ge=0, le=MAX_PING_WAIT)] = 1.0
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=MAX_PING_WAIT)] = 5.0
+    via: _Text | None = None
+
+
+class TrustRequestOp(_Op, tag="trust-request", frozen=True):
+    """Ask a peer to trust this node."""
+
+    address: _Text
+    note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] = ""
+
+
+class TrustApproveOp(_Op, tag="trust-approve", frozen=True):
+    """Approve a pending trust request."""
+
+    address: _Text
+
+
+class TrustDenyOp(_Op, tag="trust-deny", frozen=True):
+    """Drop a pending trust request."""
+
+    address: _Text
+
+
+class TrustPendingOp(_Op, tag="trust-pending", frozen=True):
+    """List pending trust requests."""
+
+
+ControlRequest = StatusOp | PingOp | TrustRequestOp | TrustApproveOp | TrustDenyOp | TrustPendingOp
+_OPS = ", ".join(sorted(str(op.__struct_config__.tag) for op in get_args(ControlRequest)))
+_request_decoder = msgspec.json.Decoder(ControlRequest)
+_answer_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class ControlError(errors.LocalError):
     """The control socket could not be reached, or the daemon reported an error."""
 
 
+class RequestError(ControlError):
+    """A request the daemon cannot parse; the message says what is wrong with it."""
+
+
+def parse_request(line: bytes) -> ControlRequest:
+    """One request line, strictly typed; raise :class:`RequestError` for anything else."""
+    try:
+        return _request_decoder.decode(line)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if message.startswith("Invalid value") and message.endswith("at `$.op`"):
+            raise RequestError(f"unknown op (the ops are: {_OPS})") from None
+        raise RequestError(f"malformed request: {message}") from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(f"malformed request: {exc}") from None
+    except RecursionError:  # msgspec recurses into nested values before it sees they are unwanted
+        raise RequestError("malformed request: nested too deeply") from None
+
+
 def socket_path(state_dir: Path) -> Path:
     """Where the daemon of ``state_dir`` listens."""
     return state_dir / SOCKET_NAME
+
+
+class _LineTooLong(Exception):
+    """A line longer than the reader's limit."""
+
+
+class _ClientGone(Exception):
+    """The client closed its end while we answered."""
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    """The next line (b"" at the end); raise :class:`_LineTooLong` for a line over the reader's limit,
+    leaving the rest of it unread."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial  # a last line without its newline, or b"" at the end
+    except asyncio.LimitOverrunError:
+        raise _LineTooLong from None
+
+
+async def _skip_line(reader: asyncio.StreamReader) -> None:
+    """Discard the rest of an overlong line, up to and including its newline, without buffering it."""
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+        except asyncio.IncompleteReadError:
+            return
 
 
 class ControlServer:
@@ -58,7 +171,7 @@ class ControlServer:
                 raise ControlError(f"a node is already running for {self.path.parent} (its socket answers)")
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=_MAX_LINE)
+            self._server = await asyncio.start_unix_server(self._client, path=str(self.path), limit=MAX_REQUEST_LINE)
         finally:
             os.umask(old_umask)
 
@@ -78,58 +191,78 @@ class ControlServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer requests until the client leaves. Nothing a client sends ends this task with an
+        exception: each bad line gets one error line, and the next line is served."""
         try:
-            while line := await reader.readline():
+            while True:
                 try:
-                    request = msgspec.json.decode(line)
-                    if not isinstance(request, dict):
-                        raise ValueError("a request is a JSON object")
-                    async for answer in self._handle(request):
-                        writer.write(msgspec.json.encode(answer) + b"\n")
-                        await writer.drain()
-                    writer.write(msgspec.json.encode({"done": True}) + b"\n")
-                except (errors.PeerpathError, ValueError, msgspec.DecodeError) as exc:
-                    writer.write(msgspec.json.encode({"error": str(exc)}) + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
-            pass
+                    line = await _read_line(reader)
+                except _LineTooLong:
+                    await self._answer(writer, {"error": f"request line longer than {MAX_REQUEST_LINE} bytes"})
+                    await _skip_line(reader)
+                    continue
+                if not line:
+                    return
+                if not line.strip():
+                    continue  # a blank line asks nothing
+                await self._answer_request(line, writer)
+        except (_ClientGone, ConnectionError):
+            pass  # the client left
         finally:
             writer.close()
 
-    async def _handle(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        op = request.get("op")
-        if op == "status":
-            yield self.node.status()
-        elif op == "ping":
-            async for answer in self._ping(request):
-                yield answer
-        elif op == "trust-request":
-            await self.node.request_trust(Address.parse(str(request.get("address", ""))), str(request.get("note", "")))
-            yield {"sent": True}
-        elif op == "trust-approve":
-            await self.node.approve_trust(Address.parse(str(request.get("address", ""))))
-            yield {"approved": True}
-        elif op == "trust-deny":
-            self.node.deny_trust(Address.parse(str(request.get("address", ""))))
-            yield {"denied": True}
-        elif op == "trust-pending":
-            for pending in self.node.pending_trust():
-                yield {"address": pending.address, "note": pending.note, "created": pending.created}
-        else:
-            raise ValueError(f"unknown op {op!r}")
+    async def _answer_request(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = parse_request(line)
+            async for answer in self._handle(request):
+                await self._answer(writer, answer)
+            await self._answer(writer, {"done": True})
+        except _ClientGone:
+            raise
+        except (errors.PeerpathError, ValueError) as exc:
+            await self._answer(writer, {"error": str(exc) or type(exc).__name__})
+        except Exception as exc:
+            # A bug of ours, not the client's: say so, keep the traceback, and keep serving.
+            log.exception("control request %.200r failed", line)
+            await self._answer(writer, {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
-    async def _ping(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        address = Address.parse(str(request.get("address", "")))
-        count = int(request.get("count", 4))
-        interval = float(request.get("interval", 1.0))
-        timeout = float(request.get("timeout", 5.0))
-        via = request.get("via")
-        conn = await self.node.connect(address, parse_endpoint(str(via)) if via else None, timeout=timeout)
-        for seq in range(1, count + 1):
+    @staticmethod
+    async def _answer(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+        try:
+            writer.write(msgspec.json.encode(answer) + b"\n")
+            await writer.drain()
+        except ConnectionError as exc:
+            raise _ClientGone from exc
+
+    async def _handle(self, request: ControlRequest) -> AsyncIterator[dict[str, Any]]:
+        match request:
+            case StatusOp():
+                yield self.node.status()
+            case PingOp():
+                async for answer in self._ping(request):
+                    yield answer
+            case TrustRequestOp(address=address, note=note):
+                await self.node.request_trust(Address.parse(address), note)
+                yield {"sent": True}
+            case TrustApproveOp(address=address):
+                await self.node.approve_trust(Address.parse(address))
+                yield {"approved": True}
+            case TrustDenyOp(address=address):
+                self.node.deny_trust(Address.parse(address))
+                yield {"denied": True}
+            case TrustPendingOp():
+                for pending in self.node.pending_trust():
+                    yield {"address": pending.address, "note": pending.note, "created": pending.created}
+
+    async def _ping(self, request: PingOp) -> AsyncIterator[dict[str, Any]]:
+        address = Address.parse(request.address)
+        via = parse_endpoint(request.via) if request.via else None
+        conn = await self.node.connect(address, via, timeout=request.timeout)
+        for seq in range(1, request.count + 1):
             if seq > 1:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(request.interval)
             try:
-                rtt = await conn.ping(timeout=timeout)
+                rtt = await conn.ping(timeout=request.timeout)
             except errors.RequestTimeoutError:
                 yield {"seq": seq, "timeout": True}
                 continue
@@ -141,7 +274,7 @@ async def call(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[dict[s
     """Send one request to the daemon of ``state_dir``; yield its answers."""
     path = socket_path(state_dir)
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=_MAX_LINE)
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_ANSWER_LINE)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise ControlError(f"no node is running for {state_dir}; start one with: peerpath up") from exc
     except OSError as exc:
@@ -149,13 +282,20 @@ async def call(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[dict[s
     try:
         writer.write(msgspec.json.encode(request) + b"\n")
         await writer.drain()
-        while line := await reader.readline():
-            answer = msgspec.json.decode(line)
+        while True:
+            try:
+                line = await _read_line(reader)
+                answer = _answer_decoder.decode(line) if line else None
+            except (_LineTooLong, msgspec.DecodeError, RecursionError) as exc:
+                raise ControlError(f"the node sent an answer this client cannot read: {exc}") from None
+            if answer is None:
+                raise ControlError("the node closed the control connection")
             if "error" in answer:
-                raise ControlError(answer["error"])
+                raise ControlError(str(answer["error"]))
             if answer.get("done"):
                 return
             yield answer
-        raise ControlError("the node closed the control connection")
+    except ConnectionError as exc:
+        raise ControlError(f"the control connection to the node broke: {exc}") from exc
     finally:
         writer.close()

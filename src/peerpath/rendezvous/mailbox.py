@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -10,9 +13,22 @@ import msgspec
 from peerpath.rendezvous.letters import MAX_AGE, LetterError
 from peerpath.wire import rendezvous as rv
 
-#: Letters one sender may have waiting, and one recipient may be sent.
+log = logging.getLogger(__name__)
+
+#: Letters one sender may have waiting, for all its recipients together.
 MAX_PER_SENDER = 100
+#: Letters one sender may have waiting for one recipient: a request, a second thought, an approval or two.
+#: So one sender alone cannot fill anyone's mailbox (it takes MAX_PER_RECIPIENT / MAX_PER_PAIR senders).
+MAX_PER_PAIR = 4
+#: Letters one recipient may have waiting, from all its senders together.
 MAX_PER_RECIPIENT = 1000
+#: Letters :meth:`Mailbox.waiting_for` returns unless asked for fewer: everything a mailbox can hold.
+MAX_WAITING_BATCH = MAX_PER_RECIPIENT
+#: Letter ids are SQLite integers: 64-bit signed, and AUTOINCREMENT starts at 1.
+MAX_LETTER_ID = 2**63 - 1
+#: The database and its -wal and -shm files hold who writes to whom: the server's user alone reads them.
+DB_MODE = 0o600
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -22,21 +38,41 @@ CREATE TABLE IF NOT EXISTS letters (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS letters_recipient ON letters (recipient);
+CREATE INDEX IF NOT EXISTS letters_sender ON letters (sender, recipient);
+CREATE INDEX IF NOT EXISTS letters_created ON letters (created);
 CREATE TABLE IF NOT EXISTS seen (
     sender BLOB NOT NULL,
     nonce BLOB NOT NULL,
     created INTEGER NOT NULL,
     PRIMARY KEY (sender, nonce)
 );
+CREATE INDEX IF NOT EXISTS seen_created ON seen (created);
 """
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(rv.Letter)
+
+
+def _valid_id(letter_id: object) -> bool:
+    """Whether ``letter_id`` can name a stored letter (anything else names none, rather than overflow SQLite)."""
+    return type(letter_id) is int and 1 <= letter_id <= MAX_LETTER_ID
+
+
+def _private_database(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it (SQLite gives its -wal and -shm files the
+    database's mode), and make an existing database and its companions 0600."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, DB_MODE)
+    os.close(fd)
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(name, DB_MODE)
 
 
 class Mailbox:
     """Letters by recipient, with replay protection by (sender, nonce)."""
 
     def __init__(self, path: Path | str) -> None:
+        if str(path) not in ("", ":memory:") and not str(path).startswith("file:"):  # a file, not a URI
+            _private_database(Path(path))
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
@@ -48,15 +84,10 @@ class Mailbox:
     def post(self, letter: rv.Letter, sender: bytes, recipient: bytes, now: float) -> int:
         """Store a letter already checked by the caller; raise :class:`LetterError` for a replay or
         a full mailbox. Returns the letter's id."""
-        (waiting,) = self._db.execute("SELECT COUNT(*) FROM letters WHERE sender = ?", (sender,)).fetchone()
-        if waiting >= MAX_PER_SENDER:
-            raise LetterError(f"you have {waiting} letters waiting already")
-        (queued,) = self._db.execute("SELECT COUNT(*) FROM letters WHERE recipient = ?", (recipient,)).fetchone()
-        if queued >= MAX_PER_RECIPIENT:
-            raise LetterError("the recipient's mailbox is full")
         try:
             with self._db:
-                self._db.execute("BEGIN")
+                self._db.execute("BEGIN IMMEDIATE")  # the counts and the insert are one step
+                self._check_room(sender, recipient)
                 self._db.execute(
                     "INSERT INTO seen (sender, nonce, created) VALUES (?, ?, ?)", (sender, letter.nonce, letter.created)
                 )
@@ -69,14 +100,50 @@ class Mailbox:
         self.prune(now)
         return int(cursor.lastrowid or 0)
 
-    def waiting_for(self, recipient: bytes) -> list[tuple[int, rv.Letter]]:
-        """Every letter waiting for ``recipient``, oldest first."""
-        rows = self._db.execute("SELECT id, body FROM letters WHERE recipient = ? ORDER BY id", (recipient,))
-        return [(int(i), _decoder.decode(body)) for i, body in rows]
+    def _check_room(self, sender: bytes, recipient: bytes) -> None:
+        (waiting,) = self._db.execute("SELECT COUNT(*) FROM letters WHERE sender = ?", (sender,)).fetchone()
+        if waiting >= MAX_PER_SENDER:
+            raise LetterError(f"you have {waiting} letters waiting already")
+        (to_them,) = self._db.execute(
+            "SELECT COUNT(*) FROM letters WHERE sender = ? AND recipient = ?", (sender, recipient)
+        ).fetchone()
+        if to_them >= MAX_PER_PAIR:
+            raise LetterError(f"you have {to_them} letters waiting for this recipient already")
+        (queued,) = self._db.execute("SELECT COUNT(*) FROM letters WHERE recipient = ?", (recipient,)).fetchone()
+        if queued >= MAX_PER_RECIPIENT:
+            raise LetterError("the recipient's mailbox is full")
+
+    def waiting_for(self, recipient: bytes, limit: int = MAX_WAITING_BATCH) -> list[tuple[int, rv.Letter]]:
+        """The letters waiting for ``recipient``, oldest first, at most ``limit`` of them. A stored
+        letter that no longer decodes is dropped (and logged), not returned."""
+        if limit < 1:
+            return []
+        rows = self._db.execute(
+            "SELECT id, body FROM letters WHERE recipient = ? ORDER BY id LIMIT ?",
+            (recipient, min(limit, MAX_LETTER_ID)),
+        ).fetchall()
+        letters = []
+        for letter_id, body in rows:
+            try:
+                letters.append((int(letter_id), _decoder.decode(body)))
+            except (msgspec.DecodeError, TypeError) as exc:
+                log.warning("dropped stored letter %s: it does not decode (%s)", letter_id, exc)
+                self.drop(int(letter_id))
+        return letters
 
     def delete(self, letter_id: int, recipient: bytes) -> bool:
-        """Forget a delivered letter (only its recipient may do that)."""
+        """Forget a delivered letter (only its recipient may do that); False if there is no such letter."""
+        if not _valid_id(letter_id):
+            return False
         cursor = self._db.execute("DELETE FROM letters WHERE id = ? AND recipient = ?", (letter_id, recipient))
+        return cursor.rowcount > 0
+
+    def drop(self, letter_id: int) -> bool:
+        """Forget a letter that cannot be delivered, whoever it is for; False if there is no such letter.
+        Its nonce stays seen, so it cannot be posted again."""
+        if not _valid_id(letter_id):
+            return False
+        cursor = self._db.execute("DELETE FROM letters WHERE id = ?", (letter_id,))
         return cursor.rowcount > 0
 
     def prune(self, now: float) -> None:
