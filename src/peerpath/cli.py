@@ -29,7 +29,7 @@ from peerpath.node.local import LocalRendezvous
 from peerpath.node.node import Node
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
-from peerpath.rendezvous.server import RelayLimits, RendezvousServer
+from peerpath.rendezvous.server import RendezvousServer, ServerLimits
 from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import SessionConfig
@@ -262,10 +262,16 @@ def server_command(
     burst: Annotated[float, typer.Option("--burst", min=1, help="STUN request burst allowed per source IP.")] = 100.0,
     relay_rate: Annotated[
         float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
-    ] = RelayLimits.rate,
+    ] = ServerLimits.relay_rate,
     relay_burst: Annotated[
         float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
-    ] = RelayLimits.burst,
+    ] = ServerLimits.relay_burst,
+    max_agents: Annotated[
+        int, typer.Option("--max-agents", min=1, help="Agents registered at once, at most.")
+    ] = ServerLimits.max_agents,
+    max_per_ip: Annotated[
+        int, typer.Option("--max-connections-per-ip", min=1, help="Open connections per client IP, at most.")
+    ] = ServerLimits.max_connections_per_ip,
     relay: Annotated[
         list[str],
         typer.Option(
@@ -291,7 +297,7 @@ def server_command(
         fail("--alternate-port must differ from --stun-port and be at most 65535", 2)
     directory = state_dir if state_dir is not None else default_state_dir() / "server"
     identity = _identity(directory)
-    limits = RelayLimits(rate=relay_rate, burst=max(relay_burst, relay_rate / 10))
+    limits = _server_limits(relay_rate, relay_burst, max_agents, max_per_ip)
     relay_urls = [_rendezvous_url(text, "--relay") for text in relay]
 
     async def run() -> None:
@@ -320,13 +326,24 @@ def server_command(
     run_event_loop(run())
 
 
+def _server_limits(relay_rate: float, relay_burst: float, max_agents: int, max_per_ip: int) -> ServerLimits:
+    """The limits a server or relay enforces, from its command line (docs/security.md lists them all)."""
+    return ServerLimits(
+        relay_rate=relay_rate,
+        relay_burst=max(relay_burst, relay_rate / 10),
+        max_agents=max_agents,
+        max_connections=max(ServerLimits.max_connections, max_agents * 2),
+        max_connections_per_ip=max_per_ip,
+    )
+
+
 async def _start_rendezvous(
     identity: Identity,
     directory: Path,
     public_ip: list[str],
     port: int,
     wss_port: int | None,
-    limits: RelayLimits,
+    limits: ServerLimits,
     relays: list[RendezvousUrl],
     stun: list[str] | None = None,
 ) -> RendezvousServer:
@@ -381,10 +398,16 @@ def relay_command(
     ] = None,
     relay_rate: Annotated[
         float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
-    ] = RelayLimits.rate,
+    ] = ServerLimits.relay_rate,
     relay_burst: Annotated[
         float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
-    ] = RelayLimits.burst,
+    ] = ServerLimits.relay_burst,
+    max_agents: Annotated[
+        int, typer.Option("--max-agents", min=1, help="Agents registered at once, at most.")
+    ] = ServerLimits.max_agents,
+    max_per_ip: Annotated[
+        int, typer.Option("--max-connections-per-ip", min=1, help="Open connections per client IP, at most.")
+    ] = ServerLimits.max_connections_per_ip,
 ) -> None:
     """Run a relay alone. Give its URL to the server (peerpath server --relay URL); agents near it
     pick it as their home relay."""
@@ -395,7 +418,7 @@ def relay_command(
             fail(f"--public-ip {ip!r} is not an IP address", 2)
     directory = state_dir if state_dir is not None else default_state_dir() / "relay"
     identity = _identity(directory)
-    limits = RelayLimits(rate=relay_rate, burst=max(relay_burst, relay_rate / 10))
+    limits = _server_limits(relay_rate, relay_burst, max_agents, max_per_ip)
 
     async def run() -> None:
         relay = await _start_rendezvous(identity, directory, public_ip, port, wss_port, limits, [])
@@ -647,6 +670,26 @@ def trust_request(
     typer.echo(f"asked {peer} to trust this node; it is trusted back when it approves")
 
 
+#: Code points a stranger's text must not send to the terminal as they are: bidirectional marks,
+#: embeddings, overrides (U+202A-U+202E) and isolates (U+2066-U+2069), and line and paragraph separators.
+_UNSAFE_FORMATTING = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
+
+
+def _printable(text: str) -> str:
+    """``text`` safe to print: C0 and C1 controls and DEL (so escape sequences, newlines and tabs too),
+    bidi controls, separators and lone surrogates are shown as visible escapes such as ``\\x1b``."""
+
+    def shown(char: str) -> str:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return f"\\x{code:02x}"
+        if char in _UNSAFE_FORMATTING or 0xD800 <= code <= 0xDFFF:
+            return f"\\u{code:04x}"
+        return char
+
+    return "".join(shown(char) for char in text)
+
+
 @trust_app.command("pending")
 def trust_pending(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
     """List trust requests waiting for your answer."""
@@ -659,7 +702,7 @@ def trust_pending(state_dir: StateDir = None, json_out: JsonOption = False) -> N
         return
     for item in pending:
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(item["created"]))
-        typer.echo(f"{item['address']}  {when}  {item['note']}".rstrip())
+        typer.echo(f"{_printable(str(item['address']))}  {when}  {_printable(str(item['note']))}".rstrip())
 
 
 @trust_app.command("approve")

@@ -229,3 +229,50 @@ def test_ping_an_untrusted_peer_fails_clearly(two_daemons, tmp_path: Path) -> No
     two_address = nodes[1][1]
     proc = run("ping", f"{two_address}@127.0.0.1:{two_port}", "-c", "1", "--state-dir", str(one))
     assert proc.returncode == 1 and "refused the session" in proc.stderr and "does not trust" in proc.stderr
+
+
+#: A stranger's note that would clear the screen, retitle the window, fake a second line and
+#: reverse the text after it, were it printed as it is.
+HOSTILE_NOTE = "hi\x1b[2J\x1b]0;owned\x07\r\nfake line\x9b31m\u202etxt.exe\u2066\x7f\x00end"
+
+
+def test_trust_pending_escapes_a_strangers_note_for_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from peerpath import cli
+
+    pending = [{"address": "pp1stranger\x1b[1m", "note": HOSTILE_NOTE, "created": 1_700_000_000}]
+    monkeypatch.setattr(cli, "_daemon_call", lambda state_dir, request: pending)
+    human = CliRunner().invoke(cli.app, ["trust", "pending"])
+    assert human.exit_code == 0, human.output
+    line = human.output.rstrip("\n")
+    assert "\n" not in line  # one request, one line
+    for char in "\x1b\x07\r\x9b\u202e\u2066\x7f\x00":
+        assert char not in line, repr(char)
+    assert "hi\\x1b[2J\\x1b]0;owned\\x07\\x0d\\x0afake line\\x9b31m\\u202etxt.exe\\u2066\\x7f\\x00end" in line
+    assert line.startswith("pp1stranger\\x1b[1m  2023-11-14 22:13  ")
+    as_json = CliRunner().invoke(cli.app, ["trust", "pending", "--json"])
+    assert json.loads(as_json.output) == pending  # JSON carries the note exactly (escaped by JSON itself)
+    assert "\x1b" not in as_json.output
+
+
+def test_printable_leaves_ordinary_text_alone() -> None:
+    from peerpath.cli import _printable
+
+    text = "planner agent: café, 日本語, emoji 👩‍💻, quotes \"'\\ and spaces\u00a0ok"
+    assert _printable(text) == text
+
+
+def test_a_hostile_note_through_the_daemon_is_escaped(two_strangers) -> None:
+    nodes, _ = two_strangers
+    (one, _, _), (two, two_address, _) = nodes
+    note = HOSTILE_NOTE.replace("\x00", "")  # a command line cannot carry NUL
+    proc = run("trust", "request", two_address, "--note", note, "--state-dir", str(one))
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 10
+    while not (pending := json.loads(run("trust", "pending", "--json", "--state-dir", str(two)).stdout)):
+        assert time.monotonic() < deadline, "the request never arrived"
+        time.sleep(0.1)
+    assert pending[0]["note"] == note
+    human = run("trust", "pending", "--state-dir", str(two)).stdout
+    assert "\x1b" not in human and "\u202e" not in human and "\\x1b[2J" in human and "\\u202etxt.exe" in human

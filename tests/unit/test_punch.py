@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from peerpath.nat.punch import Puncher
+from peerpath.nat.punch import MAX_PEER_REFLEXIVE, Puncher
 from peerpath.node.direct import _predicted_ports
 from peerpath.wire import punch
 
@@ -165,3 +165,35 @@ def test_a_finished_round_sends_no_more_checks_but_still_answers() -> None:
     answers = puncher.datagrams_to_send(0.6)
     assert [dest for _, dest in answers] == [("198.51.100.2", 4000)]
     assert punch.parse(KEY, answers[0][0])[0] == punch.RESPONSE
+
+
+def test_a_check_replayed_from_spoofed_sources_costs_no_more_than_it_brings() -> None:
+    """One authentic check, copied to us from 50 spoofed sources during a round: the first
+    copy is answered (and its source checked, as a peer-reflexive candidate would be), the
+    other 49 get nothing, and no answer is larger than what came in."""
+    peer = ("198.51.100.2", 4000)
+    puncher = Puncher(KEY, [peer], start=0.0)
+    check = punch.encode_check(KEY, b"\x07" * punch.TID_BYTES)
+    received = sent = 0
+    now = 0.0
+    spoofed = [(f"203.0.113.{i}", 5000 + i) for i in range(50)]
+    while now < 2.5:
+        if now == 0.0:
+            for source in spoofed:
+                puncher.receive(check, source)
+                received += len(check)
+        for data, dest in puncher.datagrams_to_send(now):
+            if dest != peer:
+                sent += len(data)
+        now = round(now + 0.02, 2)
+    assert sent <= received  # the 103x of before: every source a candidate checked every 20 ms
+    assert len(punch.encode_response(KEY, b"\x07" * punch.TID_BYTES, peer)) <= len(check)
+
+
+def test_a_round_checks_few_peer_reflexive_candidates() -> None:
+    puncher = Puncher(KEY, [("198.51.100.2", 4000)], start=0.0)
+    for i in range(100):  # authentic checks (each its own tid) from 100 addresses
+        puncher.receive(punch.encode_check(KEY, i.to_bytes(punch.TID_BYTES, "big")), (f"203.0.113.{i}", 5000))
+    assert len(puncher.triggered) == MAX_PEER_REFLEXIVE
+    triggered = [dest for data, dest in puncher.datagrams_to_send(0.0) if punch.parse(KEY, data)[0] == punch.CHECK]
+    assert len(set(triggered) - {("198.51.100.2", 4000)}) == MAX_PEER_REFLEXIVE

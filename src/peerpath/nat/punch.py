@@ -22,6 +22,33 @@ Addr = tuple[str, int]
 #: Checks go out every INTERVAL seconds, round-robin over the candidates, for DURATION.
 INTERVAL = 0.02
 DURATION = 2.0
+#: Candidates a peer may offer (each checked every INTERVAL for the round's DURATION), and
+#: peer-reflexive sources a round answers with checks of its own, each at most
+#: TRIGGERED_PER_SOURCE times (one per fresh check from it, never on a schedule): what a
+#: round sends to addresses it has not validated is bounded whatever arrives.
+MAX_CANDIDATES = 16
+MAX_PEER_REFLEXIVE = 8
+TRIGGERED_PER_SOURCE = 16
+#: Transaction ids remembered to refuse replays.
+REPLAY_WINDOW = 4096
+
+
+class ReplayWindow:
+    """The transaction ids of checks already answered: each is answered once (a copy sent
+    again from elsewhere, a spoofed source say, gets nothing)."""
+
+    def __init__(self, size: int = REPLAY_WINDOW) -> None:
+        self._size = size
+        self._seen: dict[bytes, None] = {}
+
+    def first(self, tid: bytes) -> bool:
+        """True the first time ``tid`` is seen (and remember it)."""
+        if tid in self._seen:
+            return False
+        self._seen[tid] = None
+        if len(self._seen) > self._size:
+            del self._seen[next(iter(self._seen))]
+        return True
 
 
 @dataclass(eq=False)
@@ -40,6 +67,9 @@ class Puncher:
     checks_sent: int = 0
     _next: float = 0.0
     _cursor: int = 0
+    replays: ReplayWindow = field(default_factory=ReplayWindow)
+    #: Peer-reflexive sources and the triggered checks each got.
+    triggered: dict[Addr, int] = field(default_factory=dict)
     _sent: dict[bytes, Addr] = field(default_factory=dict)
     _outbox: list[tuple[bytes, Addr]] = field(default_factory=list)
 
@@ -94,14 +124,11 @@ class Puncher:
         except punch.CheckError:
             return False
         if kind == punch.CHECK:
+            if not self.replays.first(tid):
+                return True  # a copy of a check answered already: taken, and dropped
             self._outbox.append((punch.encode_response(self.key, tid, source), source))
             if source not in self.candidates:
-                # A peer-reflexive candidate: check it in turn (triggered check).
-                self.candidates.insert(0, source)
-                triggered = self.random_bytes(punch.TID_BYTES)
-                self._sent[triggered] = source
-                self.checks_sent += 1
-                self._outbox.append((punch.encode_check(self.key, triggered), source))
+                self._trigger(source)
             return True
         target = self._sent.get(tid)
         if target is None:
@@ -109,3 +136,17 @@ class Puncher:
         if target == source and source not in self.validated:
             self.validated.append(source)
         return True
+
+    def _trigger(self, source: Addr) -> None:
+        """A peer-reflexive candidate (RFC 8445 7.3.1.3): check it in turn (a triggered check),
+        within the round's bounds on such sources."""
+        count = self.triggered.get(source)
+        if count is None and len(self.triggered) >= MAX_PEER_REFLEXIVE:
+            return
+        if count is not None and count >= TRIGGERED_PER_SOURCE:
+            return
+        self.triggered[source] = (count or 0) + 1
+        tid = self.random_bytes(punch.TID_BYTES)
+        self._sent[tid] = source
+        self.checks_sent += 1
+        self._outbox.append((punch.encode_check(self.key, tid), source))

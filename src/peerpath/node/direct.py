@@ -18,13 +18,13 @@ import logging
 import os
 import random
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 
 from peerpath import errors
 from peerpath.nat.netcheck import MAX_PORT_STEP, port_step
-from peerpath.nat.punch import Addr, Puncher
+from peerpath.nat.punch import MAX_CANDIDATES, Addr, Puncher, ReplayWindow
 from peerpath.session.connection import Connection
 from peerpath.session.pathset import Path, PathKind, clock, format_endpoint, parse_endpoint
 from peerpath.wire import punch
@@ -47,36 +47,57 @@ NAT_WAIT = 1.0
 PREDICT_WAIT = 2.0
 
 
+# What a peer says in a round is bounded like any input: even a trusted peer's candidate
+# list decides where this node sends checks.
+_Key = Annotated[bytes, msgspec.Meta(min_length=punch.KEY_BYTES, max_length=punch.KEY_BYTES)]
+_Endpoint = Annotated[str, msgspec.Meta(max_length=64)]
+_Candidates = Annotated[list[_Endpoint], msgspec.Meta(max_length=MAX_CANDIDATES)]
+_Port = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
+
+
 class _Offer(msgspec.Struct, frozen=True):
-    key: bytes
-    candidates: list[str]
-    reflexive: str | None = None
+    key: _Key
+    candidates: _Candidates
+    reflexive: _Endpoint | None = None
     hard: bool = False
     #: TCP candidates, and whether UDP works from here as far as this side knows.
-    tcp: list[str] = msgspec.field(default_factory=list)
+    tcp: _Candidates = msgspec.field(default_factory=list)
     udp: bool = True
     #: On a hard NAT that hands out ports in sequence: the last public port it gave, and
     #: the step between consecutive ones (0: ports not predictable).
-    next_port: int = 0
-    port_step: int = 0
+    next_port: _Port = 0
+    port_step: _Port = 0
 
 
 class _Answer(msgspec.Struct, frozen=True):
-    candidates: list[str]
-    reflexive: str | None = None
+    candidates: _Candidates
+    reflexive: _Endpoint | None = None
     hard: bool = False
-    tcp: list[str] = msgspec.field(default_factory=list)
+    tcp: _Candidates = msgspec.field(default_factory=list)
     udp: bool = True
     #: Seconds the responder held the answer back (waiting for its mapping hint), not part
     #: of the round trip.
-    held: float = 0.0
-    next_port: int = 0
-    port_step: int = 0
+    held: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    next_port: _Port = 0
+    port_step: _Port = 0
 
 
 class _Go(msgspec.Struct, frozen=True):
     #: Both sides also open TCP toward each other's TCP candidates this round.
     tcp: bool = False
+
+
+_Message = TypeVar("_Message", _Offer, _Answer, _Go)
+
+
+def _decode(data: bytes, kind: type[_Message]) -> _Message:
+    """A round's message from the peer; :class:`~peerpath.errors.RemoteError` for anything malformed."""
+    try:
+        return msgspec.msgpack.decode(data, type=kind)
+    except msgspec.DecodeError as exc:
+        raise errors.RemoteError(f"malformed {kind.__name__.strip('_').lower()}: {exc}") from None
+    except RecursionError:  # msgspec recurses into what it skips, too
+        raise errors.RemoteError(f"malformed {kind.__name__.strip('_').lower()}: nested too deeply") from None
 
 
 #: Birthday rounds (RFC 4787 address-and-port-dependent mapping against an endpoint-
@@ -155,6 +176,8 @@ class DirectPaths:
         self._offers: dict[Connection, tuple[_Offer, _Answer, Any]] = {}
         self._active: dict[Puncher, tuple[Connection, asyncio.Event, Any]] = {}
         self._probes: dict[bytes, tuple[Connection, Path]] = {}
+        #: Checks answered outside rounds (probes), so a copy from elsewhere gets nothing.
+        self._replays = ReplayWindow()
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Extra sockets that carry a birthday round's winning path, until the session ends.
         self._kept: dict[Connection, list[Any]] = {}
@@ -328,7 +351,7 @@ class DirectPaths:
         )
         start = clock()
         reply = await conn.request(msgspec.msgpack.encode(offer), timeout=5, _topic="punch-offer")
-        answer = msgspec.msgpack.decode(reply, type=_Answer)
+        answer = _decode(reply, _Answer)
         rtt = max(0.0, clock() - start - min(answer.held, NAT_WAIT + PREDICT_WAIT))
         # TCP when UDP is out of the question for either side, or did not work last time.
         tcp = bool(offer.tcp and answer.tcp) and (not offer.udp or not answer.udp or failures > 0)
@@ -353,7 +376,7 @@ class DirectPaths:
     async def internal_message(self, conn: Connection, topic: str, data: bytes) -> bytes | None:
         """The responder's side of a round."""
         if topic == "punch-offer":
-            offer = msgspec.msgpack.decode(data, type=_Offer)
+            offer = _decode(data, _Offer)
             self._remember(conn, offer.key)
             arrived = clock()
             await self._nat_known()
@@ -372,7 +395,7 @@ class DirectPaths:
             self._offers[conn] = (offer, answer, fresh)
             return msgspec.msgpack.encode(answer)
         if topic == "punch-go":
-            go = msgspec.msgpack.decode(data, type=_Go) if data else _Go()
+            go = _decode(data, _Go) if data else _Go()
             pending = self._offers.pop(conn, None)
             if pending is not None:
                 offer, answer, fresh = pending
@@ -562,7 +585,8 @@ class DirectPaths:
             except punch.CheckError:
                 continue
             if kind == punch.CHECK:
-                reply(punch.encode_response(key, tid, RELAY_OBSERVED))
+                if self._replays.first(tid):
+                    reply(punch.encode_response(key, tid, RELAY_OBSERVED))
             else:
                 self._probe_answered(tid, PathKind.RELAY, relay)
             return
@@ -579,6 +603,8 @@ class DirectPaths:
             except punch.CheckError:
                 continue
             if kind == punch.CHECK:
+                if not self._replays.first(tid):
+                    return  # a copy: answered once already, and no news of the path
                 via.sendto(punch.encode_response(key, tid, source), source)
                 path = conn.paths.paths.get((PathKind.DIRECT_UDP, format_endpoint(source)))
                 if path is not None:

@@ -44,7 +44,7 @@ RECV_BATCH = 64
 #: netcheck runs again after a re-registration only if its last result is older than this.
 NAT_RECHECK = 600.0
 _CID_LENGTH = 8
-#: What of a netcheck result the node keeps (and reports to the server).
+#: What of a netcheck result the node keeps (and offers peers in punch rounds).
 _NAT_REPORT = frozenset(
     {"udp", "nat", "public_address", "mapping", "filtering", "hairpinning", "port_preserving", "port_step"}
 )
@@ -175,7 +175,7 @@ class Node:
         self._relay_clients: dict[Address, RendezvousClient] = {}
         self.home_relay: str | None = None
         self._home_task: asyncio.Task[None] | None = None
-        #: What netcheck found about this node's NAT (reported to the rendezvous).
+        #: What netcheck found about this node's NAT (told only to peers, inside sessions).
         self.nat: dict[str, Any] | None = None
         self._nat_checked = -1e9
         self._nat_task: asyncio.Task[None] | None = None
@@ -216,8 +216,6 @@ class Node:
             on_relay=lambda source, data: None,
             on_letter=self._letter_received,
             udp_send=self._send_udp,
-            endpoints=lambda: self._local_endpoints(url),
-            nat=lambda: self.nat,
             on_registered=self._on_registered,
         )
         client.on_relay = functools.partial(self._relay_received, client)
@@ -267,8 +265,6 @@ class Node:
             result = await netcheck(TransportAddress(host.strip("[]"), int(port)), timeout=2.0)
             self.nat = {key: value for key, value in result.to_json().items() if key in _NAT_REPORT}
             self._nat_checked = clock()
-            if self.rendezvous is not None and self.rendezvous.registered.is_set():
-                self.rendezvous.report_nat(self.nat)
             log.info("netcheck: %s", result.verdict())
         except (OSError, ValueError, errors.PeerpathError) as exc:
             log.info("netcheck against %s failed: %s", stun[0], exc)
@@ -401,6 +397,7 @@ class Node:
             if background is not None:
                 background.cancel()
         await self.direct.close()
+        await self.broker.close()
         await self.tcp.close()
         await self.portmap.close()
         for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:

@@ -23,6 +23,7 @@ from peerpath.identity import Address, Identity
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.wire import rendezvous as rv
+from peerpath.wire.endpoint import parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ class RendezvousClient:
         on_signal: SignalHandler | None = None,
         udp_send: UdpSender | None = None,
         on_registered: Callable[[rv.Registered], None] | None = None,
-        endpoints: Callable[[], list[str]] = list,
-        nat: Callable[[], dict[str, Any] | None] = lambda: None,
         backoff: tuple[float, float] = (0.25, 30.0),
         rng: random.Random | None = None,
     ) -> None:
@@ -81,10 +80,9 @@ class RendezvousClient:
         self.udp_ready = False
         self._udp_endpoint: tuple[str, int] | None = None
         self._token = b""
+        self._udp_key = b""
         self._udp_acked = 0.0
         self._udp_task: asyncio.Task[None] | None = None
-        self._endpoints = endpoints
-        self._nat = nat
         # A server on this machine is cheap to retry and may be taken over by another node
         # within a second: never back off long from it.
         self._backoff = (backoff[0], min(backoff[1], 1.0)) if _is_loopback(url.host) else backoff
@@ -99,6 +97,7 @@ class RendezvousClient:
             "relay_received": 0,
             "relay_received_udp": 0,
             "relay_dropped": 0,
+            "udp_dropped": 0,
         }
         self._link: Link | None = None
         self.transport_name: str | None = None
@@ -174,10 +173,6 @@ class RendezvousClient:
         if not result.ok:
             raise RendezvousError(f"the server refused the letter: {result.error}")
 
-    def report_nat(self, nat: dict[str, Any]) -> None:
-        """Tell the server what netcheck found (it keeps it with our presence)."""
-        self._send(rv.encode_control(rv.NatReport(nat)))
-
     def set_home_relay(self, url: str) -> None:
         """Tell the server which of its relays peers should use to reach us."""
         self._send(rv.encode_control(rv.HomeRelay(url)))
@@ -200,7 +195,7 @@ class RendezvousClient:
         the TLS connection.
         """
         if self.udp_ready and self._udp_send is not None and self._udp_endpoint is not None:
-            self._udp_send(rv.encode_udp_relay(self._token, destination, datagram), self._udp_endpoint)
+            self._udp_send(rv.encode_udp_relay(self._token, self._udp_key, destination, datagram), self._udp_endpoint)
             self.counters["relay_sent"] += 1
             self.counters["relay_sent_udp"] += 1
             return True
@@ -216,18 +211,23 @@ class RendezvousClient:
         return True
 
     def udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        """A UDP relay frame arrived on the node's socket."""
-        if addr != self._udp_endpoint:
-            return  # only the server we registered with speaks this protocol to us
-        try:
-            kind, token, source, datagram = rv.parse_udp_relay(data)
-        except rv.FrameError:
+        """A UDP relay frame arrived on the node's socket: only the server we registered with,
+        under this registration's key, speaks this protocol to us."""
+        if addr != self._udp_endpoint or not rv.udp_authentic(self._udp_key, data):
+            self.counters["udp_dropped"] += 1
             return
-        if kind == rv.UDP_FROM_SERVER:
+        try:
+            frame = rv.parse_udp_relay(data)
+        except rv.FrameError:
+            self.counters["udp_dropped"] += 1
+            return
+        if frame.kind == rv.UDP_FROM_SERVER:
             self.counters["relay_received"] += 1
             self.counters["relay_received_udp"] += 1
-            self.on_relay(source, datagram)
-        elif kind == rv.UDP_HELLO_ACK and token == self._token and self._token:
+            self._deliver(frame.address, frame.payload)
+        elif frame.kind == rv.UDP_CHALLENGE and frame.token == self._token and self._udp_send is not None:
+            self._udp_send(rv.encode_udp_response(self._token, self._udp_key, frame.payload), addr)
+        elif frame.kind == rv.UDP_HELLO_ACK and frame.token == self._token:
             self._udp_acked = asyncio.get_running_loop().time()
             if not self.udp_ready:
                 self.udp_ready = True
@@ -235,11 +235,18 @@ class RendezvousClient:
                     self._send(rv.encode_control(rv.UdpReady(True)))
                 log.info("relay traffic to %s goes over UDP", self.url.endpoint)
 
+    def _deliver(self, source: bytes, datagram: bytes) -> None:
+        """Hand a relayed datagram to the node; a failure there costs that datagram, not the link."""
+        try:
+            self.on_relay(source, datagram)
+        except Exception:
+            log.exception("a relayed datagram from the server could not be handled")
+
     async def _udp_hellos(self) -> None:
         if self._udp_send is None or self._udp_endpoint is None:
             return
         loop = asyncio.get_running_loop()
-        hello = bytes([rv.UDP_HELLO]) + self._token
+        hello = rv.encode_udp_hello(self._token, self._udp_key)
         delays = [0.0, 0.3, 1.0, 3.0]
         while True:
             await asyncio.sleep(delays.pop(0) if delays else UDP_HELLO_INTERVAL)
@@ -258,6 +265,8 @@ class RendezvousClient:
     # -- the connection -----------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Connect, serve, and reconnect with backoff, for as long as the client is open: nothing
+        the server sends or does ends this loop (a bug is logged and counts as an outage)."""
         low, high = self._backoff
         delay = low
         while not self._closed:
@@ -268,12 +277,15 @@ class RendezvousClient:
                 OSError,
                 TimeoutError,
                 rv.FrameError,
-                RendezvousError,
+                errors.PeerpathError,
                 asyncio.IncompleteReadError,
                 ConnectionClosed,
             ) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.info("rendezvous %s: %s", self.url.endpoint, self.last_error)
+            except Exception as exc:
+                self.last_error = f"internal error: {type(exc).__name__}: {exc}"
+                log.exception("rendezvous %s: the connection failed", self.url.endpoint)
             finally:
                 self._drop_connection("disconnected")
             if self._closed:
@@ -345,7 +357,7 @@ class RendezvousClient:
                         self._on_control(message)  # type: ignore[arg-type]
                     else:
                         self.counters["relay_received"] += 1
-                        self.on_relay(message, datagram)  # type: ignore[arg-type]
+                        self._deliver(message, datagram)  # type: ignore[arg-type]
             self.last_error = "the server closed the connection"
         finally:
             keepalive.cancel()
@@ -355,13 +367,12 @@ class RendezvousClient:
             if message.server != str(self.url.address):
                 raise RendezvousError(f"server names itself {message.server}, expected {self.url.address}")
             payload = rv.register_payload(message.nonce, self.identity.address.digest, self.url.address.digest)
-            register = rv.Register(
-                self.identity.public_key, self.identity.sign(payload), self._endpoints(), self._nat()
-            )
+            register = rv.Register(self.identity.public_key, self.identity.sign(payload))
             self._send(rv.encode_control(register))
         elif isinstance(message, rv.Registered):
             self.observed = message.observed
             self._token = message.token
+            self._udp_key = message.udp_key
             self._udp_endpoint = _pick_udp_endpoint(message.udp_relay, self.url.host)
             if self._udp_task is not None:
                 self._udp_task.cancel()
@@ -431,10 +442,8 @@ def _pick_udp_endpoint(endpoints: list[str], preferred_host: str) -> tuple[str, 
     """The server's UDP relay endpoint on the host we reached it at, else its first one."""
     parsed = []
     for text in endpoints:
-        host, _, port = text.rpartition(":")
-        host = host.strip("[]")
-        if host and port.isdigit():
-            parsed.append((host, int(port)))
+        with contextlib.suppress(ValueError):
+            parsed.append(parse_endpoint(text))
     for endpoint in parsed:
         if endpoint[0] == preferred_host:
             return endpoint

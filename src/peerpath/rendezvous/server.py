@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -16,7 +17,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any, cast
 
-import msgspec
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as serve_websocket
@@ -46,16 +46,46 @@ STATUS_FILE = "status.json"
 UDP_FRESH = 30.0
 
 
-@dataclass(frozen=True)
-class RelayLimits:
-    """Per-agent relay quotas."""
+#: A new UDP endpoint of an agent is challenged at most this often.
+UDP_CHALLENGE_INTERVAL = 1.0
+#: Letters handed to an agent at each registration (the rest wait for the next one).
+DELIVER_BATCH = 64
 
-    #: Sustained relayed bytes per second an agent may send.
-    rate: float = 16 * 1024 * 1024
-    #: Burst allowance in bytes.
-    burst: float = 32 * 1024 * 1024
-    #: An agent that keeps exceeding its quota is cut off after this many dropped frames in a row.
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one agent, one address and everyone together may use of a server (docs/security.md)."""
+
+    #: Sustained relayed bytes per second an agent may send (signal payloads count too).
+    relay_rate: float = 16 * 1024 * 1024
+    #: Relay burst allowance in bytes.
+    relay_burst: float = 32 * 1024 * 1024
+    #: An agent that keeps exceeding a quota is cut off after this many dropped frames in a row.
     cutoff_drops: int = 5000
+    #: Control messages (lookups, signals, letters, pings...) per second an agent may send, and burst.
+    control_rate: float = 20.0
+    control_burst: float = 200.0
+    #: Agents registered at once; connections open at once (registered or not), in all and per IP.
+    max_agents: int = 10_000
+    max_connections: int = 20_000
+    max_connections_per_ip: int = 64
+
+
+class _Bucket:
+    """A token bucket: ``take(n, now)`` is True while the rate and burst allow it."""
+
+    __slots__ = ("burst", "level", "rate", "updated")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.level, self.updated = rate, burst, burst, now
+
+    def take(self, amount: float, now: float) -> bool:
+        self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.level < amount:
+            return False
+        self.level -= amount
+        return True
 
 
 @dataclass(eq=False)
@@ -63,23 +93,26 @@ class _Agent:
     address: Address
     link: Link
     observed: str
-    endpoints: list[str]
-    nat: dict[str, Any] | None
     connected: float
-    tokens: float
-    updated: float
+    relay_quota: _Bucket
+    control_quota: _Bucket
     last_seen: float
     rtt: float | None = None
     overquota_run: int = 0
     relayed_in: int = 0
     relayed_out: int = 0
     ping_sent: dict[int, float] = field(default_factory=dict)
-    token: bytes = b""
+    #: Names this registration on UDP (in the clear); ``udp_key`` authenticates its frames.
+    token: bytes = field(default_factory=lambda: os.urandom(rv.TOKEN_BYTES))
+    udp_key: bytes = field(default_factory=lambda: os.urandom(rv.UDP_KEY_BYTES))
     home_relay: str | None = None
     udp_ready: bool = False
+    #: Where relayed datagrams go over UDP: only an endpoint that answered a challenge.
     udp_endpoint: tuple[str, int] | None = None
     udp_socket: _RelayUdp | None = None
     udp_seen: float = 0.0
+    #: The challenge outstanding for a new endpoint: (nonce, endpoint, socket, when sent).
+    udp_challenge: tuple[bytes, tuple[str, int], _RelayUdp, float] | None = None
 
     def send(self, frame: bytes) -> bool:
         if self.link.is_closing() or self.link.buffered() > SEND_HIGH_WATER:
@@ -95,7 +128,7 @@ class _Agent:
             and self.udp_endpoint is not None
             and now - self.udp_seen < UDP_FRESH
         ):
-            return self.udp_socket.sendto(rv.encode_udp_delivery(source, datagram), self.udp_endpoint)
+            return self.udp_socket.sendto(rv.encode_udp_delivery(self.udp_key, source, datagram), self.udp_endpoint)
         return self.send(rv.encode_relay(source, datagram))
 
 
@@ -130,7 +163,7 @@ class RendezvousServer:
         identity: Identity,
         state_dir: Path,
         *,
-        limits: RelayLimits | None = None,
+        limits: ServerLimits | None = None,
         relays: list[RendezvousUrl] | None = None,
         stun: list[str] | None = None,
     ) -> None:
@@ -140,10 +173,12 @@ class RendezvousServer:
         #: Other relays (``peerpath relay``) agents may choose as their home relay.
         self.relays = list(relays or [])
         self.state_dir = state_dir
-        self.limits = limits or RelayLimits()
+        self.limits = limits or ServerLimits()
         self.agents: dict[bytes, _Agent] = {}
         self.counters = {
             "connections": 0,
+            "connections_refused": 0,
+            "handler_errors": 0,
             "registered": 0,
             "refused": 0,
             "malformed": 0,
@@ -162,7 +197,12 @@ class RendezvousServer:
             "udp_frames": 0,
             "udp_malformed": 0,
             "udp_unknown_token": 0,
+            "udp_unauthentic": 0,
+            "udp_unconfirmed": 0,
+            "control_dropped_quota": 0,
         }
+        self._open = 0
+        self._per_ip: dict[str, int] = {}
         self._tokens: dict[bytes, _Agent] = {}
         self._udp: list[_RelayUdp] = []
         self.mailbox: Mailbox | None = None
@@ -284,27 +324,43 @@ class RendezvousServer:
                 self._tasks.discard(task)
 
     async def _serve(self, link: Link) -> None:
+        """One connection, from its first byte to its end. Whatever it created (an agent, a
+        token) is torn down in ``finally``, however it ends."""
         self.counters["connections"] += 1
-        peer = link.peername()
-        observed = _endpoint(peer)
+        observed = _endpoint(link.peername())
+        ip = observed.rpartition(":")[0]
         agent: _Agent | None = None
-        decoder = rv.FrameDecoder()
+        self._open += 1
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
-            agent = await self._register(link, decoder, observed)
+            if self._open > self.limits.max_connections or self._per_ip[ip] > self.limits.max_connections_per_ip:
+                self.counters["connections_refused"] += 1
+                self._refuse(link, "too many connections; try again later")
+                return
+            decoder = rv.FrameDecoder()
+            registration = await self._read_registration(link, decoder, observed)
+            if registration is None:
+                return
+            register, frames = registration
+            agent = self._admit(link, register, observed)
             if agent is None:
                 return
-            while data := await asyncio.wait_for(link.read(), PING_INTERVAL * 3):
-                agent.last_seen = time.monotonic()
-                for message, datagram in decoder.feed(data):
+            while True:
+                for message, datagram in frames:
                     if datagram is None:
                         self._on_control(agent, message)  # type: ignore[arg-type]
                     else:
                         self._relay(agent, message, datagram)  # type: ignore[arg-type]
+                data = await asyncio.wait_for(link.read(), PING_INTERVAL * 3)
+                if not data:
+                    return
+                agent.last_seen = time.monotonic()
+                frames = decoder.feed(data)
         except rv.FrameError as exc:
             self.counters["malformed"] += 1
             log.info("dropping %s: %s", agent.address if agent else observed, exc)
             with contextlib.suppress(Exception):
-                link.write(rv.encode_control(rv.Refused(f"protocol error: {exc}")))
+                link.write(rv.encode_control(rv.Refused(f"protocol error: {exc}"[:500])))
         except _CutOff as exc:
             self.counters["agents_cut_off"] += 1
             log.warning("cutting off %s: %s", agent.address if agent else observed, exc)
@@ -312,18 +368,34 @@ class RendezvousServer:
                 link.write(rv.encode_control(rv.Refused(str(exc))))
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
+        except Exception:
+            # A bug, not the peer's fault: log it with whom, drop this connection, serve the rest.
+            self.counters["handler_errors"] += 1
+            log.exception("connection from %s (%s) failed", observed, agent.address if agent else "unregistered")
         finally:
+            self._open -= 1
+            if self._per_ip[ip] <= 1:
+                del self._per_ip[ip]
+            else:
+                self._per_ip[ip] -= 1
             if agent is not None:
-                self._tokens.pop(agent.token, None)
-            if agent is not None and self.agents.get(agent.address.digest) is agent:
-                del self.agents[agent.address.digest]
-                log.info("%s offline", agent.address)
+                self._forget(agent)
             link.close()
 
-    async def _register(self, link: Link, decoder: rv.FrameDecoder, observed: str) -> _Agent | None:
+    def _forget(self, agent: _Agent) -> None:
+        if self._tokens.get(agent.token) is agent:
+            del self._tokens[agent.token]
+        if self.agents.get(agent.address.digest) is agent:
+            del self.agents[agent.address.digest]
+            log.info("%s offline", agent.address)
+
+    async def _read_registration(
+        self, link: Link, decoder: rv.FrameDecoder, observed: str
+    ) -> tuple[rv.Register, list[tuple[rv.Message | bytes, bytes | None]]] | None:
+        """Challenge the agent and read its signed registration; None if it failed (and was told)."""
         nonce = os.urandom(32)
         link.write(rv.encode_control(rv.Challenge(nonce, str(self.address))))
-        frames: list[Any] = []
+        frames: list[tuple[rv.Message | bytes, bytes | None]] = []
         async with asyncio.timeout(REGISTER_TIMEOUT):
             while not frames:
                 data = await link.read()
@@ -343,24 +415,31 @@ class RendezvousServer:
         if not verify(message.public_key, message.signature, payload):
             self._refuse(link, "registration signature does not verify")
             return None
+        return message, frames[1:]
+
+    def _admit(self, link: Link, register: rv.Register, observed: str) -> _Agent | None:
+        """Make a verified registration an agent online (the caller forgets it at the end)."""
+        claimed = Address.from_public_key(register.public_key)
+        previous = self.agents.get(claimed.digest)
+        if previous is None and len(self.agents) >= self.limits.max_agents:
+            self._refuse(link, "the server is full; try again later")
+            return None
         now = time.monotonic()
+        limits = self.limits
         agent = _Agent(
             claimed,
             link,
             observed,
-            list(message.endpoints)[:16],
-            message.nat,
             connected=now,
-            tokens=self.limits.burst,
-            updated=now,
+            relay_quota=_Bucket(limits.relay_rate, limits.relay_burst, now),
+            control_quota=_Bucket(limits.control_rate, limits.control_burst, now),
             last_seen=now,
-            token=os.urandom(rv.TOKEN_BYTES),
         )
-        self._tokens[agent.token] = agent
-        previous = self.agents.get(claimed.digest)
         if previous is not None:
             previous.link.close()  # the same agent reconnected: the newest connection wins
+            self._forget(previous)
         self.agents[claimed.digest] = agent
+        self._tokens[agent.token] = agent
         self.counters["registered"] += 1
         registered = rv.Registered(
             observed,
@@ -368,16 +447,12 @@ class RendezvousServer:
             udp_relay=[_endpoint((h, self.port)) for h in self.hosts],
             token=agent.token,
             stun=self.stun,
+            udp_key=agent.udp_key,
         )
         link.write(rv.encode_control(registered))
         log.info("%s online from %s", claimed, observed)
         self._ping(agent)  # a first RTT sample right away, for signalling
         self._deliver_waiting(agent)
-        for message, datagram in frames[1:]:
-            if datagram is None:
-                self._on_control(agent, message)
-            else:
-                self._relay(agent, message, datagram)
         return agent
 
     def _relay_urls(self) -> list[str]:
@@ -390,6 +465,11 @@ class RendezvousServer:
         link.write(rv.encode_control(rv.Refused(reason)))
 
     def _on_control(self, agent: _Agent, message: rv.Message) -> None:
+        now = time.monotonic()
+        if not agent.control_quota.take(1, now):
+            self.counters["control_dropped_quota"] += 1
+            self._overquota(agent, "control message rate")
+            return
         if isinstance(message, rv.Lookup):
             self.counters["lookups"] += 1
             agent.send(rv.encode_control(self._lookup(message)))
@@ -398,7 +478,7 @@ class RendezvousServer:
         elif isinstance(message, rv.Pong):
             sent = agent.ping_sent.pop(message.id, None)
             if sent is not None:
-                sample = time.monotonic() - sent
+                sample = now - sent
                 agent.rtt = sample if agent.rtt is None else 0.875 * agent.rtt + 0.125 * sample  # RFC 6298
         elif isinstance(message, rv.Post):
             agent.send(rv.encode_control(self._post(agent, message)))
@@ -406,23 +486,28 @@ class RendezvousServer:
             if self.mailbox is not None:
                 self.mailbox.delete(message.letter_id, agent.address.digest)
         elif isinstance(message, rv.Signal):
-            self._signal(agent, message)
+            self._signal(agent, message, now)
         elif isinstance(message, rv.UdpReady):
             agent.udp_ready = message.ready
-        elif isinstance(message, rv.NatReport):
-            if len(msgspec.msgpack.encode(message.nat)) > 4096:
-                raise rv.FrameError("NAT report too large")
-            agent.nat = message.nat
         elif isinstance(message, rv.HomeRelay):
             if message.url not in self._relay_urls():
                 raise rv.FrameError(f"{message.url} is not one of this server's relays")
             agent.home_relay = message.url
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
+        agent.overquota_run = 0
 
-    def _signal(self, source: _Agent, signal: rv.Signal) -> None:
-        if len(signal.payload) > rv.MAX_SIGNAL:
-            raise rv.FrameError(f"signal of {len(signal.payload)} bytes exceeds {rv.MAX_SIGNAL}")
+    def _overquota(self, agent: _Agent, what: str) -> None:
+        """One more message dropped for a quota; an agent that keeps at it is cut off."""
+        agent.overquota_run += 1
+        if agent.overquota_run >= self.limits.cutoff_drops:
+            raise _CutOff(f"{what} exceeded {agent.overquota_run} times in a row")
+
+    def _signal(self, source: _Agent, signal: rv.Signal, now: float) -> None:
+        if not source.relay_quota.take(len(signal.payload), now):
+            self.counters["signals_dropped"] += 1
+            self._overquota(source, "relay quota (signals)")
+            return
         try:
             target = self.agents.get(Address.parse(signal.peer).digest)
         except ValueError:
@@ -465,44 +550,41 @@ class RendezvousServer:
     def _deliver_waiting(self, agent: _Agent) -> None:
         if self.mailbox is None:
             return
-        for letter_id, letter in self.mailbox.waiting_for(agent.address.digest):
+        for letter_id, letter in self.mailbox.waiting_for(agent.address.digest, DELIVER_BATCH):
             self._deliver(agent, letter_id, letter)
 
     def _deliver(self, agent: _Agent, letter_id: int, letter: rv.Letter) -> None:
-        if agent.send(rv.encode_control(rv.Deliver(letter_id, letter))):
+        try:
+            frame = rv.encode_control(rv.Deliver(letter_id, letter))
+        except rv.FrameError as exc:
+            # Cannot happen for a letter the decoder accepted (its fields are bounded); a letter
+            # stored by an older server might: it is dropped, never retried forever.
+            log.warning("dropping letter %d for %s: %s", letter_id, agent.address, exc)
+            if self.mailbox is not None:
+                self.mailbox.drop(letter_id)
+            return
+        if agent.send(frame):
             self.counters["letters_delivered"] += 1
 
     def _lookup(self, request: rv.Lookup) -> rv.LookupResult:
+        """Whether ``request.address`` is online, and the relay that reaches it: nothing else
+        (its endpoints and NAT travel only inside sessions, to peers it trusts)."""
         try:
             target = self.agents.get(Address.parse(request.address).digest)
         except ValueError:
             target = None
         if target is None:
             return rv.LookupResult(request.id, request.address, online=False)
-        return rv.LookupResult(
-            request.id,
-            request.address,
-            online=True,
-            endpoints=target.endpoints,
-            observed=target.observed,
-            nat=target.nat,
-            relay=target.home_relay or str(self.url()),
-        )
+        return rv.LookupResult(request.id, request.address, online=True, relay=target.home_relay or str(self.url()))
 
     def _relay(self, source: _Agent, destination: bytes, datagram: bytes) -> None:
         now = time.monotonic()
-        limits = self.limits
-        source.tokens = min(limits.burst, source.tokens + (now - source.updated) * limits.rate)
-        source.updated = now
         size = len(datagram)
-        if source.tokens < size:
+        if not source.relay_quota.take(size, now):
             self.counters["relay_dropped_quota"] += 1
-            source.overquota_run += 1
-            if source.overquota_run >= limits.cutoff_drops:
-                raise _CutOff(f"relay quota exceeded {source.overquota_run} times in a row")
+            self._overquota(source, "relay quota")
             return
         source.overquota_run = 0
-        source.tokens -= size
         target = self.agents.get(destination)
         if target is None:
             self.counters["relay_dropped_offline"] += 1
@@ -524,28 +606,58 @@ class RendezvousServer:
 
     def _udp_received(self, data: bytes, addr: tuple[str, int], sock: _RelayUdp) -> None:
         try:
-            kind, token, destination, datagram = rv.parse_udp_relay(data)
+            frame = rv.parse_udp_relay(data)
         except rv.FrameError:
             self.counters["udp_malformed"] += 1
             return
-        agent = self._tokens.get(token)
-        if agent is None:
+        agent = self._tokens.get(frame.token)
+        if agent is None or frame.kind not in (rv.UDP_TO_SERVER, rv.UDP_HELLO, rv.UDP_RESPONSE):
             self.counters["udp_unknown_token"] += 1
             return
+        if not rv.udp_authentic(agent.udp_key, data):
+            self.counters["udp_unauthentic"] += 1
+            return
         self.counters["udp_frames"] += 1
-        agent.udp_endpoint, agent.udp_socket, agent.udp_seen = addr, sock, time.monotonic()
-        if kind == rv.UDP_HELLO:
-            sock.sendto(bytes([rv.UDP_HELLO_ACK]) + token, addr)
-        elif kind == rv.UDP_TO_SERVER:
+        now = time.monotonic()
+        confirmed = addr == agent.udp_endpoint and sock is agent.udp_socket
+        if frame.kind == rv.UDP_HELLO:
+            if confirmed:
+                agent.udp_seen = now
+                sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
+            else:
+                self._challenge(agent, addr, sock, now)
+        elif frame.kind == rv.UDP_RESPONSE:
+            pending = agent.udp_challenge
+            answered = pending is not None and pending[1] == addr and pending[2] is sock
+            if answered and hmac.compare_digest(pending[0], frame.payload):  # type: ignore[index]
+                # The agent holds the key and receives at this address: deliver there from now on.
+                agent.udp_challenge = None
+                agent.udp_endpoint, agent.udp_socket, agent.udp_seen = addr, sock, now
+                sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
+        elif not confirmed:
+            # Relayed data only from the endpoint that answered a challenge (else a copy of an
+            # agent's frame from anywhere would spend its quota and move its UDP liveness).
+            self.counters["udp_unconfirmed"] += 1
+        else:
+            agent.udp_seen = now
             try:
-                self._relay(agent, destination, datagram)
+                self._relay(agent, frame.address, frame.payload)
             except _CutOff as exc:
                 self.counters["agents_cut_off"] += 1
                 log.warning("cutting off %s: %s", agent.address, exc)
-                self._tokens.pop(agent.token, None)  # its next UDP frames are strangers'
+                self._forget(agent)  # its next UDP frames are strangers'
                 with contextlib.suppress(Exception):
                     agent.link.write(rv.encode_control(rv.Refused(str(exc))))
                 agent.link.close()
+
+    def _challenge(self, agent: _Agent, addr: tuple[str, int], sock: _RelayUdp, now: float) -> None:
+        """Ask a new endpoint to prove it is the agent's (at most one challenge per interval)."""
+        pending = agent.udp_challenge
+        if pending is not None and now - pending[3] < UDP_CHALLENGE_INTERVAL:
+            return
+        nonce = os.urandom(rv.UDP_NONCE_BYTES)
+        agent.udp_challenge = (nonce, addr, sock, now)
+        sock.sendto(rv.encode_udp_challenge(agent.token, agent.udp_key, nonce), addr)
 
     async def _ping_loop(self) -> None:
         ticks = 0

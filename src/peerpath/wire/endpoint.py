@@ -14,6 +14,6 @@ def parse_endpoint(text: str) -> tuple[str, int]:
     """The inverse of :func:`format_endpoint`; ValueError with a useful message."""
     host, sep, port = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad endpoint {text!r}: expected HOST:PORT")
     return host, int(port)

@@ -4,9 +4,13 @@ A check is a small UDP datagram outside QUIC, sent from the node's one socket to
 candidate address of the peer. Both sides of a session agree on a check key over the
 already authenticated, encrypted session, so a check proves its sender is the peer:
 
-    check:    0xA0 | transaction id (12) | HMAC-SHA256(key, "check" | tid)[:16]
+    check:    0xA0 | transaction id (12) | HMAC-SHA256(key, "check" | tid)[:16] | zero (19)
     response: 0xA1 | transaction id (12) | HMAC-SHA256(key, "response" | tid | observed)[:16]
               | observed address (the check's source as the responder saw it, 1+16+2 bytes)
+
+A check is padded to a response's size, so answering one never sends more bytes than came
+in (a replayed check from a spoofed source is no amplifier), and a transaction id is used
+once: receivers answer each only the first time (:class:`peerpath.nat.punch.ReplayWindow`).
 
 The first byte has the long-header bit set and QUIC's fixed bit clear, like the UDP relay
 frames (0x90-0x9F), so one socket demultiplexes QUIC, STUN, relay frames and checks.
@@ -24,6 +28,10 @@ RESPONSE = 0xA1
 TID_BYTES = 12
 TAG_BYTES = 16
 KEY_BYTES = 32
+ADDRESS_BYTES = 19
+#: Both kinds have this size.
+SIZE = 1 + TID_BYTES + TAG_BYTES + ADDRESS_BYTES
+_PADDING = bytes(ADDRESS_BYTES)
 
 
 class CheckError(ValueError):
@@ -48,7 +56,7 @@ def encode_address(host: str, port: int) -> bytes:
 
 def decode_address(data: bytes) -> tuple[str, int]:
     """The inverse of :func:`encode_address`."""
-    if len(data) != 19 or data[0] not in (4, 6):
+    if len(data) != ADDRESS_BYTES or data[0] not in (4, 6):
         raise CheckError("malformed address")
     ip = ipaddress.IPv6Address(data[1:17])
     host = str(ip.ipv4_mapped) if data[0] == 4 and ip.ipv4_mapped else str(ip)
@@ -57,7 +65,7 @@ def decode_address(data: bytes) -> tuple[str, int]:
 
 def encode_check(key: bytes, tid: bytes) -> bytes:
     """A check with transaction id ``tid``."""
-    return bytes([CHECK]) + tid + _tag(key, b"check", tid)
+    return bytes([CHECK]) + tid + _tag(key, b"check", tid) + _PADDING
 
 
 def encode_response(key: bytes, tid: bytes, observed: tuple[str, int]) -> bytes:
@@ -75,25 +83,18 @@ def parse(key: bytes, data: bytes) -> tuple[int, bytes, tuple[str, int] | None]:
         raise CheckError("not a check")
     kind = data[0]
     head = 1 + TID_BYTES
+    if kind not in (CHECK, RESPONSE):
+        raise CheckError(f"unknown check kind {kind:#04x}")
+    if len(data) != SIZE:
+        raise CheckError(f"check or response of the wrong size ({len(data)} bytes, not {SIZE})")
     if kind == CHECK:
-        if len(data) != head + TAG_BYTES:
-            raise CheckError("check of the wrong size")
         tid = data[1:head]
-        if not hmac.compare_digest(data[head:], _tag(key, b"check", tid)):
+        if not hmac.compare_digest(data[head : head + TAG_BYTES], _tag(key, b"check", tid)):
             raise CheckError("check not made with this session's key")
+        if data[head + TAG_BYTES :] != _PADDING:
+            raise CheckError("check with non-zero padding")
         return kind, tid, None
-    if kind == RESPONSE:
-        if len(data) != head + TAG_BYTES + 19:
-            raise CheckError("response of the wrong size")
-        tid, tag, address = data[1:head], data[head : head + TAG_BYTES], data[head + TAG_BYTES :]
-        if not hmac.compare_digest(tag, _tag(key, b"response", tid, address)):
-            raise CheckError("response not made with this session's key")
-        return kind, tid, decode_address(address)
-    raise CheckError(f"unknown check kind {kind:#04x}")
-
-
-def check_tid(data: bytes) -> bytes | None:
-    """The transaction id of a check or response, before it is authenticated (for routing)."""
-    if is_check(data) and len(data) >= 1 + TID_BYTES:
-        return data[1 : 1 + TID_BYTES]
-    return None
+    tid, tag, address = data[1:head], data[head : head + TAG_BYTES], data[head + TAG_BYTES :]
+    if not hmac.compare_digest(tag, _tag(key, b"response", tid, address)):
+        raise CheckError("response not made with this session's key")
+    return kind, tid, decode_address(address)

@@ -10,8 +10,10 @@ encrypted session datagram. Malformed input raises :class:`FrameError`.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import struct
-from typing import Any
+from typing import Annotated
 
 import msgspec
 
@@ -21,6 +23,23 @@ ADDRESS_BYTES = 16
 MAX_CONTROL = 64 * 1024
 #: Largest relayed datagram (QUIC datagrams are at most ~1500 bytes on real paths).
 MAX_DATAGRAM = 2048
+#: Largest signal payload, and letter note (characters).
+MAX_SIGNAL = 8 * 1024
+MAX_NOTE = 1000
+#: Relays, UDP relay endpoints or STUN servers a server may offer.
+MAX_ENDPOINTS = 16
+
+# Every field a peer or a stranger fills has a bound, checked by the decoder, so no message
+# can grow past what its receiver accepts: a Deliver or LookupResult the server builds from
+# them fits MAX_CONTROL by construction (tests/unit/test_rendezvous_wire.py checks the
+# largest of each).
+Text = Annotated[str, msgspec.Meta(max_length=64)]  # an address, an endpoint, a kind
+Url = Annotated[str, msgspec.Meta(max_length=256)]
+Reason = Annotated[str, msgspec.Meta(max_length=512)]
+Blob = Annotated[bytes, msgspec.Meta(max_length=64)]  # keys, signatures, nonces, tokens
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # SQLite's and msgpack's common range
+Endpoints = Annotated[list[Text], msgspec.Meta(max_length=MAX_ENDPOINTS)]
+Urls = Annotated[list[Url], msgspec.Meta(max_length=MAX_ENDPOINTS)]
 _HEADER = struct.Struct("!I")  # type in the top byte, length in the low 24 bits
 REGISTER_CONTEXT = b"peerpath-rendezvous-register-v1\x00"
 
@@ -42,75 +61,72 @@ class FrameType(enum.IntEnum):
 class Challenge(msgspec.Struct, tag="challenge", frozen=True):
     """Server -> agent, first: prove your key by signing this nonce (with both addresses)."""
 
-    nonce: bytes
-    server: str
+    nonce: Blob
+    server: Text
     version: int = PROTOCOL_VERSION
 
 
 class Register(msgspec.Struct, tag="register", frozen=True):
-    """Agent -> server: my key, the signature over :func:`register_payload`, how to reach me."""
+    """Agent -> server: my key and the signature over :func:`register_payload`."""
 
-    public_key: bytes
-    signature: bytes
-    endpoints: list[str] = []
-    nat: dict[str, Any] | None = None
+    public_key: Blob
+    signature: Blob
 
 
 class Registered(msgspec.Struct, tag="registered", frozen=True):
     """Server -> agent: welcome; the address the server sees you at, and the relays.
 
-    ``udp_relay`` lists the server's UDP relay endpoints and ``token`` is this
-    registration's secret for them (see :func:`encode_udp_relay`).
+    ``udp_relay`` lists the server's UDP relay endpoints; ``token`` names this registration
+    there and ``udp_key`` authenticates its frames (see :func:`encode_udp_relay`).
     """
 
-    observed: str
-    relays: list[str] = []
-    udp_relay: list[str] = []
-    token: bytes = b""
-    stun: list[str] = []
+    observed: Text
+    relays: Urls = []
+    udp_relay: Endpoints = []
+    token: Blob = b""
+    stun: Endpoints = []
+    udp_key: Blob = b""
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):
     """Server -> agent: the connection is refused (the server closes it next)."""
 
-    reason: str
+    reason: Reason
 
 
 class Lookup(msgspec.Struct, tag="lookup", frozen=True):
     """Agent -> server: is this agent online, and how can it be reached?"""
 
-    id: int
-    address: str
+    id: RequestId
+    address: Text
 
 
 class LookupResult(msgspec.Struct, tag="lookup-result", frozen=True):
-    """Server -> agent: the answer to :class:`Lookup` (``online`` false: nothing else is said)."""
+    """Server -> agent: the answer to :class:`Lookup`: whether the agent is online and the relay
+    that reaches it, nothing more (its endpoints and NAT travel only inside its sessions)."""
 
-    id: int
-    address: str
+    id: RequestId
+    address: Text
     online: bool
-    endpoints: list[str] = []
-    observed: str | None = None
-    nat: dict[str, Any] | None = None
-    relay: str | None = None
+    relay: Url | None = None
 
 
 class Unreachable(msgspec.Struct, tag="unreachable", frozen=True):
     """Server -> agent: a relayed datagram was dropped because its destination is offline."""
 
-    address: str
+    address: Text
 
 
 class Ping(msgspec.Struct, tag="ping", frozen=True):
     """Either way: answer with :class:`Pong` (keepalive, and RTT for synchronised punching)."""
 
-    id: int
+    id: RequestId
 
 
 class Pong(msgspec.Struct, tag="pong", frozen=True):
     """The answer to :class:`Ping`."""
 
-    id: int
+    id: RequestId
 
 
 class Letter(msgspec.Struct, frozen=True):
@@ -122,42 +138,42 @@ class Letter(msgspec.Struct, frozen=True):
     are refused by the server and ignored by the recipient).
     """
 
-    kind: str
-    sender_key: bytes
-    recipient: str
-    created: int
-    nonce: bytes
-    note: str = ""
-    reply_to: bytes = b""
-    signature: bytes = b""
+    kind: Text
+    sender_key: Blob
+    recipient: Text
+    created: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # signed 64-bit, as it is signed
+    nonce: Blob
+    note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] = ""
+    reply_to: Blob = b""
+    signature: Blob = b""
 
 
 class Post(msgspec.Struct, tag="post", frozen=True):
     """Agent -> server: keep this letter for its recipient."""
 
-    id: int
+    id: RequestId
     letter: Letter
 
 
 class PostResult(msgspec.Struct, tag="post-result", frozen=True):
     """Server -> agent: the letter was stored (and delivered if the recipient is online), or why not."""
 
-    id: int
+    id: RequestId
     ok: bool
-    error: str = ""
+    error: Reason = ""
 
 
 class Deliver(msgspec.Struct, tag="deliver", frozen=True):
     """Server -> agent: a letter for you; answer :class:`Received` to have it deleted."""
 
-    letter_id: int
+    letter_id: RequestId
     letter: Letter
 
 
 class Received(msgspec.Struct, tag="received", frozen=True):
     """Agent -> server: the letter was handled; forget it."""
 
-    letter_id: int
+    letter_id: RequestId
 
 
 class Signal(msgspec.Struct, tag="signal", frozen=True):
@@ -168,26 +184,17 @@ class Signal(msgspec.Struct, tag="signal", frozen=True):
     ``payload`` is opaque to the server (the agents sign what must be authentic).
     """
 
-    peer: str
-    kind: str
-    payload: bytes
+    peer: Text
+    kind: Text
+    payload: Annotated[bytes, msgspec.Meta(max_length=MAX_SIGNAL)]
     sender_rtt_ms: float | None = None
     recipient_rtt_ms: float | None = None
-
-
-MAX_SIGNAL = 8 * 1024
-
-
-class NatReport(msgspec.Struct, tag="nat-report", frozen=True):
-    """Agent -> server: what netcheck found about my NAT (kept with my presence)."""
-
-    nat: dict[str, Any]
 
 
 class HomeRelay(msgspec.Struct, tag="home-relay", frozen=True):
     """Agent -> server: I chose this relay (one of those the server listed); send others there."""
 
-    url: str
+    url: Url
 
 
 class UdpReady(msgspec.Struct, tag="udp-ready", frozen=True):
@@ -217,7 +224,6 @@ Message = (
     | Signal
     | UdpReady
     | HomeRelay
-    | NatReport
 )
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -238,6 +244,18 @@ def encode_relay(address: bytes, datagram: bytes) -> bytes:
     if len(datagram) > MAX_DATAGRAM:
         raise FrameError(f"datagram of {len(datagram)} bytes exceeds {MAX_DATAGRAM}")
     return _HEADER.pack(FrameType.RELAY << 24 | (ADDRESS_BYTES + len(datagram))) + address + datagram
+
+
+def decode_control(body: bytes) -> Message:
+    """One control message body. Raises :class:`FrameError` for anything malformed."""
+    try:
+        message: Message = _decoder.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError too: a field out of its bounds
+        raise FrameError(f"malformed control message: {exc}") from exc
+    except RecursionError:
+        # msgspec recurses into nested arrays and maps, even those of a field it skips.
+        raise FrameError("malformed control message: nested too deeply") from None
+    return message
 
 
 def _header(data: bytes | bytearray) -> tuple[int, int]:
@@ -270,10 +288,7 @@ class FrameDecoder:
             body = bytes(self._buffer[_HEADER.size : _HEADER.size + length])
             del self._buffer[: _HEADER.size + length]
             if kind == FrameType.CONTROL:
-                try:
-                    out.append((_decoder.decode(body), None))
-                except msgspec.DecodeError as exc:
-                    raise FrameError(f"malformed control message: {exc}") from exc
+                out.append((decode_control(body), None))
             else:
                 if length < ADDRESS_BYTES + 1:
                     raise FrameError("relay frame without a datagram")
@@ -283,7 +298,6 @@ class FrameDecoder:
 
 LETTER_CONTEXT = b"peerpath-letter-v1\x00"
 LETTER_KINDS = ("trust-request", "trust-approval")
-MAX_NOTE = 1000
 
 
 def letter_payload(letter: Letter) -> bytes:
@@ -306,13 +320,55 @@ def letter_payload(letter: Letter) -> bytes:
 # lies in 0x90-0x9F (0xA0-0xAF are the connectivity checks of wire/punch.py): the long-header
 # bit set and QUIC's fixed bit (0x40) clear, which no QUIC packet of ours has (we never
 # negotiate RFC 9287's greased bit), and no STUN message has either (its two top bits are
-# zero). An agent proves its registration with the token the server gave it over TLS.
+# zero).
+#
+# Every frame, in both directions, ends in a 16-byte MAC (keyed BLAKE2b over the rest of the
+# frame, kind byte included) under the key the server handed this registration over TLS;
+# agent frames name the registration by its token. Nobody without the key can relay, inject
+# a delivery, or move where the server sends: the server delivers over UDP only to an
+# address that answered a challenge (sent to that address) with the key.
+#
+#   0x90 to-server   token(8) destination(16) datagram  MAC    agent -> server
+#   0x91 delivery    source(16) datagram                MAC    server -> agent
+#   0x92 hello       token(8) zero(16)                  MAC    agent -> server
+#   0x93 hello-ack   token(8)                           MAC    server -> agent
+#   0x94 challenge   token(8) nonce(16)                 MAC    server -> agent
+#   0x95 response    token(8) nonce(16)                 MAC    agent -> server
+#
+# A hello is padded to a challenge's size: the server never answers a stranger's datagram
+# with more bytes than it received.
 
-UDP_TO_SERVER = 0x90  # token(8) dest(16) datagram
-UDP_FROM_SERVER = 0x91  # source(16) datagram
-UDP_HELLO = 0x92  # token(8): "this is my UDP endpoint"
-UDP_HELLO_ACK = 0x93  # token(8)
+UDP_TO_SERVER = 0x90
+UDP_FROM_SERVER = 0x91
+UDP_HELLO = 0x92
+UDP_HELLO_ACK = 0x93
+UDP_CHALLENGE = 0x94
+UDP_RESPONSE = 0x95
 TOKEN_BYTES = 8
+UDP_KEY_BYTES = 32
+UDP_NONCE_BYTES = 16
+MAC_BYTES = 16
+_TOKENED = (UDP_TO_SERVER, UDP_HELLO, UDP_HELLO_ACK, UDP_CHALLENGE, UDP_RESPONSE)
+#: Sizes of the fixed-size frames, MAC included.
+_FIXED = {
+    UDP_HELLO: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
+    UDP_HELLO_ACK: 1 + TOKEN_BYTES + MAC_BYTES,
+    UDP_CHALLENGE: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
+    UDP_RESPONSE: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
+}
+
+
+class UdpRelayFrame(msgspec.Struct, frozen=True):
+    """A parsed UDP relay frame, not yet authenticated (see :func:`udp_authentic`).
+
+    ``address`` is the destination (0x90) or source (0x91); ``payload`` the datagram, or the
+    nonce of a challenge or response; absent parts are empty.
+    """
+
+    kind: int
+    token: bytes
+    address: bytes
+    payload: bytes
 
 
 def is_udp_relay(data: bytes) -> bool:
@@ -320,39 +376,68 @@ def is_udp_relay(data: bytes) -> bool:
     return bool(data) and 0x90 <= data[0] <= 0x9F
 
 
-def encode_udp_relay(token: bytes, destination: bytes, datagram: bytes) -> bytes:
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(data, key=key, digest_size=MAC_BYTES).digest()
+
+
+def _seal(key: bytes, frame: bytes) -> bytes:
+    return frame + _mac(key, frame)
+
+
+def udp_authentic(key: bytes, data: bytes) -> bool:
+    """Whether a UDP relay frame's MAC is right under ``key``."""
+    return len(data) > MAC_BYTES and bool(key) and hmac.compare_digest(data[-MAC_BYTES:], _mac(key, data[:-MAC_BYTES]))
+
+
+def encode_udp_relay(token: bytes, key: bytes, destination: bytes, datagram: bytes) -> bytes:
     """An agent's relay datagram for ``destination``."""
-    return bytes([UDP_TO_SERVER]) + token + destination + datagram
+    return _seal(key, bytes([UDP_TO_SERVER]) + token + destination + datagram)
 
 
-def encode_udp_delivery(source: bytes, datagram: bytes) -> bytes:
+def encode_udp_delivery(key: bytes, source: bytes, datagram: bytes) -> bytes:
     """The server's delivery of a relayed datagram from ``source``."""
-    return bytes([UDP_FROM_SERVER]) + source + datagram
+    return _seal(key, bytes([UDP_FROM_SERVER]) + source + datagram)
 
 
-def parse_udp_relay(data: bytes) -> tuple[int, bytes, bytes, bytes]:
-    """(kind, token, address, datagram) of a UDP relay frame; absent parts are empty.
+def encode_udp_hello(token: bytes, key: bytes) -> bytes:
+    """An agent's "this is my UDP endpoint"."""
+    return _seal(key, bytes([UDP_HELLO]) + token + bytes(UDP_NONCE_BYTES))
+
+
+def encode_udp_ack(token: bytes, key: bytes) -> bytes:
+    """The server's "relayed datagrams for you go to the endpoint this came to"."""
+    return _seal(key, bytes([UDP_HELLO_ACK]) + token)
+
+
+def encode_udp_challenge(token: bytes, key: bytes, nonce: bytes) -> bytes:
+    """The server's "prove this new endpoint is yours"."""
+    return _seal(key, bytes([UDP_CHALLENGE]) + token + nonce)
+
+
+def encode_udp_response(token: bytes, key: bytes, nonce: bytes) -> bytes:
+    """An agent's answer to a challenge, from the endpoint the challenge reached."""
+    return _seal(key, bytes([UDP_RESPONSE]) + token + nonce)
+
+
+def parse_udp_relay(data: bytes) -> UdpRelayFrame:
+    """The parts of a UDP relay frame (its MAC is checked by :func:`udp_authentic`).
 
     Raises :class:`FrameError` for anything malformed.
     """
     if not is_udp_relay(data):
         raise FrameError("not a UDP relay frame")
     kind = data[0]
-    if kind in (UDP_HELLO, UDP_HELLO_ACK):
-        if len(data) != 1 + TOKEN_BYTES:
-            raise FrameError("hello of the wrong size")
-        return kind, data[1:], b"", b""
-    if kind == UDP_TO_SERVER:
-        head = 1 + TOKEN_BYTES + ADDRESS_BYTES
-        if not head < len(data) <= head + MAX_DATAGRAM:
-            raise FrameError("relay datagram of the wrong size")
-        return kind, data[1 : 1 + TOKEN_BYTES], data[1 + TOKEN_BYTES : head], data[head:]
-    if kind == UDP_FROM_SERVER:
-        head = 1 + ADDRESS_BYTES
-        if not head < len(data) <= head + MAX_DATAGRAM:
-            raise FrameError("relay delivery of the wrong size")
-        return kind, b"", data[1:head], data[head:]
-    raise FrameError(f"unknown UDP relay frame {kind:#04x}")
+    size = len(data)
+    if kind in _FIXED:
+        if size != _FIXED[kind]:
+            raise FrameError(f"UDP relay frame {kind:#04x} of {size} bytes, not {_FIXED[kind]}")
+        return UdpRelayFrame(kind, data[1 : 1 + TOKEN_BYTES], b"", data[1 + TOKEN_BYTES : -MAC_BYTES])
+    if kind not in (UDP_TO_SERVER, UDP_FROM_SERVER):
+        raise FrameError(f"unknown UDP relay frame {kind:#04x}")
+    head = 1 + (TOKEN_BYTES if kind in _TOKENED else 0)
+    if not head + ADDRESS_BYTES < size - MAC_BYTES <= head + ADDRESS_BYTES + MAX_DATAGRAM:
+        raise FrameError(f"UDP relay datagram frame of {size} bytes")
+    return UdpRelayFrame(kind, data[1:head], data[head : head + ADDRESS_BYTES], data[head + ADDRESS_BYTES : -MAC_BYTES])
 
 
 def register_payload(nonce: bytes, agent: bytes, server: bytes) -> bytes:
