@@ -13,13 +13,14 @@ from types import TracebackType
 from typing import Any
 
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicHeader, QuicPacketType, pull_quic_header
 
 from peerpath import errors
 from peerpath.identity import Address, Identity
 from peerpath.nat.netcheck import netcheck
 from peerpath.nat.portmap import PortMappings
 from peerpath.nat.stun_client import UdpStunSocket, route_source
+from peerpath.node.admission import Admission, Source, Verdict
 from peerpath.node.direct import DirectPaths
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.state import default_state_dir
@@ -37,8 +38,6 @@ from peerpath.wire.stun import is_stun
 
 log = logging.getLogger(__name__)
 
-#: Responder sessions still handshaking; more Initial packets than this are dropped.
-MAX_PENDING_HANDSHAKES = 256
 #: Datagrams read per socket wakeup.
 RECV_BATCH = 64
 #: netcheck runs again after a re-registration only if its last result is older than this.
@@ -155,6 +154,8 @@ class Node:
         #: Ports the home router maps to us on request (PCP / NAT-PMP), when it does.
         self.portmap = PortMappings()
         self._stun = UdpStunSocket()
+        #: Which Initials may start a responder session (handshake limits, Retry).
+        self.admission = Admission()
         self.config = config or SessionConfig()
         self.counters = {
             "datagrams_received": 0,
@@ -608,7 +609,13 @@ class Node:
         return (str(infos[0][4][0]), int(infos[0][4][1]))
 
     def _new_connection(
-        self, role: Role, paths: PathSet, *, expected_peer: Address | None = None, original_dcid: bytes | None = None
+        self,
+        role: Role,
+        paths: PathSet,
+        *,
+        expected_peer: Address | None = None,
+        original_dcid: bytes | None = None,
+        retry_scid: bytes | None = None,
     ) -> Connection:
         conn = Connection(
             self.identity,
@@ -618,6 +625,7 @@ class Node:
             self.config,
             expected_peer=expected_peer,
             original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
             on_connection_id=self._register_cid,
             on_closed=self._forget,
         )
@@ -663,7 +671,7 @@ class Node:
                 self.direct.on_check(data, remote, via)
             else:
                 key = (PathKind.DIRECT_UDP, format_endpoint(remote))
-                self._demux(data, key, lambda: self._udp_path(remote, via))
+                self._demux(data, key, lambda: self._udp_path(remote, via), Source(remote[0]))
             return
         if is_stun(data):
             self._stun.datagram_received(data, remote)
@@ -678,7 +686,8 @@ class Node:
                     return
             self.counters["datagrams_dropped"] += 1
             return
-        self._demux(data, (PathKind.DIRECT_UDP, format_endpoint(remote)), lambda: self._udp_path(remote))
+        key = (PathKind.DIRECT_UDP, format_endpoint(remote))
+        self._demux(data, key, lambda: self._udp_path(remote), Source(remote[0]))
 
     def _tcp_frame(self, link: TcpLink, data: bytes) -> None:
         """A datagram from a TCP link: a check, or QUIC for the session a check tied it to."""
@@ -714,9 +723,11 @@ class Node:
             reply = functools.partial(client.send_relay, source)
             self.direct.on_relay_check(data, source, reply, client.url.endpoint)
             return
-        self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source))
+        # The server vouches for who sent it: a peer we trust is never kept out by strangers.
+        sender = Source(source.hex(), authenticated=True, trusted=self.is_trusted(Address(source)))
+        self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source), sender)
 
-    def _demux(self, data: bytes, key: tuple[PathKind, str], make_path: Callable[[], NetPath]) -> None:
+    def _demux(self, data: bytes, key: tuple[PathKind, str], make_path: Callable[[], NetPath], source: Source) -> None:
         """Hand a datagram to its session by destination connection ID; an Initial may start one."""
         self.counters["datagrams_received"] += 1
         # RFC 9000 17: every QUIC packet has the fixed bit (0x40) set; STUN (RFC 7983) does not.
@@ -730,7 +741,7 @@ class Node:
             return
         conn = self._by_cid.get(header.destination_cid)
         if conn is None:
-            conn = self._accept(header.packet_type, header.destination_cid, len(data), make_path)
+            conn = self._accept(header, len(data), make_path, source)
             if conn is None:
                 self.counters["datagrams_dropped"] += 1
                 return
@@ -744,19 +755,28 @@ class Node:
             conn.datagram_received(data, make_path(), known=not conn.paths.has_kind(PathKind.RELAY))
 
     def _accept(
-        self, packet_type: QuicPacketType, dcid: bytes, size: int, make_path: Callable[[], NetPath]
+        self, header: QuicHeader, size: int, make_path: Callable[[], NetPath], source: Source
     ) -> Connection | None:
+        """A responder session for an Initial, if :class:`Admission` lets it in (or a Retry)."""
         # RFC 9000 14.1: a client's Initial is padded to at least 1200 bytes.
-        if self._closed or packet_type != QuicPacketType.INITIAL or size < 1200:
+        if self._closed or header.packet_type != QuicPacketType.INITIAL or size < 1200 or header.version is None:
             return None
-        pending = sum(1 for c in self._connections if not c.established.done())
-        if pending >= MAX_PENDING_HANDSHAKES:
+        decision = self.admission.decide(
+            source, header.version, header.destination_cid, header.source_cid, header.token, clock()
+        )
+        if decision.verdict is Verdict.RETRY:
+            make_path().send_datagram(decision.retry_packet)
+        if decision.verdict is not Verdict.ADMIT:
             return None
         paths = PathSet()
         paths.add(make_path())
-        conn = self._new_connection(Role.RESPONDER, paths, original_dcid=dcid)
-        self._register_cid(conn, dcid, True)
+        conn = self._new_connection(
+            Role.RESPONDER, paths, original_dcid=decision.original_dcid, retry_scid=decision.retry_scid
+        )
+        self._register_cid(conn, header.destination_cid, True)
         self._register_cid(conn, conn.quic.host_cid, True)
+        # Established or not, by the connect timeout at the latest: the slot is free again.
+        conn.established.add_done_callback(lambda _: self.admission.finished(source))
         conn.established.add_done_callback(lambda f: self._refused(conn, f))
         return conn
 
@@ -776,6 +796,7 @@ class Node:
             "endpoint": format_endpoint(self.local_endpoint) if self._socket else None,
             "sessions": [c.describe() for c in self.connections],
             "counters": dict(self.counters),
+            "admission": dict(self.admission.counters),
             "rendezvous": self.rendezvous.status() if self.rendezvous is not None else None,
             "home_relay": self.home_relay,
             "reflexive": format_endpoint(self.reflexive) if self.reflexive else None,
