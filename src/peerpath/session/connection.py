@@ -207,8 +207,11 @@ class Connection:
         #: Why the session is on the relay and will stay there, when that is known.
         self.relay_reason: str | None = None
         self._timer: asyncio.TimerHandle | None = None
-        #: A session not established by then is closed (an unauthenticated peer holds a slot).
-        self._deadline: asyncio.TimerHandle | None = self._loop.call_later(config.connect_timeout, self._too_slow)
+        #: A responder whose peer has not proved itself by then closes (it holds a slot); an
+        #: initiator gives up when its caller's connect timeout says so.
+        self._deadline: asyncio.TimerHandle | None = None
+        if role is Role.RESPONDER:
+            self._deadline = self._loop.call_later(config.connect_timeout, self._too_slow)
         self._keepalive: asyncio.TimerHandle | None = None
         self._path_timer: asyncio.TimerHandle | None = None
         self._transmit_soon = False
