@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from peerpath.identity import Address, Identity
+from peerpath.identity import Address, Identity, is_usable_key
 
 #: Certificates are valid for a long time: validity is not what authenticates them.
 _VALIDITY = datetime.timedelta(days=3650)
@@ -52,7 +52,7 @@ def certificate_public_key(certificate: x509.Certificate) -> bytes | None:
 def certificate_address(certificate: x509.Certificate) -> Address | None:
     """The overlay address that ``certificate``'s key certifies, or None."""
     key = certificate_public_key(certificate)
-    return Address.from_public_key(key) if key is not None else None
+    return Address.from_public_key(key) if key is not None and is_usable_key(key) else None
 
 
 def tls_server_context(identity: Identity, directory: Path) -> ssl.SSLContext:

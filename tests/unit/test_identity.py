@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerpath.identity import Address, AddressError, Identity, KeyFileError, verify
+from peerpath.identity import Address, AddressError, Identity, KeyFileError, is_usable_key, verify
 
 KEY = Identity(
     serialization.load_pem_private_key(
@@ -127,3 +127,38 @@ def test_concurrent_first_starts_agree_on_one_key(tmp_path: Path) -> None:
 
 def _address_of(directory: Path) -> str:
     return str(Identity.load_or_create(directory).address)
+
+
+SMALL_ORDER_KEYS = [
+    bytes(32),  # y = 0: order 4
+    bytes([1]) + bytes(31),  # the identity
+    bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),  # order 8
+    bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),  # order 8
+    bytes([0xEC]) + b"\xff" * 30 + b"\x7f",  # y = p - 1: order 2
+]
+
+
+@pytest.mark.parametrize("key", [*SMALL_ORDER_KEYS, bytes(31) + b"\x80", bytes([0xEE]) + b"\xff" * 30 + b"\x7f"])
+def test_small_order_and_non_canonical_keys_are_not_identities(key: bytes) -> None:
+    """A small-order key has no private key, yet an all-zero signature verifies about one
+    message in four under the all-zero key (OpenSSL accepts it): such keys verify nothing."""
+    assert not is_usable_key(key)
+    assert not any(verify(key, bytes(64), os.urandom(32)) for _ in range(64))
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER_KEYS)
+def test_the_small_order_keys_are_points_of_order_dividing_8(key: bytes) -> None:
+    from peerpath.identity import _double, _point
+
+    point = _point(key)
+    assert point is not None  # on the curve: refused for its order, not its encoding
+    for _ in range(3):
+        point = _double(point)
+    assert point == (0, 1)
+
+
+def test_real_keys_are_usable() -> None:
+    for _ in range(50):
+        identity = Identity.generate()
+        assert is_usable_key(identity.public_key)
+        assert verify(identity.public_key, identity.sign(b"data"), b"data")
