@@ -206,45 +206,29 @@ class Identity:
         return cls(key)
 
 
-# Ed25519's curve (RFC 8032 5.1): -x^2 + y^2 = 1 + d x^2 y^2 over GF(2^255 - 19).
+# Ed25519's field (RFC 8032 5.1) and the y coordinates of its eight points of small order
+# (order 1, 2, 4 and 8); tests/unit/test_identity.py derives them from the curve.
 _P = 2**255 - 19
-_D = -121665 * pow(121666, _P - 2, _P) % _P
-_SQRT_M1 = pow(2, (_P - 1) // 4, _P)
-
-
-def _point(encoded: bytes) -> tuple[int, int] | None:
-    """The point a canonical 32-byte encoding names (RFC 8032 5.1.3), or None."""
-    y = int.from_bytes(encoded, "little") & ((1 << 255) - 1)
-    sign = encoded[31] >> 7
-    if y >= _P:
-        return None
-    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P) % _P
-    x = pow(x2, (_P + 3) // 8, _P)
-    if (x * x - x2) % _P:
-        x = x * _SQRT_M1 % _P
-    if (x * x - x2) % _P or (x == 0 and sign):
-        return None
-    return (_P - x if x & 1 != sign else x), y
-
-
-def _double(point: tuple[int, int]) -> tuple[int, int]:
-    x, y = point
-    t = _D * x * x * y * y
-    return 2 * x * y * pow(1 + t, _P - 2, _P) % _P, (y * y + x * x) * pow(1 - t, _P - 2, _P) % _P
+_SMALL_ORDER_Y = frozenset(
+    {
+        0,
+        1,
+        _P - 1,
+        0x05FC536D880238B13933C6D305ACDFD5F098EFF289F4C345B027B2C28F95E826,
+        0x7A03AC9277FDC74EC6CC392CFA53202A0F67100D760B3CBA4FD84D3D706A17C7,
+    }
+)
 
 
 def is_usable_key(public_key: bytes) -> bool:
-    """Whether ``public_key`` can be an identity: a canonical encoding of a point whose order
-    is not small. A small-order key (the all-zero one, say) has no private key, yet with the
-    right signature it "verifies" some messages; OpenSSL accepts it, so we check ourselves."""
+    """Whether ``public_key`` can be an identity: 32 bytes, a canonical encoding (y < p), and
+    not a point of small order. A small-order key (the all-zero one, say) has no private key,
+    yet with the right signature it "verifies" some messages; OpenSSL accepts it, so we check
+    ourselves (as libsodium does, by the encoding: these points are few and known)."""
     if len(public_key) != 32:
         return False
-    point = _point(public_key)
-    if point is None:
-        return False
-    for _ in range(3):  # the cofactor is 8: a small-order point times 8 is the identity
-        point = _double(point)
-    return point != (0, 1)
+    y = int.from_bytes(public_key, "little") & ((1 << 255) - 1)
+    return y < _P and y not in _SMALL_ORDER_Y
 
 
 def verify(public_key: bytes, signature: bytes, data: bytes) -> bool:

@@ -146,15 +146,56 @@ def test_small_order_and_non_canonical_keys_are_not_identities(key: bytes) -> No
     assert not any(verify(key, bytes(64), os.urandom(32)) for _ in range(64))
 
 
-@pytest.mark.parametrize("key", SMALL_ORDER_KEYS)
-def test_the_small_order_keys_are_points_of_order_dividing_8(key: bytes) -> None:
-    from peerpath.identity import _double, _point
+# Ed25519 (RFC 8032 5.1): -x^2 + y^2 = 1 + d x^2 y^2 over GF(p), in affine coordinates.
+P = 2**255 - 19
+D = -121665 * pow(121666, P - 2, P) % P
 
-    point = _point(key)
-    assert point is not None  # on the curve: refused for its order, not its encoding
+
+def point(encoded: bytes) -> tuple[int, int] | None:
+    """Decode a point (RFC 8032 5.1.3); None if the encoding names none."""
+    y = int.from_bytes(encoded, "little") & ((1 << 255) - 1)
+    sign = encoded[31] >> 7
+    if y >= P:
+        return None
+    x2 = (y * y - 1) * pow(D * y * y + 1, P - 2, P) % P
+    x = pow(x2, (P + 3) // 8, P)
+    if (x * x - x2) % P:
+        x = x * pow(2, (P - 1) // 4, P) % P
+    if (x * x - x2) % P or (x == 0 and sign):
+        return None
+    return (P - x if x & 1 != sign else x), y
+
+
+def double(p: tuple[int, int]) -> tuple[int, int]:
+    x, y = p
+    t = D * x * x * y * y
+    return 2 * x * y * pow(1 + t, P - 2, P) % P, (y * y + x * x) * pow(1 - t, P - 2, P) % P
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER_KEYS)
+def test_the_refused_keys_are_the_points_of_order_dividing_8(key: bytes) -> None:
+    decoded = point(key)
+    assert decoded is not None  # on the curve: refused for its order, not its encoding
     for _ in range(3):
-        point = _double(point)
-    assert point == (0, 1)
+        decoded = double(decoded)
+    assert decoded == (0, 1)
+    assert not is_usable_key(key[:31] + bytes([key[31] ^ 0x80]))  # the other sign of x alike
+
+
+def test_the_refused_y_values_cover_all_eight_small_order_points() -> None:
+    # Identity (y = 1), order 2 (y = -1), order 4 (y = 0, two points), order 8: four points,
+    # (x, y), (-x, y), (x, -y), (-x, -y), whose two y values sum to p.
+    y8 = [int.from_bytes(key, "little") for key in SMALL_ORDER_KEYS[2:4]]
+    assert sum(y8) == P
+
+
+def test_real_keys_have_large_order() -> None:
+    key = Identity.generate().public_key
+    decoded = point(key)
+    assert decoded is not None
+    for _ in range(3):
+        decoded = double(decoded)
+    assert decoded != (0, 1)
 
 
 def test_real_keys_are_usable() -> None:
