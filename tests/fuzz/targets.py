@@ -1020,7 +1020,7 @@ def _run_punch(data: bytes, rng: random.Random) -> None:
             raise AssertionError(f"answered {len(data)} bytes with {len(out)}")
         punch.parse(PUNCH_KEY, out)
     if len(puncher.triggered) > nat_punch.MAX_PEER_REFLEXIVE or any(
-        n > nat_punch.TRIGGERED_PER_SOURCE for n in puncher.triggered.values()
+        sent > nat_punch.TRIGGERED_PER_SOURCE for _, sent in puncher.triggered.values()
     ):
         raise AssertionError(f"triggered checks beyond the limits: {puncher.triggered}")
     if len(puncher._sent) > 100_000:  # a long run: start a fresh round

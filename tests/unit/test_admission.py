@@ -64,8 +64,23 @@ def test_one_source_holds_few_slots_and_a_trusted_one_always_gets_in() -> None:
     assert initial(admission, Source("cd" * 16, authenticated=True)).verdict is Verdict.DROP
     assert initial(admission, Source("ef" * 16, authenticated=True, trusted=True)).verdict is Verdict.ADMIT
     for _ in range(MAX_PENDING_PER_SOURCE):
-        admission.finished(relay_sender)
+        admission.finished(relay_sender.name)
     assert relay_sender.name not in admission.pending
+
+
+def test_spoofing_an_address_cannot_take_its_slots() -> None:
+    """Initials spoofed from X fill X's unproven slots; X itself still gets a Retry, and once
+    it proves its address it has slots no spoofer can reach."""
+    admission = Admission()
+    victim = Source("198.51.100.7")
+    for _ in range(MAX_PENDING_PER_SOURCE):
+        assert initial(admission, victim).verdict is Verdict.ADMIT  # the spoofer's
+    retry = initial(admission, victim)
+    assert retry.verdict is Verdict.RETRY
+    head = 6 + 1 + retry.retry_packet[5]
+    scid, token = retry.retry_packet[head : head + 8], retry.retry_packet[head + 8 : -16]
+    admitted = initial(admission, victim, token, dcid=scid)
+    assert admitted.verdict is Verdict.ADMIT and admitted.slot != victim.name
 
 
 async def flood_of_initials(target: tuple[str, int], sources: int, per_source: int) -> int:

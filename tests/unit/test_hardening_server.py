@@ -261,3 +261,96 @@ async def test_the_mailbox_is_private_to_the_server(server, mode: int) -> None:
         path = server.state_dir / name
         if path.exists():
             assert path.stat().st_mode & 0o777 == mode
+
+
+async def test_a_full_mailbox_is_delivered_batch_after_batch(server) -> None:
+    """Letters go out 64 at a time; each acknowledged batch brings the next, so none waits
+    for the recipient's next registration."""
+    recipient = Identity.generate()
+    posted = 0
+    for _ in range(18):
+        sender = Identity.generate()
+        agent = await RawAgent.connect(server, sender)
+        agent.writer.write(await agent.register_frame(server))
+        for i in range(4):
+            agent.writer.write(rv.encode_control(rv.Post(i, make_letter(sender, "trust-request", recipient.address))))
+            posted += 1
+        await until(lambda n=posted: server.counters["letters_posted"] == n)
+        agent.close()
+    got: list[rv.Letter] = []
+    client = RendezvousClient(recipient, server.url(), on_relay=lambda s, d: None, on_letter=got.append)
+    await client.start()
+    try:
+        await until(lambda: len(got) == posted)
+        assert server.mailbox is not None
+        await until(lambda: server.mailbox.waiting_for(recipient.address.digest) == [])
+    finally:
+        await client.close()
+
+
+async def test_a_flood_over_two_quotas_is_cut_off_all_the_same(tmp_path: Path) -> None:
+    """Drops under one quota are not forgiven by messages that pass another."""
+    srv = RendezvousServer(
+        Identity.generate(),
+        tmp_path / "s",
+        limits=ServerLimits(relay_rate=1024, relay_burst=2048, cutoff_drops=100, control_rate=1000, control_burst=1000),
+    )
+    await srv.start(["127.0.0.1"], 0)
+    agent = await RawAgent.connect(srv)
+    try:
+        agent.writer.write(await agent.register_frame(srv))
+        flood = rv.encode_relay(bytes(16), b"\x40" * 2000) + rv.encode_control(rv.Ping(1))
+        agent.writer.write(flood * 200)  # relay frames over quota, each followed by a ping that passes
+        await until(lambda: srv.counters["agents_cut_off"] == 1)
+    finally:
+        agent.close()
+        await srv.close()
+
+
+class FakeLink:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def buffered(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class FakeSocket:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+        self.sent.append((data, addr))
+        return True
+
+
+async def test_a_rebound_agent_is_challenged_by_its_first_data_frame(server) -> None:
+    identity = Identity.generate()
+    agent = server._admit(FakeLink(), rv.Register(identity.public_key, b""), "198.51.100.7:4000")
+    sock = FakeSocket()
+    old, new = ("198.51.100.7", 4000), ("198.51.100.7", 4100)
+
+    def answer_challenges() -> None:
+        for data, addr in sock.sent:
+            if data[0] == rv.UDP_CHALLENGE:
+                nonce = rv.parse_udp_relay(data).payload
+                server._udp_received(rv.encode_udp_response(agent.token, agent.udp_key, nonce), addr, sock)
+        sock.sent.clear()
+
+    server._udp_received(rv.encode_udp_hello(agent.token, agent.udp_key), old, sock)
+    answer_challenges()
+    assert agent.udp_endpoint == old
+    data = rv.encode_udp_relay(agent.token, agent.udp_key, bytes(16), b"\x40quic")
+    server._udp_received(data, new, sock)  # the NAT gave it a new port
+    assert [addr for _, addr in sock.sent] == [new] and len(sock.sent[0][0]) < len(data)
+    answer_challenges()
+    assert agent.udp_endpoint == new

@@ -24,11 +24,14 @@ INTERVAL = 0.02
 DURATION = 2.0
 #: Candidates a peer may offer (each checked every INTERVAL for the round's DURATION), and
 #: peer-reflexive sources a round answers with checks of its own, each at most
-#: TRIGGERED_PER_SOURCE times (one per fresh check from it, never on a schedule): what a
+#: TRIGGERED_PER_SOURCE times (for its first TRIGGER_FIRST fresh checks, then every
+#: TRIGGER_EVERY-th, so a loss burst does not take them all; never on a schedule): what a
 #: round sends to addresses it has not validated is bounded whatever arrives.
 MAX_CANDIDATES = 16
 MAX_PEER_REFLEXIVE = 8
 TRIGGERED_PER_SOURCE = 16
+TRIGGER_FIRST = 4
+TRIGGER_EVERY = 5
 #: Transaction ids remembered to refuse replays.
 REPLAY_WINDOW = 4096
 
@@ -68,8 +71,8 @@ class Puncher:
     _next: float = 0.0
     _cursor: int = 0
     replays: ReplayWindow = field(default_factory=ReplayWindow)
-    #: Peer-reflexive sources and the triggered checks each got.
-    triggered: dict[Addr, int] = field(default_factory=dict)
+    #: Peer-reflexive sources: the fresh checks each sent us, and the triggered checks it got.
+    triggered: dict[Addr, tuple[int, int]] = field(default_factory=dict)
     _sent: dict[bytes, Addr] = field(default_factory=dict)
     _outbox: list[tuple[bytes, Addr]] = field(default_factory=list)
 
@@ -140,13 +143,15 @@ class Puncher:
     def _trigger(self, source: Addr) -> None:
         """A peer-reflexive candidate (RFC 8445 7.3.1.3): check it in turn (a triggered check),
         within the round's bounds on such sources."""
-        count = self.triggered.get(source)
-        if count is None and len(self.triggered) >= MAX_PEER_REFLEXIVE:
+        if source not in self.triggered and len(self.triggered) >= MAX_PEER_REFLEXIVE:
             return
-        if count is not None and count >= TRIGGERED_PER_SOURCE:
-            return
-        self.triggered[source] = (count or 0) + 1
-        tid = self.random_bytes(punch.TID_BYTES)
-        self._sent[tid] = source
-        self.checks_sent += 1
-        self._outbox.append((punch.encode_check(self.key, tid), source))
+        checks, sent = self.triggered.get(source, (0, 0))
+        checks += 1
+        due = checks <= TRIGGER_FIRST or checks % TRIGGER_EVERY == 0
+        if due and sent < TRIGGERED_PER_SOURCE:
+            sent += 1
+            tid = self.random_bytes(punch.TID_BYTES)
+            self._sent[tid] = source
+            self.checks_sent += 1
+            self._outbox.append((punch.encode_check(self.key, tid), source))
+        self.triggered[source] = (checks, sent)

@@ -50,6 +50,8 @@ class Decision:
     retry_scid: bytes | None = None
     retry_packet: bytes = b""
     reason: str = ""
+    #: Where an admitted handshake is counted (give it back to :meth:`Admission.finished`).
+    slot: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,42 +81,55 @@ class Admission:
     def decide(self, source: Source, version: int, dcid: bytes, scid: bytes, token: bytes, now: float) -> Decision:
         """The verdict on an Initial from ``source`` (its header's fields)."""
         if source.trusted:
-            return self._admit(source, dcid)
+            return self._admit(source.name, dcid)
         if self.in_progress >= MAX_PENDING:
             return self._drop("too many handshakes in progress")
-        if self.pending.get(source.name, 0) >= MAX_PENDING_PER_SOURCE:
-            return self._drop(f"too many handshakes in progress from {source.name}")
         if token:
             original = self._validate(token, source.name, dcid, now)
             if original is None:
                 return self._drop("invalid or expired Retry token")
+            # The sender receives at this address: it has slots of its own, which no one
+            # spoofing the address can take.
+            slot = f"{source.name} proven"
+            if self.pending.get(slot, 0) >= MAX_PENDING_PER_SOURCE:
+                return self._drop(f"too many handshakes in progress from {source.name}")
             self.counters["retried_admitted"] += 1
-            return self._admit(source, original, retry_scid=dcid)
-        if not source.authenticated and self.in_progress >= RETRY_ABOVE:
-            retry_scid = self._random(_CID)
-            packet = encode_quic_retry(
-                version=version,
-                source_cid=retry_scid,
-                destination_cid=scid,
-                original_destination_cid=dcid,
-                retry_token=self._token(source.name, dcid, retry_scid, now),
+            return self._admit(slot, original, retry_scid=dcid)
+        crowded = self.pending.get(source.name, 0) >= MAX_PENDING_PER_SOURCE
+        if source.authenticated:
+            return (
+                self._drop(f"too many handshakes in progress from {source.name}")
+                if crowded
+                else self._admit(source.name, dcid)
             )
-            self.counters["retries"] += 1
-            return Decision(Verdict.RETRY, retry_packet=packet)
-        return self._admit(source, dcid)
+        if crowded or self.in_progress >= RETRY_ABOVE:
+            return self._retry(source.name, version, dcid, scid, now)
+        return self._admit(source.name, dcid)
 
-    def finished(self, source: Source) -> None:
-        """A handshake admitted from ``source`` ended (established or not)."""
-        left = self.pending.get(source.name, 0) - 1
+    def finished(self, slot: str) -> None:
+        """A handshake admitted into ``slot`` (:attr:`Decision.slot`) ended, established or not."""
+        left = self.pending.get(slot, 0) - 1
         if left > 0:
-            self.pending[source.name] = left
+            self.pending[slot] = left
         else:
-            self.pending.pop(source.name, None)
+            self.pending.pop(slot, None)
 
-    def _admit(self, source: Source, original_dcid: bytes, retry_scid: bytes | None = None) -> Decision:
-        self.pending[source.name] = self.pending.get(source.name, 0) + 1
+    def _retry(self, name: str, version: int, dcid: bytes, scid: bytes, now: float) -> Decision:
+        retry_scid = self._random(_CID)
+        packet = encode_quic_retry(
+            version=version,
+            source_cid=retry_scid,
+            destination_cid=scid,
+            original_destination_cid=dcid,
+            retry_token=self._token(name, dcid, retry_scid, now),
+        )
+        self.counters["retries"] += 1
+        return Decision(Verdict.RETRY, retry_packet=packet)
+
+    def _admit(self, slot: str, original_dcid: bytes, retry_scid: bytes | None = None) -> Decision:
+        self.pending[slot] = self.pending.get(slot, 0) + 1
         self.counters["admitted"] += 1
-        return Decision(Verdict.ADMIT, original_dcid=original_dcid, retry_scid=retry_scid)
+        return Decision(Verdict.ADMIT, original_dcid=original_dcid, retry_scid=retry_scid, slot=slot)
 
     def _drop(self, reason: str) -> Decision:
         self.counters["dropped"] += 1

@@ -776,7 +776,7 @@ class Node:
         self._register_cid(conn, header.destination_cid, True)
         self._register_cid(conn, conn.quic.host_cid, True)
         # Established or not, by the connect timeout at the latest: the slot is free again.
-        conn.established.add_done_callback(lambda _: self.admission.finished(source))
+        conn.established.add_done_callback(lambda _: self.admission.finished(decision.slot))
         conn.established.add_done_callback(lambda f: self._refused(conn, f))
         return conn
 

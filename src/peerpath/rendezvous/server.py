@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -98,7 +99,10 @@ class _Agent:
     control_quota: _Bucket
     last_seen: float
     rtt: float | None = None
-    overquota_run: int = 0
+    #: Messages dropped in a row for each quota ("relay", "control"); one spent resets its own.
+    overquota: dict[str, int] = field(default_factory=dict)
+    #: Letters handed over and not yet acknowledged: when none are left, the next batch goes.
+    letters_out: set[int] = field(default_factory=set)
     relayed_in: int = 0
     relayed_out: int = 0
     ping_sent: dict[int, float] = field(default_factory=dict)
@@ -172,6 +176,8 @@ class RendezvousServer:
         self.stun = list(stun or [])
         #: Other relays (``peerpath relay``) agents may choose as their home relay.
         self.relays = list(relays or [])
+        if len(self.relays) >= rv.MAX_ENDPOINTS:
+            raise ValueError(f"at most {rv.MAX_ENDPOINTS - 1} other relays (agents accept {rv.MAX_ENDPOINTS} URLs)")
         self.state_dir = state_dir
         self.limits = limits or ServerLimits()
         self.agents: dict[bytes, _Agent] = {}
@@ -328,7 +334,7 @@ class RendezvousServer:
         token) is torn down in ``finally``, however it ends."""
         self.counters["connections"] += 1
         observed = _endpoint(link.peername())
-        ip = observed.rpartition(":")[0]
+        ip = _client_network(observed.rpartition(":")[0])
         agent: _Agent | None = None
         self._open += 1
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
@@ -468,8 +474,9 @@ class RendezvousServer:
         now = time.monotonic()
         if not agent.control_quota.take(1, now):
             self.counters["control_dropped_quota"] += 1
-            self._overquota(agent, "control message rate")
+            self._overquota(agent, "control")
             return
+        agent.overquota["control"] = 0
         if isinstance(message, rv.Lookup):
             self.counters["lookups"] += 1
             agent.send(rv.encode_control(self._lookup(message)))
@@ -485,6 +492,10 @@ class RendezvousServer:
         elif isinstance(message, rv.Received):
             if self.mailbox is not None:
                 self.mailbox.delete(message.letter_id, agent.address.digest)
+                if agent.letters_out:
+                    agent.letters_out.discard(message.letter_id)
+                    if not agent.letters_out:
+                        self._deliver_waiting(agent)  # the batch is handled: the next one
         elif isinstance(message, rv.Signal):
             self._signal(agent, message, now)
         elif isinstance(message, rv.UdpReady):
@@ -495,19 +506,19 @@ class RendezvousServer:
             agent.home_relay = message.url
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
-        agent.overquota_run = 0
 
-    def _overquota(self, agent: _Agent, what: str) -> None:
-        """One more message dropped for a quota; an agent that keeps at it is cut off."""
-        agent.overquota_run += 1
-        if agent.overquota_run >= self.limits.cutoff_drops:
-            raise _CutOff(f"{what} exceeded {agent.overquota_run} times in a row")
+    def _overquota(self, agent: _Agent, quota: str) -> None:
+        """One more message dropped for ``quota``; an agent that keeps at it is cut off."""
+        run = agent.overquota[quota] = agent.overquota.get(quota, 0) + 1
+        if run >= self.limits.cutoff_drops:
+            raise _CutOff(f"{quota} quota exceeded {run} times in a row")
 
     def _signal(self, source: _Agent, signal: rv.Signal, now: float) -> None:
         if not source.relay_quota.take(len(signal.payload), now):
             self.counters["signals_dropped"] += 1
-            self._overquota(source, "relay quota (signals)")
+            self._overquota(source, "relay")
             return
+        source.overquota["relay"] = 0
         try:
             target = self.agents.get(Address.parse(signal.peer).digest)
         except ValueError:
@@ -548,12 +559,15 @@ class RendezvousServer:
         return rv.PostResult(request.id, ok=True)
 
     def _deliver_waiting(self, agent: _Agent) -> None:
+        """Hand the agent its oldest waiting letters, a batch at a time (the next batch goes
+        when it has acknowledged this one)."""
         if self.mailbox is None:
             return
         for letter_id, letter in self.mailbox.waiting_for(agent.address.digest, DELIVER_BATCH):
-            self._deliver(agent, letter_id, letter)
+            if self._deliver(agent, letter_id, letter):
+                agent.letters_out.add(letter_id)
 
-    def _deliver(self, agent: _Agent, letter_id: int, letter: rv.Letter) -> None:
+    def _deliver(self, agent: _Agent, letter_id: int, letter: rv.Letter) -> bool:
         try:
             frame = rv.encode_control(rv.Deliver(letter_id, letter))
         except rv.FrameError as exc:
@@ -562,9 +576,11 @@ class RendezvousServer:
             log.warning("dropping letter %d for %s: %s", letter_id, agent.address, exc)
             if self.mailbox is not None:
                 self.mailbox.drop(letter_id)
-            return
+            return False
         if agent.send(frame):
             self.counters["letters_delivered"] += 1
+            return True
+        return False
 
     def _lookup(self, request: rv.Lookup) -> rv.LookupResult:
         """Whether ``request.address`` is online, and the relay that reaches it: nothing else
@@ -582,9 +598,9 @@ class RendezvousServer:
         size = len(datagram)
         if not source.relay_quota.take(size, now):
             self.counters["relay_dropped_quota"] += 1
-            self._overquota(source, "relay quota")
+            self._overquota(source, "relay")
             return
-        source.overquota_run = 0
+        source.overquota["relay"] = 0
         target = self.agents.get(destination)
         if target is None:
             self.counters["relay_dropped_offline"] += 1
@@ -636,8 +652,11 @@ class RendezvousServer:
                 sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
         elif not confirmed:
             # Relayed data only from the endpoint that answered a challenge (else a copy of an
-            # agent's frame from anywhere would spend its quota and move its UDP liveness).
+            # agent's frame from anywhere would spend its quota and move its UDP liveness);
+            # a NAT that rebound the agent to a new port is asked to prove it at once (a
+            # challenge is smaller than the smallest data frame).
             self.counters["udp_unconfirmed"] += 1
+            self._challenge(agent, addr, sock, now)
         else:
             agent.udp_seen = now
             try:
@@ -680,6 +699,17 @@ def _check_path(connection: ServerConnection, request: Request) -> Response | No
     if request.path != WS_PATH:
         return connection.respond(HTTPStatus.NOT_FOUND, "not a peerpath endpoint\n")
     return None
+
+
+def _client_network(host: str) -> str:
+    """What the per-IP limit counts by: the address, or its /64 for IPv6 (one subscriber's)."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -51,9 +51,6 @@ PATH_TICK = 1.0
 #: Until the peer is authenticated it may send this much stream data in all (gaps included)
 #: and open no stream but its control stream; the window grows to the session's afterwards.
 PREAUTH_MAX_DATA = 16 * 1024
-#: Stream data held for the application before the session is established (a responder's
-#: streams that overtook its Welcome), in bytes.
-PREAUTH_HELD = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -437,8 +434,10 @@ class Connection:
                 # Held until the session is established (on the initiator: streams of the
                 # responder that overtook its Welcome); never delivered if it fails.
                 self._early.append(event)
+                # Only an initiator gets here (a responder allows no stream before the proof),
+                # from a responder its TLS certificate proved: bounded by the session's window.
                 self._early_bytes += len(getattr(event, "data", b"")) + 64
-                if self._early_bytes > PREAUTH_HELD:
+                if self._early_bytes > self.config.max_data:
                     self._abort(_ERR_PROTOCOL, "too much data before authentication")
             elif self.is_established:
                 self._on_stream_event(event)
