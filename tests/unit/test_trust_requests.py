@@ -127,3 +127,15 @@ async def test_recipient_checks_letters_itself(tmp_path, server) -> None:
         assert mallory.address not in bob.trust
     finally:
         await bob.close()
+
+
+def test_a_note_too_long_for_the_server_is_refused_here(tmp_path) -> None:
+    from peerpath.errors import LocalError
+    from peerpath.identity import Identity
+    from peerpath.node.requests import TrustBroker
+    from peerpath.node.trust import TrustStore
+    from peerpath.wire import rendezvous as rv
+
+    broker = TrustBroker(Identity.generate(), TrustStore(tmp_path / "t.json"), tmp_path / "r.json")
+    with pytest.raises(LocalError, match="at most 1000 characters"):
+        broker.request(Identity.generate().address, "x" * (rv.MAX_NOTE + 1))

@@ -188,6 +188,8 @@ class TrustBroker:
         """A signed request to ``target``; remembered so that its approval is accepted."""
         if target == self.identity.address:
             raise LocalError("cannot ask this node to trust itself")
+        if len(note) > rv.MAX_NOTE:
+            raise LocalError(f"a note is at most {rv.MAX_NOTE} characters, this one has {len(note)}")
         letter = make_letter(self.identity, "trust-request", target, note)
         self.requests.outgoing[str(target)] = Request(str(target), note, letter.created, letter.nonce.hex())
         self.requests.save()
