@@ -166,6 +166,10 @@ async def mesh(state_dir: str, url: str) -> None:
                 print(json.dumps(await soak(node, words[1], float(words[2]))), flush=True)
             elif words[:1] == ["counters"]:
                 print(json.dumps(node.direct.counters), flush=True)
+            elif words[:1] == ["status"]:
+                status = node.status()
+                keep = ("endpoint", "counters", "admission", "rendezvous")
+                print(json.dumps({k: status[k] for k in keep} | {"pending": len(node.pending_trust())}), flush=True)
 
 
 async def exercise(state_dir: str, target: str) -> dict[str, object]:
