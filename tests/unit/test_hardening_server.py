@@ -354,3 +354,17 @@ async def test_a_rebound_agent_is_challenged_by_its_first_data_frame(server) -> 
     assert [addr for _, addr in sock.sent] == [new] and len(sock.sent[0][0]) < len(data)
     answer_challenges()
     assert agent.udp_endpoint == new
+
+
+async def test_copies_of_a_hello_from_elsewhere_cannot_hold_the_real_endpoint_back(server) -> None:
+    identity = Identity.generate()
+    agent = server._admit(FakeLink(), rv.Register(identity.public_key, b""), "198.51.100.7:4000")
+    sock = FakeSocket()
+    hello = rv.encode_udp_hello(agent.token, agent.udp_key)
+    attacker, real = ("203.0.113.66", 5000), ("198.51.100.7", 4100)
+    server._udp_received(hello, attacker, sock)  # a copy, replayed from elsewhere
+    server._udp_received(hello, real, sock)  # the agent itself, a moment later
+    challenged = {addr: rv.parse_udp_relay(data).payload for data, addr in sock.sent}
+    assert set(challenged) == {attacker, real}
+    server._udp_received(rv.encode_udp_response(agent.token, agent.udp_key, challenged[real]), real, sock)
+    assert agent.udp_endpoint == real

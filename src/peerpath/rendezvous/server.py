@@ -47,8 +47,10 @@ STATUS_FILE = "status.json"
 UDP_FRESH = 30.0
 
 
-#: A new UDP endpoint of an agent is challenged at most this often.
+#: A new UDP endpoint of an agent is challenged at most this often, and at most this many
+#: endpoints of one agent have a challenge outstanding.
 UDP_CHALLENGE_INTERVAL = 1.0
+UDP_CHALLENGES = 4
 #: Letters handed to an agent at each registration (the rest wait for the next one).
 DELIVER_BATCH = 64
 
@@ -115,8 +117,10 @@ class _Agent:
     udp_endpoint: tuple[str, int] | None = None
     udp_socket: _RelayUdp | None = None
     udp_seen: float = 0.0
-    #: The challenge outstanding for a new endpoint: (nonce, endpoint, socket, when sent).
-    udp_challenge: tuple[bytes, tuple[str, int], _RelayUdp, float] | None = None
+    #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A
+    #: few at once, so copies of a hello replayed from one address cannot hold the agent's
+    #: real new endpoint back.
+    udp_challenges: dict[tuple[str, int], tuple[bytes, _RelayUdp, float]] = field(default_factory=dict)
 
     def send(self, frame: bytes) -> bool:
         if self.link.is_closing() or self.link.buffered() > SEND_HIGH_WATER:
@@ -643,11 +647,10 @@ class RendezvousServer:
             else:
                 self._challenge(agent, addr, sock, now)
         elif frame.kind == rv.UDP_RESPONSE:
-            pending = agent.udp_challenge
-            answered = pending is not None and pending[1] == addr and pending[2] is sock
-            if answered and hmac.compare_digest(pending[0], frame.payload):  # type: ignore[index]
+            pending = agent.udp_challenges.get(addr)
+            if pending is not None and pending[1] is sock and hmac.compare_digest(pending[0], frame.payload):
                 # The agent holds the key and receives at this address: deliver there from now on.
-                agent.udp_challenge = None
+                agent.udp_challenges.clear()
                 agent.udp_endpoint, agent.udp_socket, agent.udp_seen = addr, sock, now
                 sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
         elif not confirmed:
@@ -670,12 +673,16 @@ class RendezvousServer:
                 agent.link.close()
 
     def _challenge(self, agent: _Agent, addr: tuple[str, int], sock: _RelayUdp, now: float) -> None:
-        """Ask a new endpoint to prove it is the agent's (at most one challenge per interval)."""
-        pending = agent.udp_challenge
-        if pending is not None and now - pending[3] < UDP_CHALLENGE_INTERVAL:
+        """Ask a new endpoint to prove it is the agent's: one challenge per endpoint per
+        interval, to at most UDP_CHALLENGES endpoints at once (the oldest is forgotten)."""
+        pending = agent.udp_challenges.get(addr)
+        if pending is not None and now - pending[2] < UDP_CHALLENGE_INTERVAL:
             return
         nonce = os.urandom(rv.UDP_NONCE_BYTES)
-        agent.udp_challenge = (nonce, addr, sock, now)
+        agent.udp_challenges.pop(addr, None)
+        agent.udp_challenges[addr] = (nonce, sock, now)
+        while len(agent.udp_challenges) > UDP_CHALLENGES:
+            del agent.udp_challenges[next(iter(agent.udp_challenges))]
         sock.sendto(rv.encode_udp_challenge(agent.token, agent.udp_key, nonce), addr)
 
     async def _ping_loop(self) -> None:
