@@ -583,6 +583,7 @@ def _run_server(data: bytes, rng: random.Random) -> None:
     mailbox = server.mailbox
     assert mailbox is not None
     mailbox._db.execute("DELETE FROM seen")  # every letter is a fresh one to the server,
+    mailbox._seen = 0
     mailbox._db.execute("DELETE FROM letters")  # and no mailbox is ever full
     agent = _online(server, CAROL if rng.random() < 0.1 else ALICE)
     _online(server, BOB)
@@ -921,6 +922,7 @@ def _run_connection(data: bytes, rng: random.Random) -> None:
     server = _server("connection")
     assert server.mailbox is not None
     server.mailbox._db.execute("DELETE FROM seen")  # every letter is a fresh one to the server,
+    server.mailbox._seen = 0
     server.mailbox._db.execute("DELETE FROM letters")  # and no mailbox is ever full
     _online(server, BOB)
     link = _Stranger(data, rng, resign=rng.random() < 0.8)
@@ -1243,6 +1245,7 @@ _DELIVER_HEAD = b"\x83\xa4type\xa7deliver\xa9letter_id\x01\xa6letter"
 def _run_letters(data: bytes, rng: random.Random) -> None:
     broker, mailbox = _broker()
     mailbox._db.execute("DELETE FROM seen")  # every input is a fresh letter to the server
+    mailbox._seen = 0
     ((message, _),) = rv.FrameDecoder().feed(_control_frame(_DELIVER_HEAD + data))
     letter = message.letter  # type: ignore[union-attr]
     sender, recipient = check_letter(letter, NOW)

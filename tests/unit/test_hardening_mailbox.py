@@ -147,3 +147,34 @@ def test_an_existing_readable_database_is_made_private(tmp_path: Path) -> None:
     finally:
         reopened.close()
         box.close()
+
+
+def test_a_sender_that_posts_and_has_its_letters_taken_still_has_a_weekly_total(
+    mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivered letters leave their nonces behind (replays are refused for a week): a sender
+    posting to its own second identity and acknowledging each letter is bounded all the same."""
+    monkeypatch.setattr("peerpath.rendezvous.mailbox.MAX_POSTED_PER_SENDER", 10)
+    mallory, accomplice = Identity.generate(), Identity.generate()
+    for _ in range(10):
+        (letter_id,) = post_from(mailbox, mallory, accomplice)
+        assert mailbox.delete(letter_id, accomplice.address.digest)
+    with pytest.raises(LetterError, match="posted 10 letters in a week"):
+        post_from(mailbox, mallory, accomplice)
+
+
+def test_the_server_keeps_a_bounded_number_of_letters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("peerpath.rendezvous.mailbox.MAX_SEEN", 5)
+    box = Mailbox(tmp_path / "rendezvous.db")
+    try:
+        for _ in range(5):
+            post_from(box, Identity.generate(), Identity.generate())
+        with pytest.raises(LetterError, match="too many letters"):
+            post_from(box, Identity.generate(), Identity.generate())
+        box.prune(NOW + 8 * 24 * 3600)  # a week later, the old nonces are gone
+        assert box._seen == 0
+    finally:
+        box.close()
+    reopened = Mailbox(tmp_path / "rendezvous.db")
+    assert reopened._seen == 0
+    reopened.close()

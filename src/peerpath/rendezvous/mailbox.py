@@ -22,6 +22,10 @@ MAX_PER_SENDER = 100
 MAX_PER_PAIR = 4
 #: Letters one recipient may have waiting, from all its senders together.
 MAX_PER_RECIPIENT = 1000
+#: Letters one sender may post in a letter's lifetime (its nonces are kept that long to
+#: refuse replays, delivered or not), and nonces kept in all: the database's bound.
+MAX_POSTED_PER_SENDER = 1000
+MAX_SEEN = 1_000_000
 #: Letters :meth:`Mailbox.waiting_for` returns unless asked for fewer: everything a mailbox can hold.
 MAX_WAITING_BATCH = MAX_PER_RECIPIENT
 #: Letter ids are SQLite integers: 64-bit signed, and AUTOINCREMENT starts at 1.
@@ -76,6 +80,7 @@ class Mailbox:
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        (self._seen,) = self._db.execute("SELECT COUNT(*) FROM seen").fetchone()
 
     def close(self) -> None:
         """Close the database."""
@@ -95,12 +100,18 @@ class Mailbox:
                     "INSERT INTO letters (recipient, sender, created, body) VALUES (?, ?, ?, ?)",
                     (recipient, sender, int(now), _encoder.encode(letter)),
                 )
+            self._seen += 1
         except sqlite3.IntegrityError:
             raise LetterError("this letter was sent before (replayed)") from None
         self.prune(now)
         return int(cursor.lastrowid or 0)
 
     def _check_room(self, sender: bytes, recipient: bytes) -> None:
+        if self._seen >= MAX_SEEN:
+            raise LetterError("the server keeps too many letters; try again later")
+        (posted,) = self._db.execute("SELECT COUNT(*) FROM seen WHERE sender = ?", (sender,)).fetchone()
+        if posted >= MAX_POSTED_PER_SENDER:
+            raise LetterError(f"you have posted {posted} letters in a week already")
         (waiting,) = self._db.execute("SELECT COUNT(*) FROM letters WHERE sender = ?", (sender,)).fetchone()
         if waiting >= MAX_PER_SENDER:
             raise LetterError(f"you have {waiting} letters waiting already")
@@ -150,4 +161,4 @@ class Mailbox:
         """Drop letters and nonces past their maximum age."""
         cutoff = int(now) - MAX_AGE
         self._db.execute("DELETE FROM letters WHERE created < ?", (cutoff,))
-        self._db.execute("DELETE FROM seen WHERE created < ?", (cutoff,))
+        self._seen -= self._db.execute("DELETE FROM seen WHERE created < ?", (cutoff,)).rowcount
