@@ -368,3 +368,21 @@ async def test_copies_of_a_hello_from_elsewhere_cannot_hold_the_real_endpoint_ba
     assert set(challenged) == {attacker, real}
     server._udp_received(rv.encode_udp_response(agent.token, agent.udp_key, challenged[real]), real, sock)
     assert agent.udp_endpoint == real
+
+
+async def test_registrations_from_one_address_are_rate_limited(tmp_path: Path) -> None:
+    srv = RendezvousServer(
+        Identity.generate(), tmp_path / "s", limits=ServerLimits(register_rate=0.001, register_burst=3)
+    )
+    await srv.start(["127.0.0.1"], 0)
+    try:
+        answers = []
+        for _ in range(5):  # five throwaway identities, one after another
+            agent = await RawAgent.connect(srv)
+            agent.writer.write(await agent.register_frame(srv))
+            answers.append(type((await agent.frames())[0][0]).__name__)
+            agent.close()
+        assert answers == ["Registered"] * 3 + ["Refused"] * 2
+        assert srv.counters["registrations_refused"] == 2
+    finally:
+        await srv.close()

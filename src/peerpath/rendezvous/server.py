@@ -72,6 +72,15 @@ class ServerLimits:
     max_agents: int = 10_000
     max_connections: int = 20_000
     max_connections_per_ip: int = 64
+    #: Registrations per second from one client IP (its /64 for IPv6), and burst: identities
+    #: cost nothing to make, so what one address may register is what bounds them.
+    register_rate: float = 1.0
+    register_burst: float = 64.0
+
+
+#: Client networks whose registration rate is tracked at once; beyond it, those whose
+#: bucket has refilled are forgotten (they would start full anyway).
+MAX_TRACKED_NETWORKS = 100_000
 
 
 class _Bucket:
@@ -83,12 +92,20 @@ class _Bucket:
         self.rate, self.burst, self.level, self.updated = rate, burst, burst, now
 
     def take(self, amount: float, now: float) -> bool:
-        self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
-        self.updated = now
+        self._refill(now)
         if self.level < amount:
             return False
         self.level -= amount
         return True
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket has refilled (it holds nothing a fresh one would not)."""
+        self._refill(now)
+        return self.level >= self.burst
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
+        self.updated = now
 
 
 @dataclass(eq=False)
@@ -188,6 +205,7 @@ class RendezvousServer:
         self.counters = {
             "connections": 0,
             "connections_refused": 0,
+            "registrations_refused": 0,
             "handler_errors": 0,
             "registered": 0,
             "refused": 0,
@@ -213,6 +231,7 @@ class RendezvousServer:
         }
         self._open = 0
         self._per_ip: dict[str, int] = {}
+        self._registrations: dict[str, _Bucket] = {}
         self._tokens: dict[bytes, _Agent] = {}
         self._udp: list[_RelayUdp] = []
         self.mailbox: Mailbox | None = None
@@ -392,6 +411,14 @@ class RendezvousServer:
                 self._forget(agent)
             link.close()
 
+    def _registration_allowed(self, network: str, now: float) -> bool:
+        bucket = self._registrations.get(network)
+        if bucket is None:
+            if len(self._registrations) >= MAX_TRACKED_NETWORKS:
+                self._registrations = {key: kept for key, kept in self._registrations.items() if not kept.full(now)}
+            bucket = self._registrations[network] = _Bucket(self.limits.register_rate, self.limits.register_burst, now)
+        return bucket.take(1, now)
+
     def _forget(self, agent: _Agent) -> None:
         if self._tokens.get(agent.token) is agent:
             del self._tokens[agent.token]
@@ -435,6 +462,10 @@ class RendezvousServer:
             self._refuse(link, "the server is full; try again later")
             return None
         now = time.monotonic()
+        if not self._registration_allowed(_client_network(observed.rpartition(":")[0]), now):
+            self.counters["registrations_refused"] += 1
+            self._refuse(link, "too many registrations from your address; try again later")
+            return None
         limits = self.limits
         agent = _Agent(
             claimed,
