@@ -27,6 +27,7 @@ from peerpath.nat.netcheck import MAX_PORT_STEP, port_step
 from peerpath.nat.punch import MAX_CANDIDATES, Addr, Puncher, ReplayWindow
 from peerpath.session.connection import Connection
 from peerpath.session.pathset import Path, PathKind, clock, format_endpoint, parse_endpoint
+from peerpath.tasks import spawn
 from peerpath.wire import punch
 
 if TYPE_CHECKING:
@@ -202,9 +203,7 @@ class DirectPaths:
         self._birthdays = 0
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(coro, "a direct-path task", self._tasks)
 
     async def close(self) -> None:
         """Stop every round and probe."""

@@ -31,6 +31,7 @@ from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
 from peerpath.session.pathset import PathKind, PathSet, clock, format_endpoint, parse_endpoint
+from peerpath.tasks import spawn
 from peerpath.wire.punch import is_check
 from peerpath.wire.rendezvous import is_udp_relay
 from peerpath.wire.stun import Address as TransportAddress
@@ -226,17 +227,16 @@ class Node:
     def _on_registered(self, registered: Any) -> None:
         """After every registration: choose a home relay among those the server offers, and
         find out (at most every ten minutes) what NAT we are behind."""
-        loop = asyncio.get_running_loop()
         if self._home_task is not None:
             self._home_task.cancel()
-        self._home_task = loop.create_task(self._choose_home_relay(list(registered.relays)))
+        self._home_task = spawn(self._choose_home_relay(list(registered.relays)), "choosing a home relay")
         if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
-            self._nat_task = loop.create_task(self._check_nat(list(registered.stun)))
+            self._nat_task = spawn(self._check_nat(list(registered.stun)), "netcheck")
         self.stun_servers = list(registered.stun)
         if registered.stun:
             if self._reflexive_task is not None:
                 self._reflexive_task.cancel()  # a re-registration's answers replace the last ones
-            self._reflexive_task = loop.create_task(self._learn_reflexive(list(registered.stun)))
+            self._reflexive_task = spawn(self._learn_reflexive(list(registered.stun)), "learning the reflexive address")
 
     async def _stun_mapped(self, stun: str, client: UdpStunSocket | None = None) -> tuple[str, int] | None:
         host, _, port = stun.rpartition(":")

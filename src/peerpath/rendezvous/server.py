@@ -29,6 +29,7 @@ from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.mailbox import Mailbox
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
+from peerpath.tasks import spawn
 from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import format_endpoint
 
@@ -338,9 +339,7 @@ class RendezvousServer:
     # -- one agent ------------------------------------------------------------------------
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(StreamLink(reader, writer)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._serve(StreamLink(reader, writer)), "a rendezvous connection", self._tasks)
 
     async def _serve_websocket(self, ws: ServerConnection) -> None:
         task = asyncio.current_task()
@@ -717,15 +716,21 @@ class RendezvousServer:
         sock.sendto(rv.encode_udp_challenge(agent.token, agent.udp_key, nonce), addr)
 
     async def _ping_loop(self) -> None:
+        """Status every few seconds and pings to every agent: a failure is logged and the loop
+        goes on (without it, every agent would be dropped as silent)."""
         ticks = 0
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
             ticks += 1
-            with contextlib.suppress(OSError):
-                self.write_status()
-            if ticks % round(PING_INTERVAL / STATUS_INTERVAL) == 0:
-                for agent in list(self.agents.values()):
-                    self._ping(agent)
+            try:
+                with contextlib.suppress(OSError):
+                    self.write_status()
+                if ticks % round(PING_INTERVAL / STATUS_INTERVAL) == 0:
+                    for agent in list(self.agents.values()):
+                        self._ping(agent)
+            except Exception:
+                self.counters["handler_errors"] += 1
+                log.exception("the server's status and ping round failed")
 
 
 class _CutOff(Exception):

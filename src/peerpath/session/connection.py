@@ -34,6 +34,7 @@ from peerpath.session import control
 from peerpath.session.pathset import HOLD_DOWN, VIRTUAL_PEER, Path, PathSet
 from peerpath.session.pathset import clock as _clock
 from peerpath.session.streams import StreamWriter
+from peerpath.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -727,9 +728,7 @@ class Connection:
             stream.reader.set_exception(exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(coro, f"a task of the session with {self.peer}", self._tasks)
 
     async def _run_stream_handler(
         self, handler: StreamHandler, reader: asyncio.StreamReader, writer: StreamWriter
