@@ -177,8 +177,9 @@ class DirectPaths:
         self._offers: dict[Connection, tuple[_Offer, _Answer, Any]] = {}
         self._active: dict[Puncher, tuple[Connection, asyncio.Event, Any]] = {}
         self._probes: dict[bytes, tuple[Connection, Path]] = {}
-        #: Checks answered outside rounds (probes), so a copy from elsewhere gets nothing.
-        self._replays = ReplayWindow()
+        #: Each session's checks answered outside rounds (probes): a copy from elsewhere gets
+        #: nothing. One window per session, so other sessions' probes cannot age it out.
+        self._replays: dict[Connection, ReplayWindow] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Extra sockets that carry a birthday round's winning path, until the session ends.
         self._kept: dict[Connection, list[Any]] = {}
@@ -232,6 +233,7 @@ class DirectPaths:
         finally:
             self._keys.pop(conn, None)
             self._round_keys.pop(conn, None)
+            self._replays.pop(conn, None)
             self._drop_offer(conn)
             for sock in self._kept.pop(conn, []):
                 sock.close()
@@ -584,11 +586,15 @@ class DirectPaths:
             except punch.CheckError:
                 continue
             if kind == punch.CHECK:
-                if self._replays.first(tid):
+                if self._first(conn, tid):
                     reply(punch.encode_response(key, tid, RELAY_OBSERVED))
             else:
                 self._probe_answered(tid, PathKind.RELAY, relay)
             return
+
+    def _first(self, conn: Connection, tid: bytes) -> bool:
+        """Whether ``tid`` is a check of ``conn``'s not seen before."""
+        return self._replays.setdefault(conn, ReplayWindow()).first(tid)
 
     def on_check(self, data: bytes, source: Addr, via: Any) -> None:
         """A check-range datagram arrived on ``via`` (the node's socket, or a round's extra one)."""
@@ -602,7 +608,7 @@ class DirectPaths:
             except punch.CheckError:
                 continue
             if kind == punch.CHECK:
-                if not self._replays.first(tid):
+                if not self._first(conn, tid):
                     return  # a copy: answered once already, and no news of the path
                 via.sendto(punch.encode_response(key, tid, source), source)
                 path = conn.paths.paths.get((PathKind.DIRECT_UDP, format_endpoint(source)))
