@@ -111,7 +111,6 @@ class PortMapper:
         self.port = port
         self.local_ip = local_ip
         self.method: str | None = None
-        self._epoch: int | None = None
 
     @property
     def answered(self) -> bool:

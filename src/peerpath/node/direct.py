@@ -286,9 +286,9 @@ class DirectPaths:
         if not self._hard() or "udp" not in self.transports:
             return None, 0, 0
         try:
-            measured = await self.node._fresh_mapping()
-        except OSError as exc:
-            log.debug("port prediction: no socket: %s", exc)
+            measured = await asyncio.wait_for(self.node._fresh_mapping(), PREDICT_WAIT)
+        except (OSError, TimeoutError) as exc:
+            log.debug("port prediction: no socket or no answer: %s", exc or "timed out")
             return None, 0, 0
         if measured is None:
             return None, 0, 0

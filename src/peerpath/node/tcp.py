@@ -68,7 +68,6 @@ class TcpLink(asyncio.Protocol):
         self.closed = False
         #: Whether a check ever proved this link (a released link may carry a later session).
         self.proved = False
-        self.frames_received = 0
         self._buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
 
@@ -127,7 +126,6 @@ class TcpLink(asyncio.Protocol):
             offset = end
             if not frame:
                 continue  # an empty frame is a keepalive of nothing
-            self.frames_received += 1
             try:
                 self.owner.on_frame(self, frame)
             except Exception:
