@@ -451,9 +451,6 @@ def _rendezvous_messages(letters: list[rv.Letter] | None = None) -> list[rv.Mess
         rv.Deliver(9, request),
         rv.Deliver(10, approval),
         rv.Received(9),
-        rv.Signal(str(bob), "punch-offer", b"opaque", 12.5, 30.25),
-        rv.Signal(str(bob), "punch-answer", b""),
-        rv.Signal(str(bob), "punch-offer", bytes(rv.MAX_SIGNAL)),
         rv.UdpReady(True),
         rv.UdpReady(False),
         rv.HomeRelay(SERVER_URL),
@@ -644,7 +641,6 @@ def _client(purpose: str) -> tuple[rv_client.RendezvousClient, list[tuple[bytes,
         RendezvousUrl.parse(SERVER_URL),
         on_relay=on_relay,
         on_letter=lambda letter: None,
-        on_signal=lambda signal: None,
         on_registered=lambda registered: None,
         # Only the UDP client sends over UDP (the other's hello task would run on in the shared loop).
         udp_send=(lambda data, addr: sent.append((data, addr))) if purpose == "udp" else None,
@@ -907,7 +903,7 @@ class _Stranger(_FakeLink):
 def _connection_seeds() -> list[bytes]:
     register = rv.encode_control(rv.Register(ALICE.public_key, bytes(64)))  # signed over the server's nonce
     messages = _rendezvous_messages(_letters(int(time.time())))
-    agents = (rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.Signal, rv.UdpReady, rv.HomeRelay)
+    agents = (rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.UdpReady, rv.HomeRelay)
     # What an agent sends, then what only a server sends (which ends the connection).
     ordered = [m for m in messages if isinstance(m, agents)] + [m for m in messages if not isinstance(m, agents)]
     relay = rv.encode_relay(BOB.address.digest, b"\x40" * 100)

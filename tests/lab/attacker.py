@@ -105,11 +105,8 @@ async def ghosts_and_garbage(url: RendezvousUrl, source: str, until: float) -> N
             writer.write(b"".join(lookups))
             sent["lookups"] += 500
         else:
-            signals = [
-                rv.encode_control(rv.Signal(str(identity.address), "offer", os.urandom(8000))) for _ in range(50)
-            ]
-            writer.write(b"".join(signals))
-            sent["signals"] += 50
+            writer.write(rv.encode_control(rv.Ping(1)) * 2000)
+            sent["pings"] += 2000
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(reader.read(65536), 0.5)
         writer.close()

@@ -81,7 +81,6 @@ def test_the_largest_messages_the_server_builds_fit_a_frame() -> None:
     letter = _largest_letter()
     assert rv.FrameDecoder().feed(rv.encode_control(rv.Post((1 << 63) - 1, letter)))  # accepted as posted
     rv.encode_control(rv.Deliver((1 << 63) - 1, letter))  # and delivered: no FrameError
-    rv.encode_control(rv.Signal("p" * 64, "k" * 64, bytes(rv.MAX_SIGNAL), 1e300, 1e300))
     rv.encode_control(rv.LookupResult((1 << 63) - 1, "a" * 64, True, "u" * 256))
 
 
@@ -92,7 +91,6 @@ def test_the_largest_messages_the_server_builds_fit_a_frame() -> None:
         rv.Post(1, msgspec.structs.replace(_largest_letter(), note="x" * (rv.MAX_NOTE + 1))),
         rv.Received((1 << 64) - 1),
         rv.Lookup(-1, "pp1x"),
-        rv.Signal("pp1x", "offer", bytes(rv.MAX_SIGNAL + 1)),
         rv.HomeRelay("u" * 257),
     ],
 )

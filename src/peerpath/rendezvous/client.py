@@ -43,7 +43,6 @@ _CONNECTION_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, Connec
 
 RelayHandler = Callable[[bytes, bytes], None]
 LetterHandler = Callable[[rv.Letter], None]
-SignalHandler = Callable[[rv.Signal], None]
 
 
 class RendezvousError(errors.RemoteError):
@@ -60,7 +59,6 @@ class RendezvousClient:
         *,
         on_relay: RelayHandler,
         on_letter: LetterHandler | None = None,
-        on_signal: SignalHandler | None = None,
         udp_send: UdpSender | None = None,
         on_registered: Callable[[rv.Registered], None] | None = None,
         backoff: tuple[float, float] = (0.25, 30.0),
@@ -70,7 +68,6 @@ class RendezvousClient:
         self.url = url
         self.on_relay = on_relay
         self.on_letter = on_letter
-        self.on_signal = on_signal
         self._udp_send = udp_send
         self.on_registered = on_registered
         #: The relays the server offered at the last registration (its own URL first).
@@ -181,12 +178,6 @@ class RendezvousClient:
     def udp_endpoint(self) -> tuple[str, int] | None:
         """The server's UDP relay endpoint we use (frames from elsewhere are not its)."""
         return self._udp_endpoint
-
-    def signal(self, peer: Address, kind: str, payload: bytes) -> None:
-        """Send an offer, answer or candidate list to ``peer`` through the server (best effort)."""
-        if len(payload) > rv.MAX_SIGNAL:
-            raise ValueError(f"signal payload of {len(payload)} bytes exceeds {rv.MAX_SIGNAL}")
-        self._send(rv.encode_control(rv.Signal(str(peer), kind, payload)))
 
     def send_relay(self, destination: bytes, datagram: bytes) -> bool:
         """Hand a session datagram to the relay for ``destination``; False if it was dropped.
@@ -406,12 +397,6 @@ class RendezvousClient:
             self._send(rv.encode_control(rv.Received(message.letter_id)))
         elif isinstance(message, rv.Ping):
             self._send(rv.encode_control(rv.Pong(message.id)))
-        elif isinstance(message, rv.Signal):
-            if self.on_signal is not None:
-                try:
-                    self.on_signal(message)
-                except Exception:
-                    log.exception("handling a signal failed")
         elif isinstance(message, rv.Pong | rv.Unreachable):
             pass
         else:

@@ -60,13 +60,13 @@ DELIVER_BATCH = 64
 class ServerLimits:
     """What one agent, one address and everyone together may use of a server (docs/security.md)."""
 
-    #: Sustained relayed bytes per second an agent may send (signal payloads count too).
+    #: Sustained relayed bytes per second an agent may send.
     relay_rate: float = 16 * 1024 * 1024
     #: Relay burst allowance in bytes.
     relay_burst: float = 32 * 1024 * 1024
     #: An agent that keeps exceeding a quota is cut off after this many dropped frames in a row.
     cutoff_drops: int = 5000
-    #: Control messages (lookups, signals, letters, pings...) per second an agent may send, and burst.
+    #: Control messages (lookups, letters, pings...) per second an agent may send, and burst.
     control_rate: float = 20.0
     control_burst: float = 200.0
     #: Agents registered at once; connections open at once (registered or not), in all and per IP.
@@ -118,14 +118,12 @@ class _Agent:
     relay_quota: _Bucket
     control_quota: _Bucket
     last_seen: float
-    rtt: float | None = None
     #: Messages dropped in a row for each quota ("relay", "control"); one spent resets its own.
     overquota: dict[str, int] = field(default_factory=dict)
     #: Letters handed over and not yet acknowledged: when none are left, the next batch goes.
     letters_out: set[int] = field(default_factory=set)
     relayed_in: int = 0
     relayed_out: int = 0
-    ping_sent: dict[int, float] = field(default_factory=dict)
     #: Names this registration on UDP (in the clear); ``udp_key`` authenticates its frames.
     token: bytes = field(default_factory=lambda: os.urandom(rv.TOKEN_BYTES))
     udp_key: bytes = field(default_factory=lambda: os.urandom(rv.UDP_KEY_BYTES))
@@ -221,8 +219,6 @@ class RendezvousServer:
             "letters_posted": 0,
             "letters_refused": 0,
             "letters_delivered": 0,
-            "signals_forwarded": 0,
-            "signals_dropped": 0,
             "udp_frames": 0,
             "udp_malformed": 0,
             "udp_unknown_token": 0,
@@ -491,7 +487,6 @@ class RendezvousServer:
         )
         link.write(rv.encode_control(registered))
         log.info("%s online from %s", claimed, observed)
-        self._ping(agent)  # a first RTT sample right away, for signalling
         self._deliver_waiting(agent)
         return agent
 
@@ -517,10 +512,7 @@ class RendezvousServer:
         elif isinstance(message, rv.Ping):
             agent.send(rv.encode_control(rv.Pong(message.id)))
         elif isinstance(message, rv.Pong):
-            sent = agent.ping_sent.pop(message.id, None)
-            if sent is not None:
-                sample = now - sent
-                agent.rtt = sample if agent.rtt is None else 0.875 * agent.rtt + 0.125 * sample  # RFC 6298
+            pass  # the agent is alive: any frame from it says so (last_seen)
         elif isinstance(message, rv.Post):
             agent.send(rv.encode_control(self._post(agent, message)))
         elif isinstance(message, rv.Received):
@@ -530,8 +522,6 @@ class RendezvousServer:
                     agent.letters_out.discard(message.letter_id)
                     if not agent.letters_out:
                         self._deliver_waiting(agent)  # the batch is handled: the next one
-        elif isinstance(message, rv.Signal):
-            self._signal(agent, message, now)
         elif isinstance(message, rv.UdpReady):
             agent.udp_ready = message.ready
         elif isinstance(message, rv.HomeRelay):
@@ -546,32 +536,6 @@ class RendezvousServer:
         run = agent.overquota[quota] = agent.overquota.get(quota, 0) + 1
         if run >= self.limits.cutoff_drops:
             raise _CutOff(f"{quota} quota exceeded {run} times in a row")
-
-    def _signal(self, source: _Agent, signal: rv.Signal, now: float) -> None:
-        if not source.relay_quota.take(len(signal.payload), now):
-            self.counters["signals_dropped"] += 1
-            self._overquota(source, "relay")
-            return
-        source.overquota["relay"] = 0
-        try:
-            target = self.agents.get(Address.parse(signal.peer).digest)
-        except ValueError:
-            target = None
-        if target is None:
-            self.counters["signals_dropped"] += 1
-            source.send(rv.encode_control(rv.Unreachable(signal.peer)))
-            return
-        forwarded = rv.Signal(
-            peer=str(source.address),
-            kind=signal.kind,
-            payload=signal.payload,
-            sender_rtt_ms=_ms(source.rtt),
-            recipient_rtt_ms=_ms(target.rtt),
-        )
-        if target.send(rv.encode_control(forwarded)):
-            self.counters["signals_forwarded"] += 1
-        else:
-            self.counters["signals_dropped"] += 1
 
     def _post(self, agent: _Agent, request: rv.Post) -> rv.PostResult:
         now = time.time()
@@ -648,10 +612,7 @@ class RendezvousServer:
         self.counters["relay_bytes"] += size
 
     def _ping(self, agent: _Agent) -> None:
-        now = time.monotonic()
         self._ping_ids += 1
-        agent.ping_sent = {k: v for k, v in agent.ping_sent.items() if now - v < PING_INTERVAL * 3}
-        agent.ping_sent[self._ping_ids] = now
         agent.send(rv.encode_control(rv.Ping(self._ping_ids)))
 
     def _udp_received(self, data: bytes, addr: tuple[str, int], sock: _RelayUdp) -> None:
@@ -753,10 +714,6 @@ def _client_network(host: str) -> str:
     if address.version == 6:
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
     return str(address)
-
-
-def _ms(seconds: float | None) -> float | None:
-    return round(seconds * 1000, 3) if seconds is not None else None
 
 
 def _endpoint(peer: Any) -> str:

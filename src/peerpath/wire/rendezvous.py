@@ -23,8 +23,7 @@ ADDRESS_BYTES = 16
 MAX_CONTROL = 64 * 1024
 #: Largest relayed datagram (QUIC datagrams are at most ~1500 bytes on real paths).
 MAX_DATAGRAM = 2048
-#: Largest signal payload, and letter note (characters).
-MAX_SIGNAL = 8 * 1024
+#: Longest letter note (characters).
 MAX_NOTE = 1000
 #: Relays, UDP relay endpoints or STUN servers a server may offer.
 MAX_ENDPOINTS = 16
@@ -176,21 +175,6 @@ class Received(msgspec.Struct, tag="received", frozen=True):
     letter_id: RequestId
 
 
-class Signal(msgspec.Struct, tag="signal", frozen=True):
-    """Agent -> server: forward this to ``peer`` (an offer, an answer, candidates).
-
-    The server delivers it as a :class:`Signal` whose ``peer`` is the sender, adding its own
-    round-trip estimates to both agents so they can start probing at the same moment.
-    ``payload`` is opaque to the server (the agents sign what must be authentic).
-    """
-
-    peer: Text
-    kind: Text
-    payload: Annotated[bytes, msgspec.Meta(max_length=MAX_SIGNAL)]
-    sender_rtt_ms: float | None = None
-    recipient_rtt_ms: float | None = None
-
-
 class HomeRelay(msgspec.Struct, tag="home-relay", frozen=True):
     """Agent -> server: I chose this relay (one of those the server listed); send others there."""
 
@@ -221,7 +205,6 @@ Message = (
     | PostResult
     | Deliver
     | Received
-    | Signal
     | UdpReady
     | HomeRelay
 )
