@@ -239,11 +239,9 @@ class Node:
             self._reflexive_task = spawn(self._learn_reflexive(list(registered.stun)), "learning the reflexive address")
 
     async def _stun_mapped(self, stun: str, client: UdpStunSocket | None = None) -> tuple[str, int] | None:
-        host, _, port = stun.rpartition(":")
         try:
-            response = await (client or self._stun).request(
-                TransportAddress(host.strip("[]"), int(port)), timeout=2.0, rto=0.2
-            )
+            server = TransportAddress(*parse_endpoint(stun))
+            response = await (client or self._stun).request(server, timeout=2.0, rto=0.2)
         except ValueError:
             return None
         mapped = response.message.mapped_address if response is not None else None
@@ -262,8 +260,7 @@ class Node:
 
     async def _check_nat(self, stun: list[str]) -> None:
         try:
-            host, _, port = stun[0].rpartition(":")
-            result = await netcheck(TransportAddress(host.strip("[]"), int(port)), timeout=2.0)
+            result = await netcheck(TransportAddress(*parse_endpoint(stun[0])), timeout=2.0)
             self.nat = {key: value for key, value in result.to_json().items() if key in _NAT_REPORT}
             self._nat_checked = clock()
             log.info("netcheck: %s", result.verdict())
