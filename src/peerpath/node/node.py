@@ -12,8 +12,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.packet import QuicHeader, QuicPacketType, pull_quic_header
+from aioquic.quic.packet import QuicHeader, QuicPacketType
 
 from peerpath import errors
 from peerpath.identity import Address, Identity
@@ -32,10 +31,9 @@ from peerpath.session.connection import Connection, MessageHandler, Role, Sessio
 from peerpath.session.pathset import Path as NetPath
 from peerpath.session.pathset import PathKind, PathSet, clock, format_endpoint, parse_endpoint
 from peerpath.tasks import spawn
+from peerpath.wire.datagram import DatagramKind, classify, quic_header
 from peerpath.wire.punch import is_check
-from peerpath.wire.rendezvous import is_udp_relay
 from peerpath.wire.stun import Address as TransportAddress
-from peerpath.wire.stun import is_stun
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,6 @@ log = logging.getLogger(__name__)
 RECV_BATCH = 64
 #: netcheck runs again after a re-registration only if its last result is older than this.
 NAT_RECHECK = 600.0
-_CID_LENGTH = 8
 #: What of a netcheck result the node keeps (and offers peers in punch rounds).
 _NAT_REPORT = frozenset(
     {"udp", "nat", "public_address", "mapping", "filtering", "hairpinning", "port_preserving", "port_step"}
@@ -660,31 +657,24 @@ class Node:
 
     def _datagram_received(self, data: bytes, addr: tuple[str, int], via: _UdpSocket | None = None) -> None:
         remote = (str(addr[0]), int(addr[1]))
-        if via is not None and via is not self._socket:
-            # One of the extra sockets of a birthday round: checks, then the session's QUIC.
-            if is_stun(data) and via.stun is not None:
-                via.stun.datagram_received(data, remote)
-            elif is_check(data):
-                self.direct.on_check(data, remote, via)
-            else:
-                key = (PathKind.DIRECT_UDP, format_endpoint(remote))
-                self._demux(data, key, lambda: self._udp_path(remote, via), Source(remote[0]))
-            return
-        if is_stun(data):
-            self._stun.datagram_received(data, remote)
-            return
-        if is_check(data):
-            self.direct.on_check(data, remote, self._socket)
-            return
-        if is_udp_relay(data):
+        sock = via or self._socket
+        extra = sock is not self._socket  # one of a birthday round's sockets
+        kind = classify(data)
+        if kind is DatagramKind.STUN:
+            stun = sock.stun if extra and sock is not None else self._stun
+            if stun is not None:
+                stun.datagram_received(data, remote)
+        elif kind is DatagramKind.CHECK:
+            self.direct.on_check(data, remote, sock)
+        elif kind is DatagramKind.RELAY and not extra:
             for client in [self.rendezvous, *self._relay_clients.values()]:
                 if client is not None and client.udp_endpoint == remote:
                     client.udp_received(data, remote)
                     return
             self.counters["datagrams_dropped"] += 1
-            return
-        key = (PathKind.DIRECT_UDP, format_endpoint(remote))
-        self._demux(data, key, lambda: self._udp_path(remote), Source(remote[0]))
+        else:
+            key = (PathKind.DIRECT_UDP, format_endpoint(remote))
+            self._demux(data, key, lambda: self._udp_path(remote, via), Source(remote[0]))
 
     def _tcp_frame(self, link: TcpLink, data: bytes) -> None:
         """A datagram from a TCP link: a check, or QUIC for the session a check tied it to."""
@@ -700,17 +690,12 @@ class Node:
                 link.close()
             return
         self.counters["datagrams_received"] += 1
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
-        except ValueError:
+        header = quic_header(data)
+        if header is None or self._by_cid.get(header.destination_cid) is not conn:
             self.counters["datagrams_dropped"] += 1
             return
-        owner = self._by_cid.get(header.destination_cid)
-        if not data[0] & 0x40 or owner is None or owner is not conn:
-            self.counters["datagrams_dropped"] += 1
-            return
-        path = owner.paths.paths.get((PathKind.DIRECT_TCP, link.name)) or self._tcp_path(link)
-        owner.datagram_received(data, path)
+        path = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name)) or self._tcp_path(link)
+        conn.datagram_received(data, path)
 
     def _tcp_path(self, link: TcpLink) -> NetPath:
         return NetPath(PathKind.DIRECT_TCP, link.name, link.send, created=clock())
@@ -727,13 +712,8 @@ class Node:
     def _demux(self, data: bytes, key: tuple[PathKind, str], make_path: Callable[[], NetPath], source: Source) -> None:
         """Hand a datagram to its session by destination connection ID; an Initial may start one."""
         self.counters["datagrams_received"] += 1
-        # RFC 9000 17: every QUIC packet has the fixed bit (0x40) set; STUN (RFC 7983) does not.
-        if not data or not data[0] & 0x40:
-            self.counters["datagrams_dropped"] += 1
-            return
-        try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=_CID_LENGTH)
-        except ValueError:
+        header = quic_header(data)
+        if header is None:
             self.counters["datagrams_dropped"] += 1
             return
         conn = self._by_cid.get(header.destination_cid)
