@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -53,6 +54,17 @@ async def server(tmp_path: Path) -> AsyncIterator[RendezvousServer]:
         yield srv
     finally:
         await srv.close()
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` is true; fail, naming the predicate's line, after ``timeout``
+    seconds (the one way these tests wait for something to happen, instead of sleeping)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        line = getattr(getattr(predicate, "__code__", None), "co_firstlineno", "?")
+        assert loop.time() < deadline, f"condition of line {line} not reached in {timeout:g} s"
+        await asyncio.sleep(0.02)
 
 
 def trust_each_other(a: Node, b: Node) -> None:

@@ -20,6 +20,8 @@ from peerpath.session.connection import Connection
 from peerpath.session.pathset import PathKind
 from peerpath.wire import punch
 
+from .conftest import eventually
+
 
 class TcpAgents:
     """Registered nodes whose direct paths may only use TCP (as if UDP were blocked)."""
@@ -64,17 +66,10 @@ async def pair(agents: TcpAgents) -> tuple[Node, Node, Connection]:
     return a, b, conn
 
 
-async def until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_relayed_session_moves_to_a_direct_tcp_path(agents) -> None:
     a, b, conn = await pair(agents)
     assert conn.path is not None and conn.path.kind is PathKind.RELAY  # first byte never waits
-    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    await eventually(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
     assert conn.path is not None and conn.path.remote.endswith(f":{b.tcp.port}")
     blob = os.urandom(300_000)
     assert await conn.request(blob, timeout=10) == blob[::-1]
@@ -82,16 +77,16 @@ async def test_a_relayed_session_moves_to_a_direct_tcp_path(agents) -> None:
     # The responder carries its side over the same link.
     back = b.connection_to(a.address)
     assert back is not None
-    await until(lambda: back.path is not None and back.path.kind is PathKind.DIRECT_TCP)
+    await eventually(lambda: back.path is not None and back.path.kind is PathKind.DIRECT_TCP)
     assert a.direct.counters["tcp_paths"] >= 1
     # Probes keep the link measured.
-    await until(lambda: conn.path is not None and conn.path.probes_answered >= 1, timeout=5)
+    await eventually(lambda: conn.path is not None and conn.path.probes_answered >= 1, timeout=5)
     assert conn.describe()["paths"]
 
 
 async def test_a_dead_tcp_link_hands_the_session_to_the_relay_and_a_new_link_takes_it_back(agents) -> None:
     a, _, conn = await pair(agents)
-    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    await eventually(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
     replies = []
 
     async def talk() -> None:
@@ -104,8 +99,8 @@ async def test_a_dead_tcp_link_hands_the_session_to_the_relay_and_a_new_link_tak
     await asyncio.sleep(0.2)
     for link in list(a.tcp.links):
         link.close()
-    await until(lambda: conn.path is not None and conn.path.kind is PathKind.RELAY, timeout=5)
-    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP, timeout=10)
+    await eventually(lambda: conn.path is not None and conn.path.kind is PathKind.RELAY, timeout=5)
+    await eventually(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP, timeout=10)
     await talker
     assert len(replies) == 60 and all(replies)
 
@@ -145,7 +140,7 @@ async def test_strangers_on_the_tcp_port_are_closed_and_the_node_carries_on(agen
     reader, writer = await _raw(b)
     writer.write(b"\x05\x00garbage")
     writer.close()
-    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    await eventually(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
     assert await conn.request(b"still here", timeout=5) == b"ereh llits"
     assert b.counters["datagrams_failed"] == 0
 
@@ -163,14 +158,14 @@ def test_frames_split_anywhere_are_reassembled() -> None:
 
 async def test_a_new_session_proves_the_released_link_again_instead_of_reconnecting(agents) -> None:
     a, b, conn = await pair(agents)
-    await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
+    await eventually(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_TCP)
     links = set(a.tcp.links)
     opened = a.tcp.counters["connected"] + b.tcp.counters["connected"]
     await conn.close()
-    await until(lambda: all(link.conn is None for link in a.tcp.links | b.tcp.links))
+    await eventually(lambda: all(link.conn is None for link in a.tcp.links | b.tcp.links))
     again = await a.connect(b.address, timeout=5)
     assert again is not conn
-    await until(lambda: again.path is not None and again.path.kind is PathKind.DIRECT_TCP)
+    await eventually(lambda: again.path is not None and again.path.kind is PathKind.DIRECT_TCP)
     assert a.tcp.links == links and a.tcp.counters["connected"] + b.tcp.counters["connected"] == opened
     assert await again.request(b"hello", timeout=5) == b"olleh"
 

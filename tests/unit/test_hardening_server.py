@@ -17,13 +17,7 @@ from peerpath.rendezvous.letters import make_letter
 from peerpath.rendezvous.server import RendezvousServer, ServerLimits
 from peerpath.wire import rendezvous as rv
 
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.02)
+from .conftest import eventually
 
 
 class RawAgent:
@@ -60,8 +54,8 @@ async def test_a_registration_followed_by_garbage_leaves_no_ghost(server) -> Non
         agent.writer.write(await agent.register_frame(server) + bytes([9, 0, 0, 1, 0]))  # unknown frame type
         agents.append(agent)
     try:
-        await until(lambda: server.counters["malformed"] == 20)
-        await until(lambda: not server.agents and not server._tokens)
+        await eventually(lambda: server.counters["malformed"] == 20)
+        await eventually(lambda: not server.agents and not server._tokens)
     finally:
         for agent in agents:
             agent.close()
@@ -77,7 +71,7 @@ async def test_a_letter_too_large_to_deliver_cannot_be_posted(server) -> None:
     bloated = msgspec.structs.replace(letter, reply_to=os.urandom(60_000))
     agent.writer.write(rv.encode_control(rv.Post(1, bloated)))
     try:
-        await until(lambda: server.counters["malformed"] == 1)
+        await eventually(lambda: server.counters["malformed"] == 1)
     finally:
         agent.close()
     assert server.mailbox is not None and server.mailbox.waiting_for(recipient.address.digest) == []
@@ -86,7 +80,7 @@ async def test_a_letter_too_large_to_deliver_cannot_be_posted(server) -> None:
     poster = await RawAgent.connect(server, friend)
     poster.writer.write(await poster.register_frame(server))
     poster.writer.write(rv.encode_control(rv.Post(2, make_letter(friend, "trust-request", recipient.address))))
-    await until(lambda: server.counters["letters_posted"] == 1)
+    await eventually(lambda: server.counters["letters_posted"] == 1)
     poster.close()
     target = await RawAgent.connect(server, recipient)
     target.writer.write(await target.register_frame(server))
@@ -106,10 +100,10 @@ async def test_a_flood_of_control_messages_is_rate_limited_and_then_cut_off(tmp_
         agent.writer.write(await agent.register_frame(srv))
         lookups = b"".join(rv.encode_control(rv.Lookup(i, str(agent.identity.address))) for i in range(500))
         agent.writer.write(lookups)
-        await until(lambda: srv.counters["agents_cut_off"] == 1)
+        await eventually(lambda: srv.counters["agents_cut_off"] == 1)
         assert srv.counters["lookups"] <= 30  # the burst, and what the rate refilled meanwhile
         assert srv.counters["control_dropped_quota"] >= 200
-        await until(lambda: not srv.agents)
+        await eventually(lambda: not srv.agents)
     finally:
         agent.close()
         await srv.close()
@@ -127,7 +121,7 @@ async def test_connections_per_ip_are_limited(tmp_path: Path) -> None:
         assert isinstance(refused[0], rv.Refused) and "too many connections" in refused[0].reason
         extra.close()
         held.pop().close()
-        await until(lambda: srv._open == 2)
+        await eventually(lambda: srv._open == 2)
         again = await RawAgent.connect(srv)
         assert isinstance((await again.frames())[0][0], rv.Challenge)
         again.close()
@@ -157,7 +151,7 @@ async def test_the_client_survives_a_server_that_sends_garbage(tmp_path: Path, m
     client = RendezvousClient(Identity.generate(), srv.url(), on_relay=lambda s, d: None, backoff=(0.05, 0.1))
     await client.start()
     try:
-        await until(lambda: poisoned["done"] and client.registered.is_set(), timeout=10)
+        await eventually(lambda: poisoned["done"] and client.registered.is_set(), timeout=10)
         assert client._task is not None and not client._task.done()
         assert srv.counters["registered"] == 2  # the poisoned connection, and the one after it
     finally:
@@ -181,7 +175,7 @@ async def test_the_client_survives_its_handlers_failing(tmp_path: Path) -> None:
         await b.wait_registered(5)
         for _ in range(3):
             b.send_relay(a.identity.address.digest, b"\x40datagram")
-        await until(lambda: a.counters["relay_received"] == 3)
+        await eventually(lambda: a.counters["relay_received"] == 3)
         assert a.registrations == 1 and a.registered.is_set()  # the link stayed up
     finally:
         await a.close()
@@ -227,18 +221,18 @@ async def test_a_copied_hello_from_elsewhere_cannot_redirect_relayed_datagrams(t
     try:
         a, _ = await udp_agent()
         b, _ = await udp_agent()
-        await until(lambda: a.udp_ready and b.udp_ready)
+        await eventually(lambda: a.udp_ready and b.udp_ready)
         victim = srv.agents[a.identity.address.digest]
         endpoint = victim.udp_endpoint
         # The attacker saw the token (it travels in the clear) and even a whole genuine hello.
         server_udp = ("127.0.0.1", srv.port)
         attacker.sendto(bytes([rv.UDP_HELLO]) + a._token + bytes(32), server_udp)  # no key: no MAC
         attacker.sendto(rv.encode_udp_hello(a._token, a._udp_key), server_udp)  # a copy of a real one
-        await until(lambda: srv.counters["udp_unauthentic"] >= 1)
+        await eventually(lambda: srv.counters["udp_unauthentic"] >= 1)
         await asyncio.sleep(0.2)
         for i in range(20):
             b.send_relay(a.identity.address.digest, b"\x40" + bytes([i]) * 40)
-        await until(lambda: len(got) == 20)
+        await eventually(lambda: len(got) == 20)
         protocol = attacker.get_protocol()
         # The attacker got at most a challenge, no larger than the hello it sent, and no data.
         assert all(frame[0] == rv.UDP_CHALLENGE for frame in protocol.got)
@@ -275,15 +269,15 @@ async def test_a_full_mailbox_is_delivered_batch_after_batch(server) -> None:
         for i in range(4):
             agent.writer.write(rv.encode_control(rv.Post(i, make_letter(sender, "trust-request", recipient.address))))
             posted += 1
-        await until(lambda n=posted: server.counters["letters_posted"] == n)
+        await eventually(lambda n=posted: server.counters["letters_posted"] == n)
         agent.close()
     got: list[rv.Letter] = []
     client = RendezvousClient(recipient, server.url(), on_relay=lambda s, d: None, on_letter=got.append)
     await client.start()
     try:
-        await until(lambda: len(got) == posted)
+        await eventually(lambda: len(got) == posted)
         assert server.mailbox is not None
-        await until(lambda: server.mailbox.waiting_for(recipient.address.digest) == [])
+        await eventually(lambda: server.mailbox.waiting_for(recipient.address.digest) == [])
     finally:
         await client.close()
 
@@ -301,7 +295,7 @@ async def test_a_flood_over_two_quotas_is_cut_off_all_the_same(tmp_path: Path) -
         agent.writer.write(await agent.register_frame(srv))
         flood = rv.encode_relay(bytes(16), b"\x40" * 2000) + rv.encode_control(rv.Ping(1))
         agent.writer.write(flood * 200)  # relay frames over quota, each followed by a ping that passes
-        await until(lambda: srv.counters["agents_cut_off"] == 1)
+        await eventually(lambda: srv.counters["agents_cut_off"] == 1)
     finally:
         agent.close()
         await srv.close()

@@ -18,15 +18,7 @@ from peerpath.rendezvous.server import RendezvousServer
 from peerpath.session.connection import Connection, SessionConfig
 from peerpath.session.pathset import PathKind
 
-from .conftest import trust_each_other
-
-
-async def until(predicate, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        line = predicate.__code__.co_firstlineno
-        assert asyncio.get_running_loop().time() < deadline, f"condition of line {line} not reached in {timeout} s"
-        await asyncio.sleep(0.05)
+from .conftest import eventually, trust_each_other
 
 
 async def start_pair(
@@ -63,7 +55,7 @@ async def session(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[tup
 
         b.on_message(echo)
         conn = await a.connect(b.address, timeout=5)
-        await until(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_UDP)
+        await eventually(lambda: conn.path is not None and conn.path.kind is PathKind.DIRECT_UDP)
         yield a, b, conn
     finally:
         for node in nodes:
@@ -73,7 +65,7 @@ async def session(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[tup
 async def test_probes_measure_the_direct_path_and_the_relay(session) -> None:
     _, _, conn = session
     relay = next(p for p in conn.paths.paths.values() if p.kind is PathKind.RELAY)
-    await until(lambda: relay.srtt is not None and conn.path is not None and conn.path.srtt is not None, timeout=5)
+    await eventually(lambda: relay.srtt is not None and conn.path is not None and conn.path.srtt is not None, timeout=5)
     quality = {q["path"]: q for q in conn.describe()["paths"]}
     assert quality[relay.describe()]["rtt_ms"] > 0
     assert quality[conn.path.describe()]["loss"] == 0.0
@@ -92,7 +84,7 @@ async def test_a_lossy_direct_path_hands_over_to_the_relay_and_comes_back_when_g
             send(datagram)
 
     direct.send_datagram = sometimes
-    await until(lambda: direct.degraded is not None, timeout=30)
+    await eventually(lambda: direct.degraded is not None, timeout=30)
     assert "lost" in str(direct.degraded)
     assert conn.path is not None and conn.path.kind is PathKind.RELAY
     # Requests keep working meanwhile, over the relay, and the session stays there.
@@ -101,7 +93,7 @@ async def test_a_lossy_direct_path_hands_over_to_the_relay_and_comes_back_when_g
         assert conn.path is not None and conn.path.kind is PathKind.RELAY
         await asyncio.sleep(0.2)
     lossy = False
-    await until(lambda: conn.path is direct, timeout=30)
+    await eventually(lambda: conn.path is direct, timeout=30)
     assert direct.degraded is None
     assert await conn.request(b"back", timeout=5) == b"back"
 
@@ -115,7 +107,7 @@ async def test_a_session_that_stays_on_the_relay_still_measures_it(tmp_path: Pat
         conn = await a.connect(b.address, timeout=5)
         relay = conn.path
         assert relay is not None and relay.kind is PathKind.RELAY
-        await until(lambda: relay.srtt is not None and relay.probes_answered >= 3, timeout=10)
+        await eventually(lambda: relay.srtt is not None and relay.probes_answered >= 3, timeout=10)
         quality = conn.describe()["paths"][0]
         assert quality["rtt_ms"] > 0 and quality["loss"] == 0.0
         assert conn.path is relay and len(conn.paths.paths) == 1

@@ -24,6 +24,8 @@ from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection
 from peerpath.wire import rendezvous as rv
 
+from .conftest import eventually
+
 
 class Agents:
     """Nodes registered with a rendezvous; relay only (direct paths have their own tests)."""
@@ -244,20 +246,12 @@ async def test_agents_reregister_after_a_server_restart_and_the_session_survives
         await srv.close()
 
 
-async def wait_for(check, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
-
-
 async def test_relay_goes_over_udp_when_the_server_acknowledges_it(agents, server) -> None:
     a, b = await agents("a"), await agents("b")
     befriend(a, b)
     b.on_message(answer)
     assert a.rendezvous is not None and b.rendezvous is not None
-    await wait_for(lambda: a.rendezvous.udp_ready and b.rendezvous.udp_ready)
+    await eventually(lambda: a.rendezvous.udp_ready and b.rendezvous.udp_ready)
     conn = await a.connect(b.address)
     assert await conn.request(b"over udp") == b"re:over udp"
     assert a.rendezvous.counters["relay_sent_udp"] > 0
@@ -293,7 +287,7 @@ async def test_stray_udp_relay_frames_are_counted_and_ignored(agents, server) ->
         transport.sendto(bytes([0x9E, 1, 2, 3]), target)  # unknown kind
         # And relay-looking frames from a stranger to an agent's socket are ignored too.
         transport.sendto(rv.encode_udp_delivery(bytes(32), bytes(16), b"\x40" * 50), a.local_endpoint)
-        await wait_for(lambda: server.counters["udp_unknown_token"] == 1 and server.counters["udp_malformed"] == 2)
+        await eventually(lambda: server.counters["udp_unknown_token"] == 1 and server.counters["udp_malformed"] == 2)
     finally:
         transport.close()
     assert a.rendezvous is not None and a.rendezvous.counters["relay_received"] == 0
@@ -358,12 +352,12 @@ async def test_a_peer_is_reached_through_its_home_relay(tmp_path, monkeypatch) -
     made = Agents(tmp_path, main.url())
     try:
         a, b = await made("a"), await made("b")
-        await wait_for(lambda: a.home_relay is not None and b.home_relay is not None)
+        await eventually(lambda: a.home_relay is not None and b.home_relay is not None)
         assert b.home_relay == str(relay.url())
         befriend(a, b)
         b.on_message(answer)
         assert a.rendezvous is not None
-        await wait_for(lambda: len(relay.agents) == 2)
+        await eventually(lambda: len(relay.agents) == 2)
         found = await a.rendezvous.lookup(b.address)
         assert found.relay == str(relay.url())
         conn = await a.connect(b.address)
@@ -382,7 +376,7 @@ async def test_home_relay_must_be_one_the_server_offers(agents, server) -> None:
     a = await agents("a")
     assert a.rendezvous is not None
     a.rendezvous.set_home_relay(str(RendezvousUrl(Identity.generate().address, "198.51.100.9", 7000)))
-    await wait_for(lambda: server.counters["malformed"] == 1)
+    await eventually(lambda: server.counters["malformed"] == 1)
 
 
 async def test_server_writes_its_counters_for_operators(tmp_path) -> None:
@@ -414,7 +408,7 @@ async def test_a_node_learns_its_nat_behaviour_and_keeps_it_from_the_server(tmp_
     made = Agents(tmp_path, srv.url())
     try:
         a, b = await made("a"), await made("b")
-        await wait_for(lambda: b.nat is not None)
+        await eventually(lambda: b.nat is not None)
         assert b.nat is not None and b.nat["udp"] is True and b.nat["nat"] is False
         assert b.nat["mapping"] == "endpoint-independent"
         assert a.rendezvous is not None

@@ -3,7 +3,6 @@ unsigned, forged and replayed letters."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from peerpath.rendezvous.letters import make_letter
 from peerpath.rendezvous.server import RendezvousServer
 from peerpath.wire import rendezvous as rv
 
+from .conftest import eventually
+
 
 async def start(tmp_path: Path, name: str, server: RendezvousServer, identity: Identity | None = None) -> Node:
     node = await Node.start(
@@ -29,13 +30,6 @@ async def start(tmp_path: Path, name: str, server: RendezvousServer, identity: I
     assert node.rendezvous is not None
     await node.rendezvous.wait_registered(5)
     return node
-
-
-async def eventually(check, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_request_to_an_offline_peer_is_delivered_and_approval_trusts_both_ways(tmp_path, server) -> None:
