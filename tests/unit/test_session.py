@@ -181,14 +181,16 @@ async def test_request_timeout(make_node) -> None:
 
 async def test_closing_fails_pending_and_later_operations(make_node) -> None:
     _, b, conn = await pair(make_node)
+    arrived = asyncio.Event()
 
     async def never(_: Connection, data: bytes) -> bytes:
+        arrived.set()
         await asyncio.sleep(60)
         return b""
 
     b.on_message(never)
     pending = asyncio.ensure_future(conn.request(b"x", timeout=30))
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(arrived.wait(), 5)  # the request is with the peer
     await conn.close()
     with pytest.raises(errors.SessionClosedError):
         await pending
