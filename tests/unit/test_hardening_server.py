@@ -380,3 +380,28 @@ async def test_registrations_from_one_address_are_rate_limited(tmp_path: Path) -
         assert srv.counters["registrations_refused"] == 2
     finally:
         await srv.close()
+
+
+async def test_the_server_takes_at_most_max_agents_and_max_connections(tmp_path: Path) -> None:
+    srv = RendezvousServer(Identity.generate(), tmp_path / "s", limits=ServerLimits(max_agents=2, max_connections=3))
+    await srv.start(["127.0.0.1"], 0)
+    held: list[RawAgent] = []
+    try:
+        answers = []
+        for _ in range(3):
+            agent = await RawAgent.connect(srv)
+            agent.writer.write(await agent.register_frame(srv))
+            answers.append(type((await agent.frames())[0][0]).__name__)
+            held.append(agent)
+        assert answers == ["Registered", "Registered", "Refused"]  # the third: "the server is full"
+        await eventually(lambda: srv._open == 2)
+        held.append(await RawAgent.connect(srv))  # a third connection, unregistered: allowed
+        assert isinstance((await held[-1].frames())[0][0], rv.Challenge)
+        fourth = await RawAgent.connect(srv)
+        refused = (await fourth.frames())[0][0]
+        assert isinstance(refused, rv.Refused) and "too many connections" in refused.reason
+        fourth.close()
+    finally:
+        for agent in held:
+            agent.close()
+        await srv.close()

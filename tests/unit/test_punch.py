@@ -199,3 +199,17 @@ def test_a_round_checks_few_peer_reflexive_candidates() -> None:
     assert len(puncher.triggered) == MAX_PEER_REFLEXIVE
     triggered = [dest for data, dest in puncher.datagrams_to_send(0.0) if punch.parse(KEY, data)[0] == punch.CHECK]
     assert len(set(triggered) - {("198.51.100.2", 4000)}) == MAX_PEER_REFLEXIVE
+
+
+def test_a_peer_offers_at_most_max_candidates() -> None:
+    import msgspec
+
+    from peerpath import errors
+    from peerpath.nat.punch import MAX_CANDIDATES
+    from peerpath.node.direct import _decode, _Offer
+
+    offer = {"key": bytes(32), "candidates": [f"198.51.100.{i}:4000" for i in range(MAX_CANDIDATES)]}
+    assert len(_decode(msgspec.msgpack.encode(offer), _Offer).candidates) == MAX_CANDIDATES
+    offer["candidates"].append("198.51.100.200:4000")
+    with pytest.raises(errors.RemoteError, match="malformed offer"):
+        _decode(msgspec.msgpack.encode(offer), _Offer)
