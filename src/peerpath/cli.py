@@ -29,7 +29,8 @@ from peerpath.node.local import LocalRendezvous
 from peerpath.node.node import Node
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
-from peerpath.rendezvous.server import RendezvousServer, ServerLimits
+from peerpath.rendezvous.limits import ServerLimits
+from peerpath.rendezvous.server import RendezvousServer
 from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import SessionConfig

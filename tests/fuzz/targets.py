@@ -40,9 +40,11 @@ from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.tcp import FRAME, TcpLink
 from peerpath.node.trust import TrustStore
 from peerpath.rendezvous import client as rv_client
+from peerpath.rendezvous import limits as rv_limits
 from peerpath.rendezvous import mailbox as rv_mailbox
 from peerpath.rendezvous import server as rv_server
 from peerpath.rendezvous.letters import LetterError, check_letter
+from peerpath.rendezvous.presence import Agent
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session import control as session
 from peerpath.wire import portmap, punch, stun
@@ -526,7 +528,7 @@ _UNLIMITED = 1e15
 #: The server's limits: an agent made with them (CAROL) is soon over its quotas, and cut off
 #: after a few dropped messages in a row. Every fuzz input registers from the same address:
 #: the registration rate is not what is fuzzed.
-_TIGHT_LIMITS = rv_server.ServerLimits(
+_TIGHT_LIMITS = rv_limits.ServerLimits(
     relay_rate=100.0,
     relay_burst=20_000.0,
     control_rate=0.1,
@@ -537,7 +539,7 @@ _TIGHT_LIMITS = rv_server.ServerLimits(
 )
 
 
-def _admit(server: rv_server.RendezvousServer, identity: Identity, *, limited: bool = False) -> rv_server._Agent:
+def _admit(server: rv_server.RendezvousServer, identity: Identity, *, limited: bool = False) -> Agent:
     """``identity`` registered as the server registers an agent (``RendezvousServer._admit``,
     after the signature check), with the UDP credentials of ``UDP_KEYS``
     and, unless ``limited``, quotas no fuzz run exhausts."""
@@ -550,13 +552,13 @@ def _admit(server: rv_server.RendezvousServer, identity: Identity, *, limited: b
         CAROL.public_key: (CAROL_TOKEN, CAROL_KEY),
     }
     if identity.public_key in credentials:
-        del server._tokens[agent.token]
+        del server.udp_relay.tokens[agent.token]
         agent.token, agent.udp_key = credentials[identity.public_key]
-        server._tokens[agent.token] = agent
+        server.udp_relay.tokens[agent.token] = agent
     if not limited:
         now = time.monotonic()
-        agent.control_quota = rv_server._Bucket(_UNLIMITED, _UNLIMITED, now)
-        agent.relay_quota = rv_server._Bucket(_UNLIMITED, _UNLIMITED, now)
+        agent.control_quota = rv_limits.TokenBucket(_UNLIMITED, _UNLIMITED, now)
+        agent.relay_quota = rv_limits.TokenBucket(_UNLIMITED, _UNLIMITED, now)
     return agent
 
 
@@ -565,7 +567,7 @@ def _server(purpose: str) -> rv_server.RendezvousServer:
     """A server (one per target) with ALICE and BOB online, and CAROL on its tight limits (for
     whole connections, BOB alone, and the default limits)."""
     limits = (
-        rv_server.ServerLimits(register_rate=_UNLIMITED, register_burst=_UNLIMITED)
+        rv_limits.ServerLimits(register_rate=_UNLIMITED, register_burst=_UNLIMITED)
         if purpose == "connection"
         else _TIGHT_LIMITS
     )
@@ -580,7 +582,7 @@ def _server(purpose: str) -> rv_server.RendezvousServer:
     return server
 
 
-def _online(server: rv_server.RendezvousServer, identity: Identity) -> rv_server._Agent:
+def _online(server: rv_server.RendezvousServer, identity: Identity) -> Agent:
     """The agent of ``identity``, registered again if the server forgot it (as a cut-off agent reconnects)."""
     agent = server.agents.get(identity.address.digest)
     return agent if agent is not None else _admit(server, identity, limited=identity is CAROL)
@@ -606,7 +608,7 @@ def _run_server(data: bytes, rng: random.Random) -> None:
                     server._on_control(agent, message)  # type: ignore[arg-type]
                 else:
                     server._relay(agent, message, datagram)  # type: ignore[arg-type]
-    except rv_server._CutOff:
+    except rv_limits.CutOff:
         server._forget(agent)  # as _serve's finally does; the next input registers it again
         raise
 
@@ -616,7 +618,7 @@ register(
         "rendezvous-server",
         _server_bodies,
         _run_server,
-        (rv.FrameError, rv_server._CutOff),
+        (rv.FrameError, rv_limits.CutOff),
         dialect="msgpack",
         fixup=_resign_post,
         seeds_valid=False,
@@ -794,7 +796,7 @@ def _run_udp_server(data: bytes, rng: random.Random) -> None:
     bob.udp_endpoint, bob.udp_socket, bob.udp_seen = _BOB_UDP, rng.choice(sockets), now  # type: ignore[assignment]
     # The sender's UDP state as the protocol may have left it: a challenge outstanding for this
     # source, this source confirmed, or whatever the previous input left.
-    sender = server._tokens.get(data[1 : 1 + rv.TOKEN_BYTES], agents[ALICE])
+    sender = server.udp_relay.tokens.get(data[1 : 1 + rv.TOKEN_BYTES], agents[ALICE])
     state = rng.random()
     if state < 0.3:
         sender.udp_challenges[source] = (UDP_NONCE, sock, now)  # type: ignore[assignment]
@@ -821,7 +823,7 @@ register(
         _run_udp_server,
         (),
         fixup=_udp_fixup,
-        doc="rendezvous/server.py RendezvousServer._udp_received: never raises, never answers with more bytes "
+        doc="rendezvous/udp_relay.py UdpRelay.received: never raises, never answers with more bytes "
         "than came in, and what it sends parses and is sealed",
     )
 )
@@ -940,7 +942,7 @@ def _run_connection(data: bytes, rng: random.Random) -> None:
     for identity in SIGNERS.values():
         if identity is not BOB and identity.address.digest in server.agents:
             raise AssertionError(f"{identity.address} still online after its connection ended")
-    if set(server._tokens.values()) - set(server.agents.values()):
+    if set(server.udp_relay.tokens.values()) - set(server.agents.values()):
         raise AssertionError("a token outlived its agent")
     if not link.closed:
         raise AssertionError("the connection was not closed")

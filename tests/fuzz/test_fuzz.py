@@ -352,7 +352,7 @@ def test_a_bug_past_the_udp_mac_check_is_foreign(name: str, monkeypatch: pytest.
         raise IndexError("planted")
 
     if name == "udp-server":
-        monkeypatch.setattr(peers._server("udp"), "_relay", bug)
+        monkeypatch.setattr(peers._server("udp").udp_relay, "_relay", bug)
     else:
         monkeypatch.setattr(peers._client("udp")[0], "_deliver", bug)
     kind = rv.UDP_TO_SERVER if name == "udp-server" else rv.UDP_FROM_SERVER

@@ -14,7 +14,8 @@ from peerpath.certs import tls_client_context
 from peerpath.identity import Identity
 from peerpath.rendezvous.client import RendezvousClient
 from peerpath.rendezvous.letters import make_letter
-from peerpath.rendezvous.server import RendezvousServer, ServerLimits
+from peerpath.rendezvous.limits import ServerLimits
+from peerpath.rendezvous.server import RendezvousServer
 from peerpath.wire import rendezvous as rv
 
 from .conftest import eventually
@@ -55,7 +56,7 @@ async def test_a_registration_followed_by_garbage_leaves_no_ghost(server) -> Non
         agents.append(agent)
     try:
         await eventually(lambda: server.counters["malformed"] == 20)
-        await eventually(lambda: not server.agents and not server._tokens)
+        await eventually(lambda: not server.agents and not server.udp_relay.tokens)
     finally:
         for agent in agents:
             agent.close()

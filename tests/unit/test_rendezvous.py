@@ -19,7 +19,8 @@ from peerpath.identity import Identity
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.client import RendezvousClient
-from peerpath.rendezvous.server import RendezvousServer, ServerLimits
+from peerpath.rendezvous.limits import ServerLimits
+from peerpath.rendezvous.server import RendezvousServer
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection
 from peerpath.wire import rendezvous as rv

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection
@@ -26,8 +23,11 @@ from websockets.http11 import Request, Response
 from peerpath.certs import tls_server_context
 from peerpath.identity import Address, Identity, verify
 from peerpath.rendezvous.letters import LetterError, check_letter
+from peerpath.rendezvous.limits import CutOff, RegistrationRate, ServerLimits, TokenBucket, client_network
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.mailbox import Mailbox
+from peerpath.rendezvous.presence import Agent
+from peerpath.rendezvous.udp_relay import RelayUdp, UdpRelay
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
 from peerpath.tasks import spawn
 from peerpath.wire import rendezvous as rv
@@ -39,144 +39,11 @@ log = logging.getLogger(__name__)
 REGISTER_TIMEOUT = 10.0
 #: The server pings agents this often and drops one silent for three intervals.
 PING_INTERVAL = 15.0
-#: Relayed frames queued for a slow agent beyond this many bytes are dropped (UDP-like).
-SEND_HIGH_WATER = 1 << 20
 #: The server writes its counters to STATE_DIR/status.json this often.
 STATUS_INTERVAL = 5.0
 STATUS_FILE = "status.json"
-#: The server delivers over UDP only to agents heard from over UDP this recently.
-UDP_FRESH = 30.0
-
-
-#: A new UDP endpoint of an agent is challenged at most this often, and at most this many
-#: endpoints of one agent have a challenge outstanding.
-UDP_CHALLENGE_INTERVAL = 1.0
-UDP_CHALLENGES = 4
 #: Letters handed to an agent at each registration (the rest wait for the next one).
 DELIVER_BATCH = 64
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one agent, one address and everyone together may use of a server (docs/security.md)."""
-
-    #: Sustained relayed bytes per second an agent may send.
-    relay_rate: float = 16 * 1024 * 1024
-    #: Relay burst allowance in bytes.
-    relay_burst: float = 32 * 1024 * 1024
-    #: An agent that keeps exceeding a quota is cut off after this many dropped frames in a row.
-    cutoff_drops: int = 5000
-    #: Control messages (lookups, letters, pings...) per second an agent may send, and burst.
-    control_rate: float = 20.0
-    control_burst: float = 200.0
-    #: Agents registered at once; connections open at once (registered or not), in all and per IP.
-    max_agents: int = 10_000
-    max_connections: int = 20_000
-    max_connections_per_ip: int = 64
-    #: Registrations per second from one client IP (its /64 for IPv6), and burst: identities
-    #: cost nothing to make, so what one address may register is what bounds them.
-    register_rate: float = 1.0
-    register_burst: float = 64.0
-
-
-#: Client networks whose registration rate is tracked at once; beyond it, those whose
-#: bucket has refilled are forgotten (they would start full anyway).
-MAX_TRACKED_NETWORKS = 100_000
-
-
-class _Bucket:
-    """A token bucket: ``take(n, now)`` is True while the rate and burst allow it."""
-
-    __slots__ = ("burst", "level", "rate", "updated")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst, self.level, self.updated = rate, burst, burst, now
-
-    def take(self, amount: float, now: float) -> bool:
-        self._refill(now)
-        if self.level < amount:
-            return False
-        self.level -= amount
-        return True
-
-    def full(self, now: float) -> bool:
-        """Whether the bucket has refilled (it holds nothing a fresh one would not)."""
-        self._refill(now)
-        return self.level >= self.burst
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-
-@dataclass(eq=False)
-class _Agent:
-    address: Address
-    link: Link
-    observed: str
-    connected: float
-    relay_quota: _Bucket
-    control_quota: _Bucket
-    last_seen: float
-    #: Messages dropped in a row for each quota ("relay", "control"); one spent resets its own.
-    overquota: dict[str, int] = field(default_factory=dict)
-    #: Letters handed over and not yet acknowledged: when none are left, the next batch goes.
-    letters_out: set[int] = field(default_factory=set)
-    relayed_in: int = 0
-    relayed_out: int = 0
-    #: Names this registration on UDP (in the clear); ``udp_key`` authenticates its frames.
-    token: bytes = field(default_factory=lambda: os.urandom(rv.TOKEN_BYTES))
-    udp_key: bytes = field(default_factory=lambda: os.urandom(rv.UDP_KEY_BYTES))
-    home_relay: str | None = None
-    udp_ready: bool = False
-    #: Where relayed datagrams go over UDP: only an endpoint that answered a challenge.
-    udp_endpoint: tuple[str, int] | None = None
-    udp_socket: _RelayUdp | None = None
-    udp_seen: float = 0.0
-    #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A
-    #: few at once, so copies of a hello replayed from one address cannot hold the agent's
-    #: real new endpoint back.
-    udp_challenges: dict[tuple[str, int], tuple[bytes, _RelayUdp, float]] = field(default_factory=dict)
-
-    def send(self, frame: bytes) -> bool:
-        if self.link.is_closing() or self.link.buffered() > SEND_HIGH_WATER:
-            return False
-        self.link.write(frame)
-        return True
-
-    def deliver(self, source: bytes, datagram: bytes, now: float) -> bool:
-        """Hand a relayed datagram to this agent: over UDP when it asked for that, else TLS."""
-        if (
-            self.udp_ready
-            and self.udp_socket is not None
-            and self.udp_endpoint is not None
-            and now - self.udp_seen < UDP_FRESH
-        ):
-            return self.udp_socket.sendto(rv.encode_udp_delivery(self.udp_key, source, datagram), self.udp_endpoint)
-        return self.send(rv.encode_relay(source, datagram))
-
-
-class _RelayUdp(asyncio.DatagramProtocol):
-    """One UDP relay socket of the server."""
-
-    def __init__(self, server: RendezvousServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.server._udp_received(data, (str(addr[0]), int(addr[1])), self)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP relay error: %s", exc)
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
-        if self.transport is None or self.transport.is_closing():
-            return False
-        self.transport.sendto(data, addr)
-        return True
 
 
 class RendezvousServer:
@@ -200,7 +67,7 @@ class RendezvousServer:
             raise ValueError(f"at most {rv.MAX_ENDPOINTS - 1} other relays (agents accept {rv.MAX_ENDPOINTS} URLs)")
         self.state_dir = state_dir
         self.limits = limits or ServerLimits()
-        self.agents: dict[bytes, _Agent] = {}
+        self.agents: dict[bytes, Agent] = {}
         self.counters = {
             "connections": 0,
             "connections_refused": 0,
@@ -228,9 +95,9 @@ class RendezvousServer:
         }
         self._open = 0
         self._per_ip: dict[str, int] = {}
-        self._registrations: dict[str, _Bucket] = {}
-        self._tokens: dict[bytes, _Agent] = {}
-        self._udp: list[_RelayUdp] = []
+        self._registrations = RegistrationRate(self.limits)
+        self.udp_relay = UdpRelay(self.counters, self._relay, self._cut_off)
+        self._udp: list[RelayUdp] = []
         self.mailbox: Mailbox | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._ws_servers: list[WebSocketServer] = []
@@ -260,7 +127,9 @@ class RendezvousServer:
             self._servers.append(server)
             port = port or server.sockets[0].getsockname()[1]
             try:
-                _, udp = await loop.create_datagram_endpoint(lambda: _RelayUdp(self), local_addr=(host, port))
+                _, udp = await loop.create_datagram_endpoint(
+                    lambda: RelayUdp(self._udp_received), local_addr=(host, port)
+                )
             except OSError as exc:
                 # Agents fall back to TLS on their own; better a server without the UDP relay
                 # than no server.
@@ -352,8 +221,8 @@ class RendezvousServer:
         token) is torn down in ``finally``, however it ends."""
         self.counters["connections"] += 1
         observed = _endpoint(link.peername())
-        ip = _client_network(observed.rpartition(":")[0])
-        agent: _Agent | None = None
+        ip = client_network(observed.rpartition(":")[0])
+        agent: Agent | None = None
         self._open += 1
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         try:
@@ -385,7 +254,7 @@ class RendezvousServer:
             log.info("dropping %s: %s", agent.address if agent else observed, exc)
             with contextlib.suppress(Exception):
                 link.write(rv.encode_control(rv.Refused(f"protocol error: {exc}"[:500])))
-        except _CutOff as exc:
+        except CutOff as exc:
             self.counters["agents_cut_off"] += 1
             log.warning("cutting off %s: %s", agent.address if agent else observed, exc)
             with contextlib.suppress(Exception):
@@ -406,17 +275,10 @@ class RendezvousServer:
                 self._forget(agent)
             link.close()
 
-    def _registration_allowed(self, network: str, now: float) -> bool:
-        bucket = self._registrations.get(network)
-        if bucket is None:
-            if len(self._registrations) >= MAX_TRACKED_NETWORKS:
-                self._registrations = {key: kept for key, kept in self._registrations.items() if not kept.full(now)}
-            bucket = self._registrations[network] = _Bucket(self.limits.register_rate, self.limits.register_burst, now)
-        return bucket.take(1, now)
-
-    def _forget(self, agent: _Agent) -> None:
-        if self._tokens.get(agent.token) is agent:
-            del self._tokens[agent.token]
+    def _forget(self, agent: Agent) -> None:
+        tokens = self.udp_relay.tokens
+        if tokens.get(agent.token) is agent:
+            del tokens[agent.token]
         if self.agents.get(agent.address.digest) is agent:
             del self.agents[agent.address.digest]
             log.info("%s offline", agent.address)
@@ -449,7 +311,7 @@ class RendezvousServer:
             return None
         return message, frames[1:]
 
-    def _admit(self, link: Link, register: rv.Register, observed: str) -> _Agent | None:
+    def _admit(self, link: Link, register: rv.Register, observed: str) -> Agent | None:
         """Make a verified registration an agent online (the caller forgets it at the end)."""
         claimed = Address.from_public_key(register.public_key)
         previous = self.agents.get(claimed.digest)
@@ -457,25 +319,25 @@ class RendezvousServer:
             self._refuse(link, "the server is full; try again later")
             return None
         now = time.monotonic()
-        if not self._registration_allowed(_client_network(observed.rpartition(":")[0]), now):
+        if not self._registrations.allow(client_network(observed.rpartition(":")[0]), now):
             self.counters["registrations_refused"] += 1
             self._refuse(link, "too many registrations from your address; try again later")
             return None
         limits = self.limits
-        agent = _Agent(
+        agent = Agent(
             claimed,
             link,
             observed,
             connected=now,
-            relay_quota=_Bucket(limits.relay_rate, limits.relay_burst, now),
-            control_quota=_Bucket(limits.control_rate, limits.control_burst, now),
+            relay_quota=TokenBucket(limits.relay_rate, limits.relay_burst, now),
+            control_quota=TokenBucket(limits.control_rate, limits.control_burst, now),
             last_seen=now,
         )
         if previous is not None:
             previous.link.close()  # the same agent reconnected: the newest connection wins
             self._forget(previous)
         self.agents[claimed.digest] = agent
-        self._tokens[agent.token] = agent
+        self.udp_relay.tokens[agent.token] = agent
         self.counters["registered"] += 1
         registered = rv.Registered(
             observed,
@@ -499,7 +361,7 @@ class RendezvousServer:
         log.info("refused %s: %s", _endpoint(link.peername()), reason)
         link.write(rv.encode_control(rv.Refused(reason)))
 
-    def _on_control(self, agent: _Agent, message: rv.Message) -> None:
+    def _on_control(self, agent: Agent, message: rv.Message) -> None:
         now = time.monotonic()
         if not agent.control_quota.take(1, now):
             self.counters["control_dropped_quota"] += 1
@@ -531,13 +393,13 @@ class RendezvousServer:
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
 
-    def _overquota(self, agent: _Agent, quota: str) -> None:
+    def _overquota(self, agent: Agent, quota: str) -> None:
         """One more message dropped for ``quota``; an agent that keeps at it is cut off."""
         run = agent.overquota[quota] = agent.overquota.get(quota, 0) + 1
         if run >= self.limits.cutoff_drops:
-            raise _CutOff(f"{quota} quota exceeded {run} times in a row")
+            raise CutOff(f"{quota} quota exceeded {run} times in a row")
 
-    def _post(self, agent: _Agent, request: rv.Post) -> rv.PostResult:
+    def _post(self, agent: Agent, request: rv.Post) -> rv.PostResult:
         now = time.time()
         try:
             if self.mailbox is None:
@@ -556,7 +418,7 @@ class RendezvousServer:
             self._deliver(target, letter_id, request.letter)
         return rv.PostResult(request.id, ok=True)
 
-    def _deliver_waiting(self, agent: _Agent) -> None:
+    def _deliver_waiting(self, agent: Agent) -> None:
         """Hand the agent its oldest waiting letters, a batch at a time (the next batch goes
         when it has acknowledged this one)."""
         if self.mailbox is None:
@@ -565,7 +427,7 @@ class RendezvousServer:
             if self._deliver(agent, letter_id, letter):
                 agent.letters_out.add(letter_id)
 
-    def _deliver(self, agent: _Agent, letter_id: int, letter: rv.Letter) -> bool:
+    def _deliver(self, agent: Agent, letter_id: int, letter: rv.Letter) -> bool:
         try:
             frame = rv.encode_control(rv.Deliver(letter_id, letter))
         except rv.FrameError as exc:
@@ -591,7 +453,7 @@ class RendezvousServer:
             return rv.LookupResult(request.id, request.address, online=False)
         return rv.LookupResult(request.id, request.address, online=True, relay=target.home_relay or str(self.url()))
 
-    def _relay(self, source: _Agent, destination: bytes, datagram: bytes) -> None:
+    def _relay(self, source: Agent, destination: bytes, datagram: bytes) -> None:
         now = time.monotonic()
         size = len(datagram)
         if not source.relay_quota.take(size, now):
@@ -611,70 +473,21 @@ class RendezvousServer:
         self.counters["relay_frames"] += 1
         self.counters["relay_bytes"] += size
 
-    def _ping(self, agent: _Agent) -> None:
+    def _ping(self, agent: Agent) -> None:
         self._ping_ids += 1
         agent.send(rv.encode_control(rv.Ping(self._ping_ids)))
 
-    def _udp_received(self, data: bytes, addr: tuple[str, int], sock: _RelayUdp) -> None:
-        try:
-            frame = rv.parse_udp_relay(data)
-        except rv.FrameError:
-            self.counters["udp_malformed"] += 1
-            return
-        agent = self._tokens.get(frame.token)
-        if agent is None or frame.kind not in (rv.UDP_TO_SERVER, rv.UDP_HELLO, rv.UDP_RESPONSE):
-            self.counters["udp_unknown_token"] += 1
-            return
-        if not rv.udp_authentic(agent.udp_key, data):
-            self.counters["udp_unauthentic"] += 1
-            return
-        self.counters["udp_frames"] += 1
-        now = time.monotonic()
-        confirmed = addr == agent.udp_endpoint and sock is agent.udp_socket
-        if frame.kind == rv.UDP_HELLO:
-            if confirmed:
-                agent.udp_seen = now
-                sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
-            else:
-                self._challenge(agent, addr, sock, now)
-        elif frame.kind == rv.UDP_RESPONSE:
-            pending = agent.udp_challenges.get(addr)
-            if pending is not None and pending[1] is sock and hmac.compare_digest(pending[0], frame.payload):
-                # The agent holds the key and receives at this address: deliver there from now on.
-                agent.udp_challenges.clear()
-                agent.udp_endpoint, agent.udp_socket, agent.udp_seen = addr, sock, now
-                sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
-        elif not confirmed:
-            # Relayed data only from the endpoint that answered a challenge (else a copy of an
-            # agent's frame from anywhere would spend its quota and move its UDP liveness);
-            # a NAT that rebound the agent to a new port is asked to prove it at once (a
-            # challenge is smaller than the smallest data frame).
-            self.counters["udp_unconfirmed"] += 1
-            self._challenge(agent, addr, sock, now)
-        else:
-            agent.udp_seen = now
-            try:
-                self._relay(agent, frame.address, frame.payload)
-            except _CutOff as exc:
-                self.counters["agents_cut_off"] += 1
-                log.warning("cutting off %s: %s", agent.address, exc)
-                self._forget(agent)  # its next UDP frames are strangers'
-                with contextlib.suppress(Exception):
-                    agent.link.write(rv.encode_control(rv.Refused(str(exc))))
-                agent.link.close()
+    def _udp_received(self, data: bytes, addr: tuple[str, int], sock: RelayUdp) -> None:
+        self.udp_relay.received(data, addr, sock, time.monotonic())
 
-    def _challenge(self, agent: _Agent, addr: tuple[str, int], sock: _RelayUdp, now: float) -> None:
-        """Ask a new endpoint to prove it is the agent's: one challenge per endpoint per
-        interval, to at most UDP_CHALLENGES endpoints at once (the oldest is forgotten)."""
-        pending = agent.udp_challenges.get(addr)
-        if pending is not None and now - pending[2] < UDP_CHALLENGE_INTERVAL:
-            return
-        nonce = os.urandom(rv.UDP_NONCE_BYTES)
-        agent.udp_challenges.pop(addr, None)
-        agent.udp_challenges[addr] = (nonce, sock, now)
-        while len(agent.udp_challenges) > UDP_CHALLENGES:
-            del agent.udp_challenges[next(iter(agent.udp_challenges))]
-        sock.sendto(rv.encode_udp_challenge(agent.token, agent.udp_key, nonce), addr)
+    def _cut_off(self, agent: Agent, exc: CutOff) -> None:
+        """An agent's UDP frames broke its quota: cut it off, as its connection would be."""
+        self.counters["agents_cut_off"] += 1
+        log.warning("cutting off %s: %s", agent.address, exc)
+        self._forget(agent)  # its next UDP frames are strangers'
+        with contextlib.suppress(Exception):
+            agent.link.write(rv.encode_control(rv.Refused(str(exc))))
+        agent.link.close()
 
     async def _ping_loop(self) -> None:
         """Status every few seconds and pings to every agent: a failure is logged and the loop
@@ -694,26 +507,11 @@ class RendezvousServer:
                 log.exception("the server's status and ping round failed")
 
 
-class _CutOff(Exception):
-    """An agent broke its limits and is disconnected."""
-
-
 def _check_path(connection: ServerConnection, request: Request) -> Response | None:
     """Answer 404 to anything but the rendezvous WebSocket path."""
     if request.path != WS_PATH:
         return connection.respond(HTTPStatus.NOT_FOUND, "not a peerpath endpoint\n")
     return None
-
-
-def _client_network(host: str) -> str:
-    """What the per-IP limit counts by: the address, or its /64 for IPv6 (one subscriber's)."""
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return host
-    if address.version == 6:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
 
 
 def _endpoint(peer: Any) -> str:
