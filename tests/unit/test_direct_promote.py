@@ -34,7 +34,7 @@ def setup() -> tuple[DirectPaths, Any, Sock]:
         sock = via or main
         return Path(PathKind.DIRECT_UDP, format_endpoint(addr), lambda d: sock.sendto(d, addr))
 
-    node = SimpleNamespace(_socket=main, _udp_path=udp_path)
+    node = SimpleNamespace(udp=SimpleNamespace(main=main, path=udp_path))
     conn = Session()
     conn.paths.add(Path(PathKind.RELAY, "relay", lambda d: None))
     return DirectPaths(node), conn, main  # type: ignore[arg-type]

@@ -178,7 +178,7 @@ async def test_birthday_rounds_beyond_the_limit_punch_normally(make_node, monkey
 
     node = await make_node("a")
     opened = []
-    monkeypatch.setattr(node, "_extra_socket", lambda: opened.append(1) or node._socket)
+    monkeypatch.setattr(node.udp, "extra", lambda: opened.append(1) or node.udp.main)
     monkeypatch.setattr(direct, "SPRAY_SOCKETS", 3)
     monkeypatch.setattr(direct, "LINGER", 0.01)
     conn = SimpleNamespace(closed=asyncio.get_running_loop().create_future(), peer=None)

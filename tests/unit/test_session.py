@@ -217,8 +217,8 @@ async def test_idle_timeout_ends_a_silent_session(make_node) -> None:
     b = await make_node("b", config)
     trust_each_other(a, b)
     conn = await a.connect(b.address, b.local_endpoint)
-    assert b._socket is not None
-    b._socket.close()  # b vanishes without a word
+    assert b.udp.main is not None
+    b.udp.main.close()  # b vanishes without a word
     await asyncio.wait_for(conn.closed, 5)
     with pytest.raises(errors.SessionClosedError):
         await conn.request(b"x")

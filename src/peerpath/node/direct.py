@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
@@ -32,6 +32,7 @@ from peerpath.wire import punch
 
 if TYPE_CHECKING:
     from peerpath.node.node import Node
+    from peerpath.node.sockets import UdpSocket
     from peerpath.node.tcp import TcpLink
 
 log = logging.getLogger(__name__)
@@ -174,17 +175,17 @@ class DirectPaths:
         #: them are answered, so a probe never goes unanswered because the two sides have not
         #: yet agreed which round's key is current.
         self._round_keys: dict[Connection, list[bytes]] = {}
-        self._offers: dict[Connection, tuple[_Offer, _Answer, Any]] = {}
-        self._active: dict[Puncher, tuple[Connection, asyncio.Event, Any]] = {}
+        self._offers: dict[Connection, tuple[_Offer, _Answer, UdpSocket | None]] = {}
+        self._active: dict[Puncher, tuple[Connection, asyncio.Event, UdpSocket]] = {}
         self._probes: dict[bytes, tuple[Connection, Path]] = {}
         #: Each session's checks answered outside rounds (probes): a copy from elsewhere gets
         #: nothing. One window per session, so other sessions' probes cannot age it out.
         self._replays: dict[Connection, ReplayWindow] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Extra sockets that carry a birthday round's winning path, until the session ends.
-        self._kept: dict[Connection, list[Any]] = {}
+        self._kept: dict[Connection, list[UdpSocket]] = {}
         #: The socket each direct UDP path a round validated sends from.
-        self._sockets: dict[Path, Any] = {}
+        self._sockets: dict[Path, UdpSocket] = {}
         #: Keys of TCP rounds under way: checks on inbound links are matched against them.
         self._tcp_rounds: dict[bytes, tuple[Connection, asyncio.Event]] = {}
         #: Our checks in flight on TCP links: tid -> (link, connection, key).
@@ -280,13 +281,13 @@ class DirectPaths:
             hard = self.node.mapping_hint == "endpoint-dependent"
         return hard and self._mapped() is None
 
-    async def _predict(self) -> tuple[Any, int, int]:
+    async def _predict(self) -> tuple[UdpSocket | None, int, int]:
         """Behind a hard NAT: a fresh socket and, when the NAT hands out ports in sequence,
         the last port it gave that socket and the step (else 0, 0). Not hard: (None, 0, 0)."""
         if not self._hard() or "udp" not in self.transports:
             return None, 0, 0
         try:
-            measured = await asyncio.wait_for(self.node._fresh_mapping(), PREDICT_WAIT)
+            measured = await asyncio.wait_for(self.node.udp.fresh_mapping(self.node.stun_servers), PREDICT_WAIT)
         except (OSError, TimeoutError) as exc:
             log.debug("port prediction: no socket or no answer: %s", exc or "timed out")
             return None, 0, 0
@@ -322,9 +323,8 @@ class DirectPaths:
         """Wait (briefly) for the mapping hint when UDP evidently works and its second STUN
         answer is on the way: whether our NAT is hard decides the mode. (The session is
         already moving data over the relay; a node whose UDP is blocked does not wait.)"""
-        task = self.node._reflexive_task
-        if task is not None and not task.done() and self.node.reflexive is not None:
-            await asyncio.wait({task}, timeout=NAT_WAIT)
+        if self.node.reflexive is not None:
+            await self.node.reflexive_learned(NAT_WAIT)
 
     async def _round(self, conn: Connection, failures: int = 0) -> bool:
         await self._nat_known()
@@ -338,7 +338,7 @@ class DirectPaths:
                 fresh.close()  # the round did not get to use it, or it did not win
 
     async def _initiate(
-        self, conn: Connection, key: bytes, failures: int, fresh: Any, next_port: int, step: int
+        self, conn: Connection, key: bytes, failures: int, fresh: UdpSocket | None, next_port: int, step: int
     ) -> bool:
         offer = _Offer(
             key,
@@ -424,15 +424,17 @@ class DirectPaths:
         mode: str = "normal",
         peer_reflexive: str | None = None,
         peer_sequence: tuple[int, int] = (0, 0),
-        fresh: Any = None,
+        fresh: UdpSocket | None = None,
     ) -> bool:
         """One round of checks from our socket to the peer's candidates; against a hard NAT
         (``mode``) also a birthday round: ``spray`` opens many mappings here, starting with
         ``fresh`` (the socket our port prediction measured), ``scan`` checks many ports of
         the peer's public IP, first those ``peer_sequence`` (its last port and step) predicts."""
-        main = self.node._socket
-        rounds: list[tuple[Puncher, Any]] = [(Puncher(key, candidates, start), main)]
-        extra: list[Any] = []
+        main = self.node.udp.main
+        if main is None:
+            return False  # the node is closing
+        rounds: list[tuple[Puncher, UdpSocket]] = [(Puncher(key, candidates, start), main)]
+        extra: list[UdpSocket] = []
         target = _parse(peer_reflexive) if peer_reflexive else None
         if mode != "normal" and self._birthdays >= MAX_BIRTHDAY_ROUNDS:
             log.debug("birthday round with %s deferred: %d under way", conn.peer, self._birthdays)
@@ -446,7 +448,7 @@ class DirectPaths:
             # Many mappings on our hard NAT, all toward the peer's one reflexive address.
             while len(extra) < SPRAY_SOCKETS:
                 try:
-                    extra.append(self.node._extra_socket())
+                    extra.append(self.node.udp.extra())
                 except OSError:
                     break
             for sock in extra:
@@ -463,7 +465,7 @@ class DirectPaths:
         wake = asyncio.Event()
         for puncher, sock in rounds:
             self._active[puncher] = (conn, wake, sock)
-        kept: set[Any] = set()
+        kept: set[UdpSocket] = set()
         try:
             linger_until: float | None = None
             while not conn.closed.done():
@@ -526,16 +528,16 @@ class DirectPaths:
             conn.relay_reason = reason
             log.info("session with %s stays on the relay: %s", conn.peer, reason)
 
-    def _promote(self, conn: Connection, key: bytes, validated: list[Addr], sock: Any) -> None:
+    def _promote(self, conn: Connection, key: bytes, validated: list[Addr], sock: UdpSocket) -> None:
         if not validated:
             return
         self._keys[conn] = key
         conn.relay_reason = None
         now = clock()
         for addr in validated:
-            fresh = self.node._udp_path(addr, sock)
+            fresh = self.node.udp.path(addr, sock)
             path = conn.paths.add_validated(fresh, now)
-            if path is not fresh and self._sockets.get(path, self.node._socket) is not sock:
+            if path is not fresh and self._sockets.get(path, self.node.udp.main) is not sock:
                 # Found again from another socket (an earlier round's mapping is gone): the
                 # path now sends from the socket this round proved.
                 path.send_datagram = fresh.send_datagram
@@ -575,7 +577,7 @@ class DirectPaths:
             del self._probes[tid]
             conn.paths.probe_answered(path, tid, clock())
 
-    def on_relay_check(self, data: bytes, source: bytes, reply: Any, relay: str) -> None:
+    def on_relay_check(self, data: bytes, source: bytes, reply: Callable[[bytes], object], relay: str) -> None:
         """A check or probe answer that came over a relay from the peer whose address digest
         is ``source``: answered back through ``reply`` (the relay's send), or counted."""
         for conn, key in self._session_keys():
@@ -596,7 +598,7 @@ class DirectPaths:
         """Whether ``tid`` is a check of ``conn``'s not seen before."""
         return self._replays.setdefault(conn, ReplayWindow()).first(tid)
 
-    def on_check(self, data: bytes, source: Addr, via: Any) -> None:
+    def on_check(self, data: bytes, source: Addr, via: UdpSocket) -> None:
         """A check-range datagram arrived on ``via`` (the node's socket, or a round's extra one)."""
         for puncher, (_, wake, sock) in list(self._active.items()):
             if sock is via and puncher.receive(data, source):
@@ -700,7 +702,7 @@ class DirectPaths:
         existing = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name))
         if existing is not None and existing.send_datagram != link.send:
             conn.paths.remove(existing)  # an earlier link to the same endpoint
-        path = conn.paths.add_validated(self.node._tcp_path(link), clock())
+        path = conn.paths.add_validated(link.path(), clock())
         if path.send_datagram == link.send and existing is not path:
             self.counters["tcp_paths"] += 1
             log.info("direct path to %s: %s", conn.peer, path.describe())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import socket
@@ -18,10 +17,11 @@ from peerpath import errors
 from peerpath.identity import Address, Identity
 from peerpath.nat.netcheck import netcheck
 from peerpath.nat.portmap import PortMappings
-from peerpath.nat.stun_client import UdpStunSocket, route_source
+from peerpath.nat.stun_client import route_source
 from peerpath.node.admission import Admission, Source, Verdict
 from peerpath.node.direct import DirectPaths
 from peerpath.node.requests import Request, TrustBroker
+from peerpath.node.sockets import UdpSocket, UdpSockets
 from peerpath.node.state import default_state_dir
 from peerpath.node.tcp import TcpLink, TcpLinks
 from peerpath.node.trust import TrustStore
@@ -37,90 +37,12 @@ from peerpath.wire.stun import Address as TransportAddress
 
 log = logging.getLogger(__name__)
 
-#: Datagrams read per socket wakeup.
-RECV_BATCH = 64
 #: netcheck runs again after a re-registration only if its last result is older than this.
 NAT_RECHECK = 600.0
 #: What of a netcheck result the node keeps (and offers peers in punch rounds).
 _NAT_REPORT = frozenset(
     {"udp", "nat", "public_address", "mapping", "filtering", "hairpinning", "port_preserving", "port_step"}
 )
-
-
-def _large_buffers(sock: socket.socket) -> None:
-    """Socket buffers for bursts at full speed (the kernel may cap them lower)."""
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-
-
-class _UdpSocket:
-    """The node's one UDP socket, read in batches straight from the event loop's selector.
-
-    asyncio's datagram transport delivers one datagram per loop turn; reading up to
-    :data:`RECV_BATCH` per wakeup lets every session process a burst and answer it with
-    one transmit (one ACK instead of one per packet).
-    """
-
-    def __init__(self, node: Node, sock: socket.socket) -> None:
-        self.node = node
-        self.sock = sock
-        self.closed = False
-        #: STUN transactions run from this socket (extra sockets that ask the server where
-        #: their mappings are); the main socket's STUN is the node's.
-        self.stun: UdpStunSocket | None = None
-        sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        for _ in range(RECV_BATCH):
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # ICMP errors surface here on Linux; the next read goes on
-                log.debug("UDP receive error: %s", exc)
-                continue
-            try:
-                self.node._datagram_received(data, addr, self)
-            except Exception:
-                # Whatever a datagram does, the node keeps running.
-                self.node.counters["datagrams_failed"] += 1
-                log.exception("datagram from %s could not be handled", addr)
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self.closed:
-            return
-        try:
-            self.sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self.node.counters["send_dropped"] += 1  # a full socket buffer is a lost packet to QUIC
-        except OSError as exc:
-            log.debug("UDP send to %s failed: %s", addr, exc)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
-
-
-class _StunTransport(asyncio.DatagramTransport):
-    """Lets a UdpStunSocket run its transactions over the node's own socket, so that the
-    reflexive address it learns is the one peers can punch to."""
-
-    def __init__(self, udp: _UdpSocket) -> None:
-        super().__init__()
-        self._udp = udp
-
-    def sendto(self, data: Any, addr: Any = None) -> None:
-        self._udp.sendto(bytes(data), (str(addr[0]), int(addr[1])))
-
-    def is_closing(self) -> bool:
-        return self._udp.closed
-
-    def close(self) -> None:
-        pass  # the node owns the socket
 
 
 class Node:
@@ -151,7 +73,6 @@ class Node:
         self.stun_servers: list[str] = []
         #: Ports the home router maps to us on request (PCP / NAT-PMP), when it does.
         self.portmap = PortMappings()
-        self._stun = UdpStunSocket()
         #: Which Initials may start a responder session (handshake limits, Retry).
         self.admission = Admission()
         self.config = config or SessionConfig()
@@ -162,7 +83,8 @@ class Node:
             "sessions_refused": 0,
             "send_dropped": 0,
         }
-        self._socket: _UdpSocket | None = None
+        #: The node's UDP sockets: the main one, and extra ones that rounds open.
+        self.udp = UdpSockets(self._datagram_received, self.counters)
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
         self._services: dict[int, StreamHandler] = {}
@@ -214,7 +136,7 @@ class Node:
             url,
             on_relay=lambda source, data: None,
             on_letter=self._letter_received,
-            udp_send=self._send_udp,
+            udp_send=self.udp.send,
             on_registered=self._on_registered,
         )
         client.on_relay = functools.partial(self._relay_received, client)
@@ -235,23 +157,21 @@ class Node:
                 self._reflexive_task.cancel()  # a re-registration's answers replace the last ones
             self._reflexive_task = spawn(self._learn_reflexive(list(registered.stun)), "learning the reflexive address")
 
-    async def _stun_mapped(self, stun: str, client: UdpStunSocket | None = None) -> tuple[str, int] | None:
-        try:
-            server = TransportAddress(*parse_endpoint(stun))
-            response = await (client or self._stun).request(server, timeout=2.0, rto=0.2)
-        except ValueError:
-            return None
-        mapped = response.message.mapped_address if response is not None else None
-        return (mapped.host, mapped.port) if mapped is not None else None
+    async def reflexive_learned(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the STUN answers of the last registration (the reflexive
+        address and the mapping hint), if they are on the way."""
+        task = self._reflexive_task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=timeout)
 
     async def _learn_reflexive(self, stun: list[str]) -> None:
         """The address the server's STUN port sees this node's socket at (a punch candidate),
         then the one its second address sees: the same port means the NAT maps independently
         of the destination (RFC 5780 mapping test II), a first hint of how to punch that
         arrives well before the full netcheck."""
-        self.reflexive = await self._stun_mapped(stun[0]) or self.reflexive
+        self.reflexive = await self.udp.stun_mapped(stun[0]) or self.reflexive
         if self.reflexive is not None and len(stun) > 1:
-            other = await self._stun_mapped(stun[1])
+            other = await self.udp.stun_mapped(stun[1])
             if other is not None:
                 self.mapping_hint = "endpoint-independent" if other == self.reflexive else "endpoint-dependent"
 
@@ -294,51 +214,12 @@ class Node:
             return main
         client = self._relay_clients.get(url.address)
         if client is None:
-            client = RendezvousClient(self.identity, url, on_relay=lambda source, data: None, udp_send=self._send_udp)
+            client = RendezvousClient(self.identity, url, on_relay=lambda source, data: None, udp_send=self.udp.send)
             client.on_relay = functools.partial(self._relay_received, client)
             self._relay_clients[url.address] = client
             await client.start()
         await client.wait_registered(timeout)
         return client
-
-    def _send_udp(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self._socket is not None:
-            self._socket.sendto(data, addr)
-
-    def _extra_socket(self) -> _UdpSocket:
-        """Another UDP socket, read like the main one (birthday rounds open many)."""
-        family = socket.AF_INET6 if ":" in self.local_endpoint[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind((self.local_endpoint[0], 0))
-            _large_buffers(sock)  # the winner carries the session; a limit costs nothing unused
-            return _UdpSocket(self, sock)
-        except BaseException:
-            sock.close()
-            raise
-
-    async def _fresh_mapping(self) -> tuple[_UdpSocket, int, int] | None:
-        """A fresh socket, and the public ports the NAT gave it toward the server's two STUN
-        addresses, asked one right after the other. On a NAT that hands out ports in
-        sequence, the socket's next new destination gets the second port plus the step
-        between them (port prediction). None without two STUN addresses or their answers."""
-        if len(self.stun_servers) < 2:
-            return None
-        sock = self._extra_socket()
-        try:
-            sock.stun = UdpStunSocket()
-            sock.stun.connection_made(_StunTransport(sock))
-            first = asyncio.ensure_future(self._stun_mapped(self.stun_servers[0], sock.stun))
-            await asyncio.sleep(0)  # the first query leaves first: its mapping is the first one
-            second = await self._stun_mapped(self.stun_servers[1], sock.stun)
-            mapped = await first
-        except BaseException:
-            sock.close()
-            raise
-        if mapped is None or second is None:
-            sock.close()
-            return None
-        return sock, mapped[1], second[1]
 
     def _letter_received(self, letter: Any) -> None:
         outcome = self.broker.receive(letter)
@@ -354,16 +235,7 @@ class Node:
         return [format_endpoint((host, port))]
 
     async def _bind(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind((host, port))
-            _large_buffers(sock)
-            self._socket = _UdpSocket(self, sock)
-        except BaseException:
-            sock.close()
-            raise
-        self._stun.connection_made(_StunTransport(self._socket))
+        self.udp.bind(host, port)
         if self.direct_paths:
             await self.tcp.listen(host, self.local_endpoint[1])
 
@@ -375,10 +247,7 @@ class Node:
     @property
     def local_endpoint(self) -> tuple[str, int]:
         """The (host, port) the node's UDP socket is bound to."""
-        if self._socket is None or self._socket.closed:
-            raise errors.LocalError("node is not started")
-        sockname = self._socket.sock.getsockname()
-        return (str(sockname[0]), int(sockname[1]))
+        return self.udp.local_endpoint
 
     async def close(self) -> None:
         """Close every session and the socket."""
@@ -397,8 +266,7 @@ class Node:
         await self.portmap.close()
         for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:
             await client.close()
-        if self._socket is not None:
-            self._socket.close()
+        self.udp.close()
 
     async def __aenter__(self) -> Node:
         return self
@@ -560,7 +428,7 @@ class Node:
     async def _dial(self, peer: Address, via: tuple[str, int] | None, timeout: float | None) -> Connection:
         paths = PathSet()
         if via is not None:
-            paths.add(self._udp_path(await self._resolve(via)))
+            paths.add(self.udp.path(await self._resolve(via)))
         else:
             client = self.rendezvous
             if client is None:
@@ -626,16 +494,6 @@ class Node:
         self._connections.add(conn)
         return conn
 
-    def _udp_path(self, remote: tuple[str, int], via: _UdpSocket | None = None) -> NetPath:
-        udp = via or self._socket
-        if udp is None:
-            raise errors.LocalError("node is not started")
-
-        def send(datagram: bytes) -> None:
-            udp.sendto(datagram, remote)
-
-        return NetPath(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=clock())
-
     def _relay_path(self, client: RendezvousClient, peer: bytes) -> NetPath:
         def send(datagram: bytes) -> None:
             client.send_relay(peer, datagram)
@@ -655,13 +513,11 @@ class Node:
 
     # -- the socket -----------------------------------------------------------------------
 
-    def _datagram_received(self, data: bytes, addr: tuple[str, int], via: _UdpSocket | None = None) -> None:
-        remote = (str(addr[0]), int(addr[1]))
-        sock = via or self._socket
-        extra = sock is not self._socket  # one of a birthday round's sockets
+    def _datagram_received(self, data: bytes, remote: tuple[str, int], sock: UdpSocket) -> None:
+        extra = sock is not self.udp.main  # one of a birthday round's sockets
         kind = classify(data)
         if kind is DatagramKind.STUN:
-            stun = sock.stun if extra and sock is not None else self._stun
+            stun = sock.stun if extra else self.udp.stun
             if stun is not None:
                 stun.datagram_received(data, remote)
         elif kind is DatagramKind.CHECK:
@@ -674,7 +530,7 @@ class Node:
             self.counters["datagrams_dropped"] += 1
         else:
             key = (PathKind.DIRECT_UDP, format_endpoint(remote))
-            self._demux(data, key, lambda: self._udp_path(remote, via), Source(remote[0]))
+            self._demux(data, key, lambda: self.udp.path(remote, sock), Source(remote[0]))
 
     def _tcp_frame(self, link: TcpLink, data: bytes) -> None:
         """A datagram from a TCP link: a check, or QUIC for the session a check tied it to."""
@@ -694,11 +550,8 @@ class Node:
         if header is None or self._by_cid.get(header.destination_cid) is not conn:
             self.counters["datagrams_dropped"] += 1
             return
-        path = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name)) or self._tcp_path(link)
+        path = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name)) or link.path()
         conn.datagram_received(data, path)
-
-    def _tcp_path(self, link: TcpLink) -> NetPath:
-        return NetPath(PathKind.DIRECT_TCP, link.name, link.send, created=clock())
 
     def _relay_received(self, client: RendezvousClient, source: bytes, data: bytes) -> None:
         if is_check(data):  # the peer probing the relay path (its RTT is the yardstick)
@@ -770,7 +623,7 @@ class Node:
         """A snapshot of the node: address, endpoint, sessions and counters."""
         return {
             "address": str(self.address),
-            "endpoint": format_endpoint(self.local_endpoint) if self._socket else None,
+            "endpoint": format_endpoint(self.local_endpoint) if self.udp.main else None,
             "sessions": [c.describe() for c in self.connections],
             "counters": dict(self.counters),
             "admission": dict(self.admission.counters),

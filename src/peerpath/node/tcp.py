@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from peerpath.session.pathset import format_endpoint
+from peerpath.session.pathset import Path, PathKind, clock, format_endpoint
 
 if TYPE_CHECKING:
     from peerpath.session.connection import Connection
@@ -132,6 +132,10 @@ class TcpLink(asyncio.Protocol):
                 # Whatever a frame does, the node keeps running.
                 log.exception("frame from TCP link %s could not be handled", self.name)
         del buffer[:offset]
+
+    def path(self) -> Path:
+        """A direct TCP path over this link."""
+        return Path(PathKind.DIRECT_TCP, self.name, self.send, created=clock())
 
     def send(self, datagram: bytes) -> None:
         """Send one datagram; dropped (like a full UDP buffer) when the link is backed up."""
