@@ -339,7 +339,7 @@ async def test_websocket_endpoint_answers_404_elsewhere(tmp_path) -> None:
 
 
 async def test_a_peer_is_reached_through_its_home_relay(tmp_path, monkeypatch) -> None:
-    from peerpath.node import node as node_module
+    from peerpath.node import relays as relays_module
 
     relay = RendezvousServer(Identity.generate(), tmp_path / "relay")
     await relay.start(["127.0.0.2"], 0)
@@ -349,7 +349,7 @@ async def test_a_peer_is_reached_through_its_home_relay(tmp_path, monkeypatch) -
     async def nearer_relay(url_text: str, timeout: float = 2.0) -> float:
         return 0.001 if "127.0.0.2" in url_text else 0.005  # the relay measures closer
 
-    monkeypatch.setattr(node_module, "_connect_rtt", nearer_relay)
+    monkeypatch.setattr(relays_module, "connect_rtt", nearer_relay)
     made = Agents(tmp_path, main.url())
     try:
         a, b = await made("a"), await made("b")

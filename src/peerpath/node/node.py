@@ -20,6 +20,7 @@ from peerpath.nat.portmap import PortMappings
 from peerpath.nat.stun_client import route_source
 from peerpath.node.admission import Admission, Source, Verdict
 from peerpath.node.direct import DirectPaths
+from peerpath.node.relays import Relays
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.sockets import UdpSocket, UdpSockets
 from peerpath.node.state import default_state_dir
@@ -91,11 +92,8 @@ class Node:
         self._message_handler: MessageHandler | None = None
         self._connecting: dict[Address, asyncio.Task[Connection]] = {}
         self._closed = False
-        self.rendezvous: RendezvousClient | None = None
-        #: Relays other than the rendezvous server: our home relay and our peers' home relays.
-        self._relay_clients: dict[Address, RendezvousClient] = {}
-        self.home_relay: str | None = None
-        self._home_task: asyncio.Task[None] | None = None
+        #: The rendezvous server's client and the other relays this node uses.
+        self.relays = Relays(identity, self.udp.send, self._relay_received)
         #: What netcheck found about this node's NAT (told only to peers, inside sessions).
         self.nat: dict[str, Any] | None = None
         self._nat_checked = -1e9
@@ -131,24 +129,22 @@ class Node:
         return _Starting(cls, state_dir, host, port, identity, trust, config, url, direct)
 
     async def _register(self, url: RendezvousUrl) -> None:
-        client = RendezvousClient(
-            self.identity,
-            url,
-            on_relay=lambda source, data: None,
-            on_letter=self._letter_received,
-            udp_send=self.udp.send,
-            on_registered=self._on_registered,
-        )
-        client.on_relay = functools.partial(self._relay_received, client)
-        self.rendezvous = client
-        await client.start()
+        await self.relays.start(url, self._letter_received, self._on_registered)
+
+    @property
+    def rendezvous(self) -> RendezvousClient | None:
+        """The client of the rendezvous server, when the node has one."""
+        return self.relays.main
+
+    @property
+    def home_relay(self) -> str | None:
+        """The relay peers reach this node through (chosen among those the server offers)."""
+        return self.relays.home
 
     def _on_registered(self, registered: Any) -> None:
         """After every registration: choose a home relay among those the server offers, and
         find out (at most every ten minutes) what NAT we are behind."""
-        if self._home_task is not None:
-            self._home_task.cancel()
-        self._home_task = spawn(self._choose_home_relay(list(registered.relays)), "choosing a home relay")
+        self.relays.choose_home(list(registered.relays))
         if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
             self._nat_task = spawn(self._check_nat(list(registered.stun)), "netcheck")
         self.stun_servers = list(registered.stun)
@@ -186,41 +182,6 @@ class Node:
         finally:
             self._nat_task = None
 
-    async def _choose_home_relay(self, offered: list[str]) -> None:
-        main = self.rendezvous
-        if main is None or not offered:
-            return
-        rtts = await asyncio.gather(*(_connect_rtt(text) for text in offered))
-        reachable = [(rtt, text) for rtt, text in zip(rtts, offered, strict=True) if rtt is not None]
-        if not reachable:
-            return
-        _, chosen = min(reachable)
-        try:
-            await self._relay_client(chosen)
-            main.set_home_relay(chosen)
-        except (errors.PeerpathError, OSError, ValueError) as exc:
-            log.info("home relay %s unusable: %s", chosen, exc)
-            return
-        if chosen != self.home_relay:
-            log.info("home relay: %s", chosen)
-        self.home_relay = chosen
-
-    async def _relay_client(self, url_text: str, timeout: float = 10.0) -> RendezvousClient:
-        """The client for relay ``url_text``: the rendezvous server itself, or another relay
-        (connected and registered on first use)."""
-        url = RendezvousUrl.parse(url_text)
-        main = self.rendezvous
-        if main is not None and url.address == main.url.address:
-            return main
-        client = self._relay_clients.get(url.address)
-        if client is None:
-            client = RendezvousClient(self.identity, url, on_relay=lambda source, data: None, udp_send=self.udp.send)
-            client.on_relay = functools.partial(self._relay_received, client)
-            self._relay_clients[url.address] = client
-            await client.start()
-        await client.wait_registered(timeout)
-        return client
-
     def _letter_received(self, letter: Any) -> None:
         outcome = self.broker.receive(letter)
         log.debug("letter %s from the rendezvous: %s", letter.kind, outcome)
@@ -257,15 +218,14 @@ class Node:
         for task in self._connecting.values():
             task.cancel()
         await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
-        for background in (self._home_task, self._nat_task, self._reflexive_task):
+        for background in (self._nat_task, self._reflexive_task):
             if background is not None:
                 background.cancel()
         await self.direct.close()
         await self.broker.close()
         await self.tcp.close()
         await self.portmap.close()
-        for client in [*self._relay_clients.values(), *([self.rendezvous] if self.rendezvous else [])]:
-            await client.close()
+        await self.relays.close()
         self.udp.close()
 
     async def __aenter__(self) -> Node:
@@ -436,7 +396,7 @@ class Node:
             found = await client.lookup(peer, timeout=timeout or self.config.connect_timeout)
             if not found.online:
                 raise errors.NetworkError(f"{peer} is not online at {client.url.endpoint}")
-            relay = await self._relay_client(found.relay) if found.relay else client  # the peer's home relay
+            relay = await self.relays.client(found.relay) if found.relay else client  # the peer's home relay
             paths.add(self._relay_path(relay, peer.digest))
         conn = self._new_connection(Role.INITIATOR, paths, expected_peer=peer)
         self._register_cid(conn, conn.quic.host_cid, True)
@@ -523,11 +483,11 @@ class Node:
         elif kind is DatagramKind.CHECK:
             self.direct.on_check(data, remote, sock)
         elif kind is DatagramKind.RELAY and not extra:
-            for client in [self.rendezvous, *self._relay_clients.values()]:
-                if client is not None and client.udp_endpoint == remote:
-                    client.udp_received(data, remote)
-                    return
-            self.counters["datagrams_dropped"] += 1
+            client = self.relays.from_udp(remote)
+            if client is not None:
+                client.udp_received(data, remote)
+            else:
+                self.counters["datagrams_dropped"] += 1
         else:
             key = (PathKind.DIRECT_UDP, format_endpoint(remote))
             self._demux(data, key, lambda: self.udp.path(remote, sock), Source(remote[0]))
@@ -635,25 +595,6 @@ class Node:
             "port_mapping": self.portmap.describe(),
             "tcp_port": self.tcp.port,
         }
-
-
-async def _connect_rtt(url_text: str, timeout: float = 2.0) -> float | None:
-    """The best of two TCP connects to a relay: how far away it is (None: unreachable)."""
-    try:
-        url = RendezvousUrl.parse(url_text)
-    except ValueError:
-        return None
-    best: float | None = None
-    for _ in range(2):
-        start = clock()
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), timeout)
-        except (OSError, TimeoutError):
-            continue
-        elapsed = clock() - start
-        writer.close()
-        best = elapsed if best is None else min(best, elapsed)
-    return best
 
 
 class _Starting:
