@@ -33,12 +33,13 @@ from peerpath import errors
 from peerpath.identity import Address, Identity
 from peerpath.nat import punch as nat_punch
 from peerpath.nat.punch import Puncher
-from peerpath.nat.stun_responder import RateLimiter, SocketKey, StunResponder
+from peerpath.nat.stun_responder import SocketKey, StunResponder
 from peerpath.node import control as node_control
 from peerpath.node import direct
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.tcp import FRAME, TcpLink
 from peerpath.node.trust import TrustStore
+from peerpath.ratelimit import RateLimiter, TokenBucket
 from peerpath.rendezvous import client as rv_client
 from peerpath.rendezvous import limits as rv_limits
 from peerpath.rendezvous import mailbox as rv_mailbox
@@ -557,8 +558,8 @@ def _admit(server: rv_server.RendezvousServer, identity: Identity, *, limited: b
         server.udp_relay.tokens[agent.token] = agent
     if not limited:
         now = time.monotonic()
-        agent.control_quota = rv_limits.TokenBucket(_UNLIMITED, _UNLIMITED, now)
-        agent.relay_quota = rv_limits.TokenBucket(_UNLIMITED, _UNLIMITED, now)
+        agent.control_quota = TokenBucket(_UNLIMITED, _UNLIMITED, now)
+        agent.relay_quota = TokenBucket(_UNLIMITED, _UNLIMITED, now)
     return agent
 
 

@@ -7,7 +7,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peerpath.nat.stun_responder import MAX_AMPLIFICATION_BYTES, RateLimiter, SocketKey, StunResponder
+from peerpath.nat.stun_responder import MAX_AMPLIFICATION_BYTES, SocketKey, StunResponder
+from peerpath.ratelimit import RateLimiter
 from peerpath.wire import stun
 from peerpath.wire.stun import Address, Attr, ChangeRequest, Class, Message
 

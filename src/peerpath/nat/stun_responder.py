@@ -9,10 +9,10 @@ and CHANGED-ADDRESS. The driver (:mod:`peerpath.nat.stun_server`) owns the socke
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
+from peerpath.ratelimit import RateLimiter
 from peerpath.wire import stun
 from peerpath.wire.stun import Address, Attr, Class, ErrorCode, Message, StunError
 
@@ -52,38 +52,6 @@ class Counters:
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
         return dict(self.__dict__)
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
-
-
-@dataclass
-class RateLimiter:
-    """Token bucket per source IP, with a bounded table (least recently seen evicted)."""
-
-    rate: float = 50.0
-    burst: float = 100.0
-    max_sources: int = 65536
-    _buckets: OrderedDict[str, _Bucket] = field(default_factory=OrderedDict)
-
-    def allow(self, source_ip: str, now: float) -> bool:
-        """Take one token for ``source_ip`` at time ``now``; False when it has none left."""
-        bucket = self._buckets.pop(source_ip, None)
-        if bucket is None:
-            bucket = _Bucket(self.burst, now)
-            while len(self._buckets) >= self.max_sources:
-                self._buckets.popitem(last=False)
-        else:
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
-            bucket.updated = now
-        self._buckets[source_ip] = bucket
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
 
 
 class StunResponder:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
-from peerpath.nat.stun_responder import RateLimiter, Reply, SocketKey, StunResponder
+from peerpath.nat.stun_responder import Reply, SocketKey, StunResponder
+from peerpath.ratelimit import RateLimiter
 from peerpath.wire.stun import HEADER_LENGTH, MAGIC_COOKIE, Address
 
 log = logging.getLogger(__name__)

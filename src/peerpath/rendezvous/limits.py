@@ -1,11 +1,13 @@
 """What a rendezvous server lets one agent, one address and everyone together use (the
-numbers are listed in docs/security.md), and the token buckets that enforce them. Pure: no
-I/O, time comes in as ``now``."""
+numbers are listed in docs/security.md). Enforced with the token buckets of
+:mod:`peerpath.ratelimit`."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+
+from peerpath.ratelimit import RateLimiter
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,8 @@ class ServerLimits:
     register_burst: float = 64.0
 
 
-#: Client networks whose registration rate is tracked at once; beyond it, those whose
-#: bucket has refilled are forgotten (they would start full anyway).
+#: Client networks whose registration rate is tracked at once; beyond it, the least recently
+#: seen is forgotten (it would start with a full bucket anyway).
 MAX_TRACKED_NETWORKS = 100_000
 
 
@@ -40,47 +42,9 @@ class CutOff(Exception):
     """An agent broke its limits and is disconnected."""
 
 
-class TokenBucket:
-    """A token bucket: ``take(n, now)`` is True while the rate and burst allow it."""
-
-    __slots__ = ("burst", "level", "rate", "updated")
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst, self.level, self.updated = rate, burst, burst, now
-
-    def take(self, amount: float, now: float) -> bool:
-        """Spend ``amount`` if the bucket holds it."""
-        self._refill(now)
-        if self.level < amount:
-            return False
-        self.level -= amount
-        return True
-
-    def full(self, now: float) -> bool:
-        """Whether the bucket has refilled (it holds nothing a fresh one would not)."""
-        self._refill(now)
-        return self.level >= self.burst
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.burst, self.level + (now - self.updated) * self.rate)
-        self.updated = now
-
-
-class RegistrationRate:
-    """Registrations per client network, each network's own bucket; a bounded table."""
-
-    def __init__(self, limits: ServerLimits) -> None:
-        self._limits = limits
-        self._buckets: dict[str, TokenBucket] = {}
-
-    def allow(self, network: str, now: float) -> bool:
-        """Whether ``network`` may register one more identity now."""
-        bucket = self._buckets.get(network)
-        if bucket is None:
-            if len(self._buckets) >= MAX_TRACKED_NETWORKS:
-                self._buckets = {key: kept for key, kept in self._buckets.items() if not kept.full(now)}
-            bucket = self._buckets[network] = TokenBucket(self._limits.register_rate, self._limits.register_burst, now)
-        return bucket.take(1, now)
+def registration_rate(limits: ServerLimits) -> RateLimiter:
+    """Registrations per client network (:func:`client_network`), within ``limits``."""
+    return RateLimiter(limits.register_rate, limits.register_burst, MAX_TRACKED_NETWORKS)
 
 
 def client_network(host: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from peerpath.identity import Address
-from peerpath.rendezvous.limits import TokenBucket
+from peerpath.ratelimit import TokenBucket
 from peerpath.rendezvous.links import Link
 from peerpath.wire import rendezvous as rv
 

@@ -22,8 +22,9 @@ from websockets.http11 import Request, Response
 
 from peerpath.certs import tls_server_context
 from peerpath.identity import Address, Identity, verify
+from peerpath.ratelimit import TokenBucket
 from peerpath.rendezvous.letters import LetterError, check_letter
-from peerpath.rendezvous.limits import CutOff, RegistrationRate, ServerLimits, TokenBucket, client_network
+from peerpath.rendezvous.limits import CutOff, ServerLimits, client_network, registration_rate
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.mailbox import Mailbox
 from peerpath.rendezvous.presence import Agent
@@ -95,7 +96,7 @@ class RendezvousServer:
         }
         self._open = 0
         self._per_ip: dict[str, int] = {}
-        self._registrations = RegistrationRate(self.limits)
+        self._registrations = registration_rate(self.limits)
         self.udp_relay = UdpRelay(self.counters, self._relay, self._cut_off)
         self._udp: list[RelayUdp] = []
         self.mailbox: Mailbox | None = None
