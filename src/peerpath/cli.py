@@ -62,6 +62,17 @@ StateDir = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+# The limits a server or a relay enforces (docs/security.md lists them all).
+RelayRate = Annotated[
+    float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
+]
+RelayBurst = Annotated[
+    float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
+]
+MaxAgents = Annotated[int, typer.Option("--max-agents", min=1, help="Agents registered at once, at most.")]
+MaxPerIp = Annotated[
+    int, typer.Option("--max-connections-per-ip", min=1, help="Open connections per client IP, at most.")
+]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -261,18 +272,10 @@ def server_command(
         float, typer.Option("--rate", min=0.1, help="STUN requests per second allowed per source IP.")
     ] = 50.0,
     burst: Annotated[float, typer.Option("--burst", min=1, help="STUN request burst allowed per source IP.")] = 100.0,
-    relay_rate: Annotated[
-        float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
-    ] = ServerLimits.relay_rate,
-    relay_burst: Annotated[
-        float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
-    ] = ServerLimits.relay_burst,
-    max_agents: Annotated[
-        int, typer.Option("--max-agents", min=1, help="Agents registered at once, at most.")
-    ] = ServerLimits.max_agents,
-    max_per_ip: Annotated[
-        int, typer.Option("--max-connections-per-ip", min=1, help="Open connections per client IP, at most.")
-    ] = ServerLimits.max_connections_per_ip,
+    relay_rate: RelayRate = ServerLimits.relay_rate,
+    relay_burst: RelayBurst = ServerLimits.relay_burst,
+    max_agents: MaxAgents = ServerLimits.max_agents,
+    max_per_ip: MaxPerIp = ServerLimits.max_connections_per_ip,
     relay: Annotated[
         list[str],
         typer.Option(
@@ -397,18 +400,10 @@ def relay_command(
         int | None,
         typer.Option("--wss-port", min=0, max=65535, help="WebSocket-over-TLS port [default: 443 if free]."),
     ] = None,
-    relay_rate: Annotated[
-        float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
-    ] = ServerLimits.relay_rate,
-    relay_burst: Annotated[
-        float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
-    ] = ServerLimits.relay_burst,
-    max_agents: Annotated[
-        int, typer.Option("--max-agents", min=1, help="Agents registered at once, at most.")
-    ] = ServerLimits.max_agents,
-    max_per_ip: Annotated[
-        int, typer.Option("--max-connections-per-ip", min=1, help="Open connections per client IP, at most.")
-    ] = ServerLimits.max_connections_per_ip,
+    relay_rate: RelayRate = ServerLimits.relay_rate,
+    relay_burst: RelayBurst = ServerLimits.relay_burst,
+    max_agents: MaxAgents = ServerLimits.max_agents,
+    max_per_ip: MaxPerIp = ServerLimits.max_connections_per_ip,
 ) -> None:
     """Run a relay alone. Give its URL to the server (peerpath server --relay URL); agents near it
     pick it as their home relay."""
