@@ -18,7 +18,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 import msgspec
 
@@ -31,9 +31,10 @@ from peerpath.tasks import spawn
 from peerpath.wire import punch
 
 if TYPE_CHECKING:
-    from peerpath.node.node import Node
-    from peerpath.node.sockets import UdpSocket
-    from peerpath.node.tcp import TcpLink
+    from peerpath.nat.portmap import PortMappings
+    from peerpath.node.sockets import UdpSocket, UdpSockets
+    from peerpath.node.tcp import TcpLink, TcpLinks
+    from peerpath.rendezvous.client import RendezvousClient
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,39 @@ def _parse(text: str) -> Addr | None:
         return None
 
 
+class NodeSide(Protocol):
+    """What direct paths need of their node (the node passes itself; this module never imports it)."""
+
+    udp: UdpSockets
+    tcp: TcpLinks
+    portmap: PortMappings
+    nat: dict[str, Any] | None
+    mapping_hint: str | None
+    reflexive: tuple[str, int] | None
+    stun_servers: list[str]
+
+    @property
+    def rendezvous(self) -> RendezvousClient | None:
+        """The rendezvous server's client, if any."""
+        ...
+
+    def candidates(self) -> list[str]:
+        """Where peers may reach the node over UDP."""
+        ...
+
+    def tcp_candidates(self) -> list[str]:
+        """Where peers may reach the node over TCP."""
+        ...
+
+    async def reflexive_learned(self, timeout: float) -> None:
+        """Wait (briefly) for the STUN answers under way."""
+        ...
+
+
 class DirectPaths:
     """Upgrades one node's relayed sessions to direct paths and keeps them alive."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeSide) -> None:
         self.node = node
         #: The key each session's probes are sent under: its latest round that found a path.
         self._keys: dict[Connection, bytes] = {}
