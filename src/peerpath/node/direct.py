@@ -29,6 +29,7 @@ from peerpath.session.connection import Connection
 from peerpath.session.pathset import Path, PathKind, clock, format_endpoint, parse_endpoint
 from peerpath.tasks import spawn
 from peerpath.wire import punch
+from peerpath.wire.codec import decode
 
 if TYPE_CHECKING:
     from peerpath.nat.portmap import PortMappings
@@ -95,12 +96,8 @@ _Message = TypeVar("_Message", _Offer, _Answer, _Go)
 
 def _decode(data: bytes, kind: type[_Message]) -> _Message:
     """A round's message from the peer; :class:`~peerpath.errors.RemoteError` for anything malformed."""
-    try:
-        return msgspec.msgpack.decode(data, type=kind)
-    except msgspec.DecodeError as exc:
-        raise errors.RemoteError(f"malformed {kind.__name__.strip('_').lower()}: {exc}") from None
-    except RecursionError:  # msgspec recurses into what it skips, too
-        raise errors.RemoteError(f"malformed {kind.__name__.strip('_').lower()}: nested too deeply") from None
+    # A few per punch round: a decoder made each time costs nothing worth keeping one for.
+    return decode(msgspec.msgpack.Decoder(kind), data, errors.RemoteError, kind.__name__.strip("_").lower())
 
 
 #: Birthday rounds (RFC 4787 address-and-port-dependent mapping against an endpoint-
@@ -461,8 +458,10 @@ class DirectPaths:
         ``fresh`` (the socket our port prediction measured), ``scan`` checks many ports of
         the peer's public IP, first those ``peer_sequence`` (its last port and step) predicts."""
         main = self.node.udp.main
-        if main is None:
-            return False  # the node is closing
+        if main is None:  # the node is closing
+            if fresh is not None:
+                fresh.close()
+            return False
         rounds: list[tuple[Puncher, UdpSocket]] = [(Puncher(key, candidates, start), main)]
         extra: list[UdpSocket] = []
         target = _parse(peer_reflexive) if peer_reflexive else None

@@ -264,14 +264,7 @@ class RendezvousClient:
             try:
                 await self._connect_and_serve()
                 delay = low  # it was up: the next outage starts from the shortest backoff
-            except (
-                OSError,
-                TimeoutError,
-                rv.FrameError,
-                errors.PeerpathError,
-                asyncio.IncompleteReadError,
-                ConnectionClosed,
-            ) as exc:
+            except (*_CONNECTION_ERRORS, rv.FrameError, errors.PeerpathError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.info("rendezvous %s: %s", self.url.endpoint, self.last_error)
             except Exception as exc:

@@ -15,6 +15,7 @@ from typing import Annotated
 import msgspec
 
 from peerpath.identity import Address
+from peerpath.wire.codec import decode
 
 PROTOCOL_VERSION = 1
 ALPN = f"peerpath/{PROTOCOL_VERSION}"
@@ -132,14 +133,7 @@ class FrameReader:
             return None
         body = bytes(self._buffer[4 : 4 + length])
         del self._buffer[: 4 + length]
-        try:
-            frame: Frame = _decoder.decode(body)
-        except msgspec.DecodeError as exc:  # ValidationError too: a field out of its bounds
-            raise ControlError(f"malformed frame: {exc}") from exc
-        except RecursionError:
-            # msgspec recurses into nested arrays and maps, even those of a field it skips.
-            raise ControlError("malformed frame: nested too deeply") from None
-        return frame
+        return decode(_decoder, body, ControlError, "frame")
 
     def take_rest(self) -> bytes:
         """Whatever follows the frames read so far (a stream's payload)."""

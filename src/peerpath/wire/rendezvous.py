@@ -17,6 +17,8 @@ from typing import Annotated
 
 import msgspec
 
+from peerpath.wire.codec import decode
+
 PROTOCOL_VERSION = 1
 ADDRESS_BYTES = 16
 #: Largest control message body.
@@ -231,14 +233,7 @@ def encode_relay(address: bytes, datagram: bytes) -> bytes:
 
 def decode_control(body: bytes) -> Message:
     """One control message body. Raises :class:`FrameError` for anything malformed."""
-    try:
-        message: Message = _decoder.decode(body)
-    except msgspec.DecodeError as exc:  # ValidationError too: a field out of its bounds
-        raise FrameError(f"malformed control message: {exc}") from exc
-    except RecursionError:
-        # msgspec recurses into nested arrays and maps, even those of a field it skips.
-        raise FrameError("malformed control message: nested too deeply") from None
-    return message
+    return decode(_decoder, body, FrameError, "control message")
 
 
 def _header(data: bytes | bytearray) -> tuple[int, int]:
