@@ -262,16 +262,8 @@ STUN_KEY = b"fuzz-stun-key"
 _TID = bytes(range(12))
 _STUN_V4 = stun.Address("198.51.100.7", 41641)
 _STUN_V6 = stun.Address("2001:db8::7", 3478)
-_STUN_ADDRESS_ATTRS = (
-    Attr.MAPPED_ADDRESS,
-    Attr.RESPONSE_ADDRESS,
-    Attr.SOURCE_ADDRESS,
-    Attr.CHANGED_ADDRESS,
-    Attr.ALTERNATE_SERVER,
-    Attr.RESPONSE_ORIGIN,
-    Attr.OTHER_ADDRESS,
-    Attr.XOR_MAPPED_ADDRESS,
-)
+# Every address attribute the codec knows, plain and XOR'd.
+_STUN_ADDRESS_ATTRS = (*sorted(stun._ADDRESS_ATTRS), Attr.XOR_MAPPED_ADDRESS)
 
 
 def _stun_plain_attrs() -> list[tuple[int, bytes]]:
