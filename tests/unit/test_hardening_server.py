@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import msgspec
-import pytest
 
 from peerpath.certs import tls_client_context
 from peerpath.identity import Identity
@@ -250,12 +250,18 @@ async def test_a_copied_hello_from_elsewhere_cannot_redirect_relayed_datagrams(t
         await srv.close()
 
 
-@pytest.mark.parametrize("mode", [0o600])
-async def test_the_mailbox_is_private_to_the_server(server, mode: int) -> None:
-    for name in ("rendezvous.db", "rendezvous.db-wal", "rendezvous.db-shm"):
-        path = server.state_dir / name
-        if path.exists():
-            assert path.stat().st_mode & 0o777 == mode
+async def test_the_mailbox_is_private_to_the_server(server) -> None:
+    sender, recipient = Identity.generate(), Identity.generate()
+    assert server.mailbox is not None  # a letter, so that SQLite writes its -wal and -shm files
+    server.mailbox.post(
+        make_letter(sender, "trust-request", recipient.address),
+        sender.address.digest,
+        recipient.address.digest,
+        time.time(),
+    )
+    files = sorted(server.state_dir.glob("rendezvous.db*"))
+    assert [f.name for f in files] == ["rendezvous.db", "rendezvous.db-shm", "rendezvous.db-wal"]
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
 
 
 async def test_a_full_mailbox_is_delivered_batch_after_batch(server) -> None:
