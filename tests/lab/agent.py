@@ -13,9 +13,10 @@ import os
 import sys
 import time
 
+from peerpath.clock import monotonic as clock
 from peerpath.node.node import Node
 from peerpath.session.connection import Connection, SessionConfig
-from peerpath.session.pathset import HOLD_DOWN, clock
+from peerpath.session.pathset import HOLD_DOWN
 
 #: How long (tenths of a second) an exercise waits for a session to go direct.
 WAIT_DIRECT_STEPS = int(os.environ.get("PEERPATH_WAIT_DIRECT", "40"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from peerpath.clock import monotonic
 from peerpath.node.direct import DirectPaths
 from peerpath.session.pathset import Path, PathKind, PathSet, format_endpoint
 
@@ -34,7 +35,7 @@ def setup() -> tuple[DirectPaths, Any, Sock]:
         sock = via or main
         return Path(PathKind.DIRECT_UDP, format_endpoint(addr), lambda d: sock.sendto(d, addr))
 
-    node = SimpleNamespace(udp=SimpleNamespace(main=main, path=udp_path))
+    node = SimpleNamespace(udp=SimpleNamespace(main=main, path=udp_path), clock=monotonic)
     conn = Session()
     conn.paths.add(Path(PathKind.RELAY, "relay", lambda d: None))
     return DirectPaths(node), conn, main  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from peerpath.identity import Identity
+from peerpath.net import KernelNet
 from peerpath.node import tcp
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
@@ -147,7 +148,7 @@ async def test_strangers_on_the_tcp_port_are_closed_and_the_node_carries_on(agen
 
 def test_frames_split_anywhere_are_reassembled() -> None:
     got: list[bytes] = []
-    links = tcp.TcpLinks(lambda link, frame: got.append(frame), lambda link: None)
+    links = tcp.TcpLinks(KernelNet(), lambda link, frame: got.append(frame), lambda link: None)
     link = tcp.TcpLink(links, inbound=False)
     frames = [os.urandom(n) for n in (1, 1350, 0, 70, 65535)]
     stream = b"".join(struct.pack("!H", len(f)) + f for f in frames)
@@ -174,7 +175,6 @@ async def test_birthday_rounds_beyond_the_limit_punch_normally(make_node, monkey
     from types import SimpleNamespace
 
     from peerpath.node import direct
-    from peerpath.session.pathset import clock
 
     node = await make_node("a")
     opened = []
@@ -183,8 +183,8 @@ async def test_birthday_rounds_beyond_the_limit_punch_normally(make_node, monkey
     monkeypatch.setattr(direct, "LINGER", 0.01)
     conn = SimpleNamespace(closed=asyncio.get_running_loop().create_future(), peer=None)
     node.direct._birthdays = direct.MAX_BIRTHDAY_ROUNDS
-    await node.direct._punch(conn, os.urandom(32), [], clock() - 10, "spray", "127.0.0.1:9")
+    await node.direct._punch(conn, os.urandom(32), [], node.clock() - 10, "spray", "127.0.0.1:9")
     assert opened == [] and node.direct._birthdays == direct.MAX_BIRTHDAY_ROUNDS
     node.direct._birthdays = 0
-    await node.direct._punch(conn, os.urandom(32), [], clock() - 10, "spray", "127.0.0.1:9")
+    await node.direct._punch(conn, os.urandom(32), [], node.clock() - 10, "spray", "127.0.0.1:9")
     assert len(opened) == 3 and node.direct._birthdays == 0

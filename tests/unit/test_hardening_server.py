@@ -152,9 +152,10 @@ async def test_the_client_survives_a_server_that_sends_garbage(tmp_path: Path, m
     client = RendezvousClient(Identity.generate(), srv.url(), on_relay=lambda s, d: None, backoff=(0.05, 0.1))
     await client.start()
     try:
-        await eventually(lambda: poisoned["done"] and client.registered.is_set(), timeout=10)
+        # Registered again after the poisoned connection (whether the poison came in the same
+        # read as the first Registered or in the next one).
+        await eventually(lambda: srv.counters["registered"] == 2 and client.registered.is_set(), timeout=10)
         assert client._task is not None and not client._task.done()
-        assert srv.counters["registered"] == 2  # the poisoned connection, and the one after it
     finally:
         await client.close()
         await srv.close()

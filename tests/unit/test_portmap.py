@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from peerpath.nat import portmap
-from peerpath.nat.portmap import PortMapper, PortMapUnavailable, default_gateway, reaches_internet
+from peerpath.nat.portmap import PortMapper, PortMapUnavailable, reaches_internet
+from peerpath.net import default_gateway
 from peerpath.testing.pcpd import PortMapServer, _Protocol
 from peerpath.wire import portmap as pm
 

@@ -262,7 +262,7 @@ async def test_relay_goes_over_udp_when_the_server_acknowledges_it(agents, serve
 
 async def test_relay_falls_back_to_tcp_when_udp_is_blocked(tmp_path, server) -> None:
     for udp in server._udp:
-        udp.transport.close()  # the network drops UDP to the server
+        udp.close()  # the network drops UDP to the server
     made = Agents(tmp_path, server.url())
     try:
         a, b = await made("a"), await made("b")
@@ -300,7 +300,7 @@ async def test_websocket_over_tls_when_only_https_gets_out(tmp_path) -> None:
     srv = RendezvousServer(Identity.generate(), tmp_path / "s")
     await srv.start(["127.0.0.1"], 0, wss_port=0)
     for udp in srv._udp:
-        udp.transport.close()
+        udp.close()
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         blocked_port = closed.getsockname()[1]
@@ -346,7 +346,7 @@ async def test_a_peer_is_reached_through_its_home_relay(tmp_path, monkeypatch) -
     main = RendezvousServer(Identity.generate(), tmp_path / "main", relays=[relay.url()])
     await main.start(["127.0.0.1"], 0)
 
-    async def nearer_relay(url_text: str, timeout: float = 2.0) -> float:
+    async def nearer_relay(net, url_text: str, timeout: float = 2.0, *, clock=None) -> float:
         return 0.001 if "127.0.0.2" in url_text else 0.005  # the relay measures closer
 
     monkeypatch.setattr(relays_module, "connect_rtt", nearer_relay)

@@ -15,12 +15,10 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peerpath.clock import monotonic
 from peerpath.wire import portmap as pm
 from peerpath.wire.endpoint import format_endpoint
 
@@ -29,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-clock = time.perf_counter
+clock = monotonic
 #: Seconds asked for; renewed at half of what the router grants.
 LIFETIME = 7200
 #: Retransmissions of one request (RFC 6887 8.1.1 starts at 3 s; a LAN answers in ms).
@@ -47,19 +45,6 @@ class PortMapUnavailable(Exception):
 def enabled() -> bool:
     """Whether port mapping is allowed by the environment (default yes)."""
     return os.environ.get(ENV_SWITCH, "1").lower() not in ("0", "off", "no", "false")
-
-
-def default_gateway(route_table: Path = Path("/proc/net/route")) -> str | None:
-    """The IPv4 default gateway from the kernel's routing table (Linux), or None."""
-    try:
-        lines = route_table.read_text().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 4 and fields[1] == "00000000" and int(fields[3], 16) & 0x2:  # RTF_GATEWAY
-            return socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
-    return None
 
 
 def reaches_internet(host: str) -> bool:
@@ -195,9 +180,9 @@ class PortMappings:
         self._mapper: PortMapper | UpnpMapper | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, udp_port: int, tcp_port: int | None, gateway: str | None = None) -> None:
-        """Map the ports now and keep them mapped (no-op when disabled or without a gateway)."""
-        gateway = gateway or default_gateway()
+    def start(self, udp_port: int, tcp_port: int | None, gateway: str | None) -> None:
+        """Map the ports on ``gateway`` (the host's default gateway) now and keep them mapped
+        (no-op when disabled or without a gateway)."""
         if not enabled() or gateway is None:
             self.last_error = "disabled" if not enabled() else "no default gateway"
             return

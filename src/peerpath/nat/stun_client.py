@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from peerpath.net import DatagramTransport, KernelNet, Net
 from peerpath.wire import stun
 from peerpath.wire.stun import Address, Class, Message, StunError
 
@@ -67,19 +67,17 @@ class UdpStunSocket(asyncio.DatagramProtocol):
         self.malformed = 0
 
     @classmethod
-    async def open(cls, toward: Address, bind: tuple[str, int] | None = None) -> UdpStunSocket:
-        """Bind a socket (``bind`` or any port) whose traffic will go ``toward`` a server."""
-        family = socket.AF_INET6 if toward.family == 2 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind(bind or (("::" if family == socket.AF_INET6 else "0.0.0.0"), 0))
-            local_ip = route_source(toward)
-            loop = asyncio.get_running_loop()
-            _, proto = await loop.create_datagram_endpoint(cls, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        proto._local = Address(local_ip, sock.getsockname()[1])
+    async def open(
+        cls, toward: Address, bind: tuple[str, int] | None = None, *, net: Net | None = None
+    ) -> UdpStunSocket:
+        """Bind a socket (``bind`` or any port) on ``net`` (default: the kernel's) whose traffic
+        will go ``toward`` a server."""
+        net = net or KernelNet()
+        proto = cls()
+        host, port = bind or (("::" if toward.family == 2 else "0.0.0.0"), 0)
+        sock = net.bind_udp(host, port, proto.datagram_received)
+        proto.connection_made(DatagramTransport(sock))
+        proto._local = Address(net.route_source(toward.as_tuple()), sock.local[1])
         return proto
 
     @property
@@ -167,16 +165,3 @@ class UdpStunSocket(asyncio.DatagramProtocol):
         """Close the socket; pending transactions end as timeouts."""
         if self._transport is not None:
             self._transport.close()
-
-
-def route_source(toward: Address) -> str:
-    """The local IP the kernel would use toward ``toward`` (connect() on UDP sends nothing)."""
-    family = socket.AF_INET6 if toward.family == 2 else socket.AF_INET
-    probe = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        probe.connect(toward.as_tuple())
-        return str(probe.getsockname()[0])
-    except OSError:
-        return "::" if family == socket.AF_INET6 else "0.0.0.0"
-    finally:
-        probe.close()

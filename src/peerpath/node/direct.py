@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 import msgspec
 
 from peerpath import errors
+from peerpath.clock import Clock
 from peerpath.nat.netcheck import MAX_PORT_STEP, port_step
 from peerpath.nat.punch import MAX_CANDIDATES, Addr, Puncher, ReplayWindow
 from peerpath.session.connection import Connection
-from peerpath.session.pathset import Path, PathKind, clock, format_endpoint, parse_endpoint
+from peerpath.session.pathset import Path, PathKind, format_endpoint, parse_endpoint
 from peerpath.tasks import spawn
 from peerpath.wire import punch
 from peerpath.wire.codec import decode
@@ -167,6 +168,7 @@ class NodeSide(Protocol):
 
     udp: UdpSockets
     tcp: TcpLinks
+    clock: Clock
     portmap: PortMappings
     nat: dict[str, Any] | None
     mapping_hint: str | None
@@ -284,8 +286,8 @@ class DirectPaths:
         while not conn.closed.done():
             path = conn.path
             on_relay = path is not None and path.kind is PathKind.RELAY
-            due = clock() >= next_round
-            if on_relay and due and conn.is_established and not conn.paths.held_aside(clock()):
+            due = self.node.clock() >= next_round
+            if on_relay and due and conn.is_established and not conn.paths.held_aside(self.node.clock()):
                 try:
                     direct = await self._round(conn, failures)
                 except (errors.PeerpathError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
@@ -293,7 +295,7 @@ class DirectPaths:
                     direct = False
                 failures = 0 if direct else failures + 1
                 if not direct:
-                    next_round = clock() + ROUND_BACKOFF[min(failures - 1, len(ROUND_BACKOFF) - 1)]
+                    next_round = self.node.clock() + ROUND_BACKOFF[min(failures - 1, len(ROUND_BACKOFF) - 1)]
             await asyncio.sleep(0.5)
 
     def _mapped(self) -> Addr | None:
@@ -377,10 +379,10 @@ class DirectPaths:
             next_port,
             step,
         )
-        start = clock()
+        start = self.node.clock()
         reply = await conn.request(msgspec.msgpack.encode(offer), timeout=5, _topic="punch-offer")
         answer = _decode(reply, _Answer)
-        rtt = max(0.0, clock() - start - min(answer.held, NAT_WAIT + PREDICT_WAIT))
+        rtt = max(0.0, self.node.clock() - start - min(answer.held, NAT_WAIT + PREDICT_WAIT))
         # TCP when UDP is out of the question for either side, or did not work last time.
         tcp = bool(offer.tcp and answer.tcp) and (not offer.udp or not answer.udp or failures > 0)
         await conn.send(msgspec.msgpack.encode(_Go(tcp)), _topic="punch-go")
@@ -389,7 +391,7 @@ class DirectPaths:
         mode = _mode(offer.hard, answer.hard)
         if offer.hard and answer.hard:
             self._explain(conn, _both_hard(offer.port_step, answer.port_step))
-        begin = clock() + rtt / 2
+        begin = self.node.clock() + rtt / 2
         attempts = []
         if remote and offer.candidates:
             sequence = (answer.next_port, answer.port_step)
@@ -406,7 +408,7 @@ class DirectPaths:
         if topic == "punch-offer":
             offer = _decode(data, _Offer)
             self._remember(conn, offer.key)
-            arrived = clock()
+            arrived = self.node.clock()
             await self._nat_known()
             fresh, next_port, step = await self._predict()
             answer = _Answer(
@@ -415,7 +417,7 @@ class DirectPaths:
                 self._hard(),
                 self._tcp_candidates(),
                 self._udp_works(),
-                held=clock() - arrived,
+                held=self.node.clock() - arrived,
                 next_port=next_port,
                 port_step=step,
             )
@@ -433,12 +435,14 @@ class DirectPaths:
                     self._explain(conn, _both_hard(answer.port_step, offer.port_step))
                 if remote and answer.candidates:
                     sequence = (offer.next_port, offer.port_step)
-                    punching = self._punch(conn, offer.key, remote, clock(), mode, offer.reflexive, sequence, fresh)
+                    punching = self._punch(
+                        conn, offer.key, remote, self.node.clock(), mode, offer.reflexive, sequence, fresh
+                    )
                     self._spawn(punching)
                 elif fresh is not None:
                     fresh.close()
                 if go.tcp and answer.tcp:
-                    self._spawn(self._tcp_round(conn, offer.key, offer.tcp, clock()))
+                    self._spawn(self._tcp_round(conn, offer.key, offer.tcp, self.node.clock()))
             return None
         raise ValueError(f"unknown internal topic {topic!r}")
 
@@ -499,10 +503,10 @@ class DirectPaths:
             linger_until: float | None = None
             while not conn.closed.done():
                 for puncher, sock in rounds:
-                    for data, addr in puncher.datagrams_to_send(clock()):
+                    for data, addr in puncher.datagrams_to_send(self.node.clock()):
                         sock.sendto(data, addr)
                 if linger_until is None and (any(p.validated for p, _ in rounds) or all(p.done for p, _ in rounds)):
-                    linger_until = clock() + LINGER
+                    linger_until = self.node.clock() + LINGER
                     for puncher, _ in rounds[1:]:
                         puncher.finish()  # a path is found: the birthday search stops sending
                     promoted: set[Addr] = set()
@@ -516,12 +520,12 @@ class DirectPaths:
                             self._promote(conn, key, found, sock)
                             if target is not None and any(a[0] == target[0] and a[1] in predicted for a in found):
                                 self.counters["predicted_paths"] += 1
-                if linger_until is not None and clock() >= linger_until:
+                if linger_until is not None and self.node.clock() >= linger_until:
                     break
                 times = [t for t in (p.next_time() for p, _ in rounds) if t is not None]
                 if linger_until is not None:
                     times.append(linger_until)
-                wait = 0.5 if not times else max(0.0, min(times) - clock())
+                wait = 0.5 if not times else max(0.0, min(times) - self.node.clock())
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), wait)
@@ -562,7 +566,7 @@ class DirectPaths:
             return
         self._keys[conn] = key
         conn.relay_reason = None
-        now = clock()
+        now = self.node.clock()
         for addr in validated:
             fresh = self.node.udp.path(addr, sock)
             path = conn.paths.add_validated(fresh, now)
@@ -582,7 +586,7 @@ class DirectPaths:
         key = self._keys.get(conn) or next(iter(reversed(self._round_keys.get(conn, []))), None)
         if key is None:
             return
-        now = clock()
+        now = self.node.clock()
         for path in list(conn.paths.paths.values()):
             # The relay path is probed too: its RTT is what a direct path is measured against.
             if path.kind is PathKind.DIRECT_TCP and now - (path.last_received or path.created) > TCP_IDLE:
@@ -604,7 +608,7 @@ class DirectPaths:
         conn, path = probe
         if path.kind is kind and path.remote == remote:
             del self._probes[tid]
-            conn.paths.probe_answered(path, tid, clock())
+            conn.paths.probe_answered(path, tid, self.node.clock())
 
     def on_relay_check(self, data: bytes, source: bytes, reply: Callable[[bytes], object], relay: str) -> None:
         """A check or probe answer that came over a relay from the peer whose address digest
@@ -644,7 +648,7 @@ class DirectPaths:
                 via.sendto(punch.encode_response(key, tid, source), source)
                 path = conn.paths.paths.get((PathKind.DIRECT_UDP, format_endpoint(source)))
                 if path is not None:
-                    conn.paths.peer_checked(path, clock())  # the peer's probes get through
+                    conn.paths.peer_checked(path, self.node.clock())  # the peer's probes get through
             else:
                 self._probe_answered(tid, PathKind.DIRECT_UDP, format_endpoint(source))
             return
@@ -664,7 +668,7 @@ class DirectPaths:
         deadline = start + TCP_DURATION
 
         async def attempt(addr: Addr) -> None:
-            link = await self.node.tcp.connect(addr, timeout=max(0.1, deadline - clock()))
+            link = await self.node.tcp.connect(addr, timeout=max(0.1, deadline - self.node.clock()))
             if link is not None and link.conn is not None and link.conn.closed.done():
                 link.release()  # still held by a session that just ended
             if link is not None and not link.closed and link.conn in (None, conn):
@@ -672,10 +676,10 @@ class DirectPaths:
 
         tasks: list[asyncio.Task[None]] = []
         try:
-            await asyncio.sleep(max(0.0, start - clock()))
+            await asyncio.sleep(max(0.0, start - self.node.clock()))
             tasks = [asyncio.ensure_future(attempt(addr)) for addr in remote]
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), max(0.0, deadline + 1.0 - clock()))
+                await asyncio.wait_for(done.wait(), max(0.0, deadline + 1.0 - self.node.clock()))
             return done.is_set()
         finally:
             for task in tasks:
@@ -731,7 +735,7 @@ class DirectPaths:
         existing = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name))
         if existing is not None and existing.send_datagram != link.send:
             conn.paths.remove(existing)  # an earlier link to the same endpoint
-        path = conn.paths.add_validated(link.path(), clock())
+        path = conn.paths.add_validated(link.path(), self.node.clock())
         if path.send_datagram == link.send and existing is not path:
             self.counters["tcp_paths"] += 1
             log.info("direct path to %s: %s", conn.peer, path.describe())

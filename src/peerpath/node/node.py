@@ -14,10 +14,12 @@ from typing import Any
 from aioquic.quic.packet import QuicHeader, QuicPacketType
 
 from peerpath import errors
+from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
 from peerpath.nat.netcheck import netcheck
 from peerpath.nat.portmap import PortMappings
-from peerpath.nat.stun_client import route_source
+from peerpath.nat.stun_client import UdpStunSocket
+from peerpath.net import KernelNet, Net
 from peerpath.node.admission import Admission, Source, Verdict
 from peerpath.node.direct import DirectPaths
 from peerpath.node.relays import Relays
@@ -30,7 +32,7 @@ from peerpath.rendezvous.client import RendezvousClient
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
-from peerpath.session.pathset import PathKind, PathSet, clock, format_endpoint, parse_endpoint
+from peerpath.session.pathset import PathKind, PathSet, format_endpoint, parse_endpoint
 from peerpath.tasks import spawn
 from peerpath.wire.datagram import DatagramKind, classify, quic_header
 from peerpath.wire.punch import is_check
@@ -60,15 +62,20 @@ class Node:
         *,
         config: SessionConfig | None = None,
         direct: bool = True,
+        net: Net | None = None,
+        clock: Clock = monotonic,
     ) -> None:
         self.identity = identity
+        #: The network the node's sockets are on, and the clock of everything it runs.
+        self.net = net or KernelNet()
+        self.clock = clock
         #: Whether relayed sessions try to move to direct paths (False: relay only).
         self.direct_paths = direct
         self.trust = trust
         self.broker = TrustBroker(identity, trust, trust.path.with_name("trust-requests.json"))
         self.direct = DirectPaths(self)
         #: The TCP listener on the node's port and the direct TCP links (direct paths only).
-        self.tcp = TcpLinks(self._tcp_frame, self.direct.on_tcp_lost)
+        self.tcp = TcpLinks(self.net, self._tcp_frame, self.direct.on_tcp_lost, clock)
         self.reflexive: tuple[str, int] | None = None
         #: The server's STUN addresses from the last registration.
         self.stun_servers: list[str] = []
@@ -85,7 +92,7 @@ class Node:
             "send_dropped": 0,
         }
         #: The node's UDP sockets: the main one, and extra ones that rounds open.
-        self.udp = UdpSockets(self._datagram_received, self.counters)
+        self.udp = UdpSockets(self.net, self._datagram_received, self.counters, clock)
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
         self._services: dict[int, StreamHandler] = {}
@@ -93,7 +100,7 @@ class Node:
         self._connecting: dict[Address, asyncio.Task[Connection]] = {}
         self._closed = False
         #: The rendezvous server's client and the other relays this node uses.
-        self.relays = Relays(identity, self.udp.send, self._relay_received)
+        self.relays = Relays(identity, self.udp.send, self._relay_received, net=self.net, clock=clock)
         #: What netcheck found about this node's NAT (told only to peers, inside sessions).
         self.nat: dict[str, Any] | None = None
         self._nat_checked = -1e9
@@ -116,6 +123,8 @@ class Node:
         config: SessionConfig | None = None,
         rendezvous: str | RendezvousUrl | None = None,
         direct: bool = True,
+        net: Net | None = None,
+        clock: Clock = monotonic,
     ) -> _Starting:
         """Start a node: load (or create) the identity in ``state_dir`` and bind one UDP socket.
 
@@ -123,10 +132,13 @@ class Node:
         reach peers by address alone, and is reachable through the server's relay. Sessions
         that start on the relay move to a direct path where the NATs allow it, unless
         ``direct`` is False. Give ``identity`` and ``trust`` instead of ``state_dir`` to run
-        without files (tests).
+        without files (tests). ``net`` and ``clock`` are the network and the clock the node
+        runs on (default: the operating system's; tests run nodes on an in-memory internet
+        with a virtual clock).
         """
         url = RendezvousUrl.parse(rendezvous) if isinstance(rendezvous, str) else rendezvous
-        return _Starting(cls, state_dir, host, port, identity, trust, config, url, direct)
+        node_args = {"config": config, "direct": direct, "net": net, "clock": clock}
+        return _Starting(cls, state_dir, host, port, identity, trust, url, node_args)
 
     async def _register(self, url: RendezvousUrl) -> None:
         await self.relays.start(url, self._letter_received, self._on_registered)
@@ -145,7 +157,7 @@ class Node:
         """After every registration: choose a home relay among those the server offers, and
         find out (at most every ten minutes) what NAT we are behind."""
         self.relays.choose_home(list(registered.relays))
-        if registered.stun and clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
+        if registered.stun and self.clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
             self._nat_task = spawn(self._check_nat(list(registered.stun)), "netcheck")
         self.stun_servers = list(registered.stun)
         if registered.stun:
@@ -173,9 +185,14 @@ class Node:
 
     async def _check_nat(self, stun: list[str]) -> None:
         try:
-            result = await netcheck(TransportAddress(*parse_endpoint(stun[0])), timeout=2.0)
+            result = await netcheck(
+                TransportAddress(*parse_endpoint(stun[0])),
+                timeout=2.0,
+                open_socket=functools.partial(UdpStunSocket.open, net=self.net),
+                clock=self.clock,
+            )
             self.nat = {key: value for key, value in result.to_json().items() if key in _NAT_REPORT}
-            self._nat_checked = clock()
+            self._nat_checked = self.clock()
             log.info("netcheck: %s", result.verdict())
         except (OSError, ValueError, errors.PeerpathError) as exc:
             log.info("netcheck against %s failed: %s", stun[0], exc)
@@ -190,7 +207,7 @@ class Node:
         host, port = self.local_endpoint
         if host in ("0.0.0.0", "::"):
             try:
-                host = route_source(TransportAddress(url.host, url.port))
+                host = self.net.route_source((url.host, url.port))
             except ValueError:
                 return []
         return [format_endpoint((host, port))]
@@ -450,6 +467,7 @@ class Node:
             retry_source_connection_id=retry_scid,
             on_connection_id=self._register_cid,
             on_closed=self._forget,
+            clock=self.clock,
         )
         self._connections.add(conn)
         return conn
@@ -458,7 +476,7 @@ class Node:
         def send(datagram: bytes) -> None:
             client.send_relay(peer, datagram)
 
-        return NetPath(PathKind.RELAY, client.url.endpoint, send, created=clock())
+        return NetPath(PathKind.RELAY, client.url.endpoint, send, created=self.clock())
 
     def _register_cid(self, conn: Connection, cid: bytes, issued: bool) -> None:
         if issued:
@@ -552,7 +570,7 @@ class Node:
         if self._closed or header.packet_type != QuicPacketType.INITIAL or size < 1200 or header.version is None:
             return None
         decision = self.admission.decide(
-            source, header.version, header.destination_cid, header.source_cid, header.token, clock()
+            source, header.version, header.destination_cid, header.source_cid, header.token, self.clock()
         )
         if decision.verdict is Verdict.RETRY:
             make_path().send_datagram(decision.retry_packet)
@@ -608,31 +626,30 @@ class _Starting:
         port: int,
         identity: Identity | None,
         trust: TrustStore | None,
-        config: SessionConfig | None,
         rendezvous: RendezvousUrl | None,
-        direct: bool,
+        node_args: dict[str, Any],
     ) -> None:
-        self._args = (cls, state_dir, host, port, identity, trust, config)
+        self._args = (cls, state_dir, host, port, identity, trust)
         self._rendezvous = rendezvous
-        self._direct = direct
+        self._node_args = node_args
         self._node: Node | None = None
 
     async def _start(self) -> Node:
-        cls, state_dir, host, port, identity, trust, config = self._args
+        cls, state_dir, host, port, identity, trust = self._args
         if identity is None or trust is None:
             if state_dir is None:
                 state_dir = default_state_dir()
             directory = Path(state_dir)
             identity = identity or Identity.load_or_create(directory)
             trust = trust or TrustStore.in_state_dir(directory)
-        node = cls(identity, trust, config=config, direct=self._direct)
+        node = cls(identity, trust, **self._node_args)
         try:
             await node._bind(host, port)
         except OSError as exc:
             raise errors.LocalError(f"cannot bind UDP {host}:{port}: {exc.strerror or exc}") from exc
         if self._rendezvous is not None:
-            if self._direct:
-                node.portmap.start(node.local_endpoint[1], node.tcp.port)
+            if node.direct_paths:
+                node.portmap.start(node.local_endpoint[1], node.tcp.port, node.net.default_gateway())
             await node._register(self._rendezvous)
         self._node = node
         return node

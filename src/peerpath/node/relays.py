@@ -10,10 +10,11 @@ import logging
 from collections.abc import Callable
 
 from peerpath import errors
+from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
+from peerpath.net import Net, open_stream
 from peerpath.rendezvous.client import LetterHandler, RendezvousClient, UdpSender
 from peerpath.rendezvous.url import RendezvousUrl
-from peerpath.session.pathset import clock
 from peerpath.tasks import spawn
 from peerpath.wire import rendezvous as rv
 
@@ -26,8 +27,18 @@ RelayedHandler = Callable[[RendezvousClient, bytes, bytes], None]
 class Relays:
     """The node's relay clients: ``main`` (the rendezvous server) and the others."""
 
-    def __init__(self, identity: Identity, udp_send: UdpSender, on_relayed: RelayedHandler) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        udp_send: UdpSender,
+        on_relayed: RelayedHandler,
+        *,
+        net: Net,
+        clock: Clock = monotonic,
+    ) -> None:
         self._identity = identity
+        self._net = net
+        self._clock = clock
         self._udp_send = udp_send
         self._on_relayed = on_relayed
         #: The client of the rendezvous server (None: the node runs without one).
@@ -59,6 +70,8 @@ class Relays:
             on_letter=on_letter,
             udp_send=self._udp_send,
             on_registered=on_registered,
+            net=self._net,
+            clock=self._clock,
         )
         client.on_relay = functools.partial(self._on_relayed, client)  # it needs the client itself
         return client
@@ -98,7 +111,7 @@ class Relays:
         main = self.main
         if main is None or not offered:
             return
-        rtts = await asyncio.gather(*(connect_rtt(text) for text in offered))
+        rtts = await asyncio.gather(*(connect_rtt(self._net, text, clock=self._clock) for text in offered))
         reachable = [(rtt, text) for rtt, text in zip(rtts, offered, strict=True) if rtt is not None]
         if not reachable:
             return
@@ -121,7 +134,7 @@ class Relays:
             await client.close()
 
 
-async def connect_rtt(url_text: str, timeout: float = 2.0) -> float | None:
+async def connect_rtt(net: Net, url_text: str, timeout: float = 2.0, *, clock: Clock = monotonic) -> float | None:
     """The best of two TCP connects to a relay: how far away it is (None: unreachable)."""
     try:
         url = RendezvousUrl.parse(url_text)
@@ -131,7 +144,7 @@ async def connect_rtt(url_text: str, timeout: float = 2.0) -> float | None:
     for _ in range(2):
         start = clock()
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(url.host, url.port), timeout)
+            _, writer = await asyncio.wait_for(open_stream(net, (url.host, url.port)), timeout)
         except (OSError, TimeoutError):
             continue
         elapsed = clock() - start

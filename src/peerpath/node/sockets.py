@@ -1,80 +1,66 @@
 """A node's UDP sockets: the main one that every session, the rendezvous client and STUN share,
 and extra ones for birthday rounds and port prediction; and the direct paths over them.
-
-Each socket is read in batches straight from the event loop's selector: asyncio's datagram
-transport delivers one datagram per loop turn, while reading up to :data:`RECV_BATCH` per
-wakeup lets every session process a burst and answer it with one transmit (one ACK instead
-of one per packet).
+The sockets come from the node's :class:`~peerpath.net.Net`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any
 
 from peerpath import errors
+from peerpath.clock import Clock, monotonic
 from peerpath.nat.stun_client import UdpStunSocket
-from peerpath.session.pathset import Path, PathKind, clock, format_endpoint, parse_endpoint
+from peerpath.net import BoundUdp, Net
+from peerpath.session.pathset import Path, PathKind, format_endpoint, parse_endpoint
 from peerpath.wire.stun import Address as TransportAddress
 
 log = logging.getLogger(__name__)
 
-#: Datagrams read per socket wakeup.
-RECV_BATCH = 64
-
 Addr = tuple[str, int]
 
 
-def large_buffers(sock: socket.socket) -> None:
-    """Socket buffers for bursts at full speed (the kernel may cap them lower)."""
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
-
-
 class UdpSocket:
-    """One UDP socket, read in batches; every datagram goes to ``on_datagram``, and whatever
+    """One of the node's UDP sockets: every datagram goes to ``on_datagram``, and whatever
     that raises is counted and logged, never the end of the reading."""
 
     def __init__(
-        self, sock: socket.socket, on_datagram: Callable[[bytes, Addr, UdpSocket], None], counters: dict[str, int]
+        self,
+        net: Net,
+        host: str,
+        port: int,
+        on_datagram: Callable[[bytes, Addr, UdpSocket], None],
+        counters: dict[str, int],
     ) -> None:
-        self.sock = sock
         self._on_datagram = on_datagram
         self._counters = counters
         self.closed = False
         #: STUN transactions run from this socket (an extra socket asking the server where its
         #: mapping is); the main socket's STUN is :attr:`UdpSockets.stun`.
         self.stun: UdpStunSocket | None = None
-        sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self._sock: BoundUdp = net.bind_udp(host, port, self._received)
 
-    def _readable(self) -> None:
-        for _ in range(RECV_BATCH):
-            try:
-                data, addr = self.sock.recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # ICMP errors surface here on Linux; the next read goes on
-                log.debug("UDP receive error: %s", exc)
-                continue
-            try:
-                self._on_datagram(data, (str(addr[0]), int(addr[1])), self)
-            except Exception:
-                # Whatever a datagram does, the node keeps running.
-                self._counters["datagrams_failed"] += 1
-                log.exception("datagram from %s could not be handled", addr)
+    @property
+    def local(self) -> Addr:
+        """The (host, port) the socket is bound to."""
+        return self._sock.local
+
+    def _received(self, data: bytes, addr: Addr) -> None:
+        try:
+            self._on_datagram(data, addr, self)
+        except Exception:
+            # Whatever a datagram does, the node keeps running.
+            self._counters["datagrams_failed"] += 1
+            log.exception("datagram from %s could not be handled", format_endpoint(addr))
 
     def sendto(self, data: bytes, addr: Addr) -> None:
         """Send a datagram; a full socket buffer drops it (a lost packet to QUIC)."""
         if self.closed:
             return
         try:
-            self.sock.sendto(data, addr)
+            self._sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
             self._counters["send_dropped"] += 1
         except OSError as exc:
@@ -84,8 +70,7 @@ class UdpSocket:
         """Stop reading and close the socket."""
         if not self.closed:
             self.closed = True
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-            self.sock.close()
+            self._sock.close()
 
 
 class StunTransport(asyncio.DatagramTransport):
@@ -109,7 +94,15 @@ class StunTransport(asyncio.DatagramTransport):
 class UdpSockets:
     """The node's main UDP socket and the extra ones it opens."""
 
-    def __init__(self, on_datagram: Callable[[bytes, Addr, UdpSocket], None], counters: dict[str, int]) -> None:
+    def __init__(
+        self,
+        net: Net,
+        on_datagram: Callable[[bytes, Addr, UdpSocket], None],
+        counters: dict[str, int],
+        clock: Clock = monotonic,
+    ) -> None:
+        self.net = net
+        self.clock = clock
         self._on_datagram = on_datagram
         self._counters = counters
         self.main: UdpSocket | None = None
@@ -126,8 +119,7 @@ class UdpSockets:
         """The (host, port) the main socket is bound to."""
         if self.main is None or self.main.closed:
             raise errors.LocalError("node is not started")
-        sockname = self.main.sock.getsockname()
-        return (str(sockname[0]), int(sockname[1]))
+        return self.main.local
 
     def send(self, data: bytes, addr: Addr) -> None:
         """Send from the main socket."""
@@ -139,15 +131,7 @@ class UdpSockets:
         return self._open(self.local_endpoint[0], 0)
 
     def _open(self, host: str, port: int) -> UdpSocket:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.bind((host, port))
-            large_buffers(sock)  # an extra socket may win and carry a session: as large
-            return UdpSocket(sock, self._on_datagram, self._counters)
-        except BaseException:
-            sock.close()
-            raise
+        return UdpSocket(self.net, host, port, self._on_datagram, self._counters)
 
     def path(self, remote: Addr, via: UdpSocket | None = None) -> Path:
         """A direct UDP path to ``remote`` from ``via`` (default: the main socket)."""
@@ -158,7 +142,7 @@ class UdpSockets:
         def send(datagram: bytes) -> None:
             udp.sendto(datagram, remote)
 
-        return Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=clock())
+        return Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock())
 
     async def stun_mapped(self, server: str, client: UdpStunSocket | None = None) -> Addr | None:
         """Where the STUN server at ``server`` ("host:port") sees the main socket (or the socket

@@ -25,7 +25,9 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from peerpath.session.pathset import Path, PathKind, clock, format_endpoint
+from peerpath.clock import Clock, monotonic
+from peerpath.net import Net, TcpListener
+from peerpath.session.pathset import Path, PathKind, format_endpoint
 
 if TYPE_CHECKING:
     from peerpath.session.connection import Connection
@@ -45,13 +47,6 @@ MAX_UNIDENTIFIED = 64
 Addr = tuple[str, int]
 #: SO_LINGER on, zero seconds: close() sends a reset instead of a FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-def _reusable(sock: socket.socket) -> None:
-    """Let the listener and the outbound sockets share one local port (simultaneous open)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 
 
 class TcpLink(asyncio.Protocol):
@@ -135,7 +130,7 @@ class TcpLink(asyncio.Protocol):
 
     def path(self) -> Path:
         """A direct TCP path over this link."""
-        return Path(PathKind.DIRECT_TCP, self.name, self.send, created=clock())
+        return Path(PathKind.DIRECT_TCP, self.name, self.send, created=self.owner.clock())
 
     def send(self, datagram: bytes) -> None:
         """Send one datagram; dropped (like a full UDP buffer) when the link is backed up."""
@@ -164,12 +159,20 @@ class TcpLink(asyncio.Protocol):
 class TcpLinks:
     """The node's TCP listener and every TCP link, inbound and outbound."""
 
-    def __init__(self, on_frame: Callable[[TcpLink, bytes], None], on_lost: Callable[[TcpLink], None]) -> None:
+    def __init__(
+        self,
+        net: Net,
+        on_frame: Callable[[TcpLink, bytes], None],
+        on_lost: Callable[[TcpLink], None],
+        clock: Clock = monotonic,
+    ) -> None:
+        self.net = net
+        self.clock = clock
         self.on_frame = on_frame
         self.on_lost = on_lost
         self.links: set[TcpLink] = set()
         self.counters = {"accepted": 0, "connected": 0, "connect_failed": 0, "refused": 0, "send_dropped": 0}
-        self._server: asyncio.AbstractServer | None = None
+        self._server: TcpListener | None = None
         self._host = "0.0.0.0"
         self._port: int | None = None
 
@@ -181,22 +184,15 @@ class TcpLinks:
     async def listen(self, host: str, port: int) -> int | None:
         """Listen on ``port`` (the UDP socket's number), or any free port if that one is
         taken for TCP; None if TCP cannot be used at all."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         for candidate in (port, 0):
-            sock = socket.socket(family, socket.SOCK_STREAM)
             try:
-                _reusable(sock)
-                sock.bind((host, candidate))
-                sock.listen(128)
-                sock.setblocking(False)
+                self._server = await self.net.listen_tcp(
+                    host, candidate, lambda: TcpLink(self, inbound=True), reuse_port=True
+                )
             except OSError as exc:
-                sock.close()
                 log.debug("cannot listen on TCP %s:%s: %s", host, candidate, exc)
                 continue
-            self._server = await asyncio.get_running_loop().create_server(
-                lambda: TcpLink(self, inbound=True), sock=sock
-            )
-            self._host, self._port = host, int(sock.getsockname()[1])
+            self._host, self._port = host, self._server.port
             if candidate and self._port != port:
                 log.info("TCP port %d is taken; direct TCP uses port %d", port, self._port)
             return self._port
@@ -216,27 +212,17 @@ class TcpLinks:
         existing = self.link_to(remote)
         if existing is not None or self._port is None:
             return existing
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in remote[0] else socket.AF_INET
-        if (family == socket.AF_INET6) != (":" in self._host):
-            return None
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            _reusable(sock)
-            sock.setblocking(False)
-            sock.bind((self._host, self._port))
-            await asyncio.wait_for(loop.sock_connect(sock, remote), timeout)
+            _, protocol = await asyncio.wait_for(
+                self.net.connect_tcp(remote, lambda: TcpLink(self, inbound=False), local=(self._host, self._port)),
+                timeout,
+            )
         except (OSError, TimeoutError) as exc:
-            sock.close()
             self.counters["connect_failed"] += 1
             log.debug("TCP connect to %s: %s", format_endpoint(remote), exc)
             return self.link_to(remote)  # the peer's connect may have reached our listener
-        except BaseException:
-            sock.close()
-            raise
-        _, link = await loop.create_connection(lambda: TcpLink(self, inbound=False), sock=sock)
         self.counters["connected"] += 1
-        return link
+        return cast(TcpLink, protocol)
 
     def _added(self, link: TcpLink) -> None:
         if link.inbound:

@@ -19,7 +19,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from peerpath import errors
 from peerpath.certs import tls_client_context, tls_peer_address
+from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
+from peerpath.net import KernelNet, Net, open_stream
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.wire import rendezvous as rv
@@ -63,8 +65,12 @@ class RendezvousClient:
         on_registered: Callable[[rv.Registered], None] | None = None,
         backoff: tuple[float, float] = (0.25, 30.0),
         rng: random.Random | None = None,
+        net: Net | None = None,
+        clock: Clock = monotonic,
     ) -> None:
         self.identity = identity
+        self.net = net or KernelNet()
+        self.clock = clock
         self.url = url
         self.on_relay = on_relay
         self.on_letter = on_letter
@@ -219,7 +225,7 @@ class RendezvousClient:
         elif frame.kind == rv.UDP_CHALLENGE and frame.token == self._token and self._udp_send is not None:
             self._udp_send(rv.encode_udp_response(self._token, self._udp_key, frame.payload), addr)
         elif frame.kind == rv.UDP_HELLO_ACK and frame.token == self._token:
-            self._udp_acked = asyncio.get_running_loop().time()
+            self._udp_acked = self.clock()
             if not self.udp_ready:
                 self.udp_ready = True
                 with contextlib.suppress(errors.NetworkError):
@@ -236,13 +242,12 @@ class RendezvousClient:
     async def _udp_hellos(self) -> None:
         if self._udp_send is None or self._udp_endpoint is None:
             return
-        loop = asyncio.get_running_loop()
         hello = rv.encode_udp_hello(self._token, self._udp_key)
         delays = [0.0, 0.3, 1.0, 3.0]
         while True:
             await asyncio.sleep(delays.pop(0) if delays else UDP_HELLO_INTERVAL)
             self._udp_send(hello, self._udp_endpoint)
-            if self.udp_ready and loop.time() - self._udp_acked > UDP_ACK_TIMEOUT:
+            if self.udp_ready and self.clock() - self._udp_acked > UDP_ACK_TIMEOUT:
                 self.udp_ready = False
                 with contextlib.suppress(errors.NetworkError):
                     self._send(rv.encode_control(rv.UdpReady(False)))
@@ -308,7 +313,9 @@ class RendezvousClient:
         return winner
 
     async def _open_tls(self) -> Link:
-        reader, writer = await asyncio.open_connection(self.url.host, self.url.port, ssl=tls_client_context())
+        reader, writer = await open_stream(
+            self.net, (self.url.host, self.url.port), tls=tls_client_context(), server_hostname="peerpath"
+        )
         return StreamLink(reader, writer)
 
     async def _open_wss(self, delay: float) -> Link:

@@ -21,7 +21,9 @@ from websockets.asyncio.server import serve as serve_websocket
 from websockets.http11 import Request, Response
 
 from peerpath.certs import tls_server_context
+from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity, verify
+from peerpath.net import KernelNet, Net, TcpListener, serve_streams
 from peerpath.ratelimit import TokenBucket
 from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.rendezvous.limits import CutOff, ServerLimits, client_network, registration_rate
@@ -58,8 +60,13 @@ class RendezvousServer:
         limits: ServerLimits | None = None,
         relays: list[RendezvousUrl] | None = None,
         stun: list[str] | None = None,
+        net: Net | None = None,
+        clock: Clock = monotonic,
     ) -> None:
         self.identity = identity
+        #: The network the server listens on, and the clock of its quotas and presence.
+        self.net = net or KernelNet()
+        self.clock = clock
         #: STUN endpoints ("ip:port") agents can run netcheck against.
         self.stun = list(stun or [])
         #: Other relays (``peerpath relay``) agents may choose as their home relay.
@@ -100,7 +107,7 @@ class RendezvousServer:
         self.udp_relay = UdpRelay(self.counters, self._relay, self._cut_off)
         self._udp: list[RelayUdp] = []
         self.mailbox: Mailbox | None = None
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[TcpListener] = []
         self._ws_servers: list[WebSocketServer] = []
         self.wss_port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,21 +129,16 @@ class RendezvousServer:
         """Listen with TLS on ``port`` of every host address (0: a free port, tests), UDP on
         the same port number, and WebSocket over TLS on ``wss_port`` if given."""
         context = tls_server_context(self.identity, self.state_dir)
-        loop = asyncio.get_running_loop()
         for host in hosts:
-            server = await asyncio.start_server(self._accept, host, port, ssl=context, reuse_address=True)
+            server = await serve_streams(self.net, self._accept, host, port, tls=context)
             self._servers.append(server)
-            port = port or server.sockets[0].getsockname()[1]
+            port = port or server.port
             try:
-                _, udp = await loop.create_datagram_endpoint(
-                    lambda: RelayUdp(self._udp_received), local_addr=(host, port)
-                )
+                self._udp.append(RelayUdp(self.net, host, port, self._udp_received))
             except OSError as exc:
                 # Agents fall back to TLS on their own; better a server without the UDP relay
                 # than no server.
                 log.warning("no UDP relay on %s:%d: %s", host, port, exc.strerror or exc)
-            else:
-                self._udp.append(udp)
             if wss_port is not None:
                 ws_server = await serve_websocket(
                     self._serve_websocket,
@@ -162,8 +164,7 @@ class RendezvousServer:
         for ws_server in self._ws_servers:
             ws_server.close()
         for udp in self._udp:
-            if udp.transport is not None:
-                udp.transport.close()
+            udp.close()
         if self._pinger is not None:
             self._pinger.cancel()
         for agent in list(self.agents.values()):
@@ -171,9 +172,6 @@ class RendezvousServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *(t for t in [self._pinger] if t), return_exceptions=True)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
         for ws_server in self._ws_servers:
             with contextlib.suppress(Exception):
                 await ws_server.wait_closed()
@@ -248,7 +246,7 @@ class RendezvousServer:
                 data = await asyncio.wait_for(link.read(), PING_INTERVAL * 3)
                 if not data:
                     return
-                agent.last_seen = time.monotonic()
+                agent.last_seen = self.clock()
                 frames = decoder.feed(data)
         except rv.FrameError as exc:
             self.counters["malformed"] += 1
@@ -319,7 +317,7 @@ class RendezvousServer:
         if previous is None and len(self.agents) >= self.limits.max_agents:
             self._refuse(link, "the server is full; try again later")
             return None
-        now = time.monotonic()
+        now = self.clock()
         if not self._registrations.allow(client_network(observed.rpartition(":")[0]), now):
             self.counters["registrations_refused"] += 1
             self._refuse(link, "too many registrations from your address; try again later")
@@ -363,7 +361,7 @@ class RendezvousServer:
         link.write(rv.encode_control(rv.Refused(reason)))
 
     def _on_control(self, agent: Agent, message: rv.Message) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if not agent.control_quota.take(1, now):
             self.counters["control_dropped_quota"] += 1
             self._overquota(agent, "control")
@@ -455,7 +453,7 @@ class RendezvousServer:
         return rv.LookupResult(request.id, request.address, online=True, relay=target.home_relay or str(self.url()))
 
     def _relay(self, source: Agent, destination: bytes, datagram: bytes) -> None:
-        now = time.monotonic()
+        now = self.clock()
         size = len(datagram)
         if not source.relay_quota.take(size, now):
             self.counters["relay_dropped_quota"] += 1
@@ -479,7 +477,7 @@ class RendezvousServer:
         agent.send(rv.encode_control(rv.Ping(self._ping_ids)))
 
     def _udp_received(self, data: bytes, addr: tuple[str, int], sock: RelayUdp) -> None:
-        self.udp_relay.received(data, addr, sock, time.monotonic())
+        self.udp_relay.received(data, addr, sock, self.clock())
 
     def _cut_off(self, agent: Agent, exc: CutOff) -> None:
         """An agent's UDP frames broke its quota: cut it off, as its connection would be."""

@@ -4,13 +4,12 @@ accepted only from the endpoint that answered one."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
 from collections.abc import Callable
-from typing import cast
 
+from peerpath.net import Net
 from peerpath.rendezvous.limits import CutOff
 from peerpath.rendezvous.presence import Agent, UdpSocket
 from peerpath.wire import rendezvous as rv
@@ -25,28 +24,37 @@ UDP_CHALLENGES = 4
 Addr = tuple[str, int]
 
 
-class RelayUdp(asyncio.DatagramProtocol):
-    """One UDP relay socket of the server; hands what it reads to ``received``."""
+class RelayUdp:
+    """One UDP relay socket of the server (read in batches); hands what it reads to ``received``."""
 
-    def __init__(self, received: Callable[[bytes, Addr, RelayUdp], None]) -> None:
+    def __init__(self, net: Net, host: str, port: int, received: Callable[[bytes, Addr, RelayUdp], None]) -> None:
         self._received = received
-        self.transport: asyncio.DatagramTransport | None = None
+        self.closed = False
+        self._sock = net.bind_udp(host, port, self._datagram)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._received(data, (str(addr[0]), int(addr[1])), self)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("UDP relay error: %s", exc)
+    def _datagram(self, data: bytes, addr: Addr) -> None:
+        try:
+            self._received(data, addr, self)
+        except Exception:
+            # Whatever a datagram does, the relay keeps reading.
+            log.exception("UDP relay datagram from %s could not be handled", addr)
 
     def sendto(self, data: bytes, addr: Addr) -> bool:
-        """Send a datagram; False if the socket is closed."""
-        if self.transport is None or self.transport.is_closing():
+        """Send a datagram (a full socket buffer drops it, as the network may); False if the
+        socket is closed."""
+        if self.closed:
             return False
-        self.transport.sendto(data, addr)
+        try:
+            self._sock.sendto(data, addr)
+        except OSError as exc:
+            log.debug("UDP relay send to %s failed: %s", addr, exc)
         return True
+
+    def close(self) -> None:
+        """Stop reading and close the socket."""
+        if not self.closed:
+            self.closed = True
+            self._sock.close()
 
 
 class UdpRelay:

@@ -7,7 +7,7 @@ initiator proves its identity in-band, first thing on the encrypted connection, 
 signing the responder's fresh nonce together with both addresses. Nothing but that proof
 is accepted from an initiator before it succeeds.
 
-The QUIC core is sans-I/O; this class drives it with the event loop's clock and timers
+The QUIC core is sans-I/O; this class drives it with its node's clock and the event loop's timers
 and hands its datagrams to the :class:`PathSet`, which owns no QUIC state either.
 """
 
@@ -29,10 +29,10 @@ from aioquic.quic.connection import QuicConnection
 
 from peerpath import errors
 from peerpath.certs import certificate_address, self_signed_certificate
+from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity, verify
 from peerpath.session import control
 from peerpath.session.pathset import HOLD_DOWN, VIRTUAL_PEER, Path, PathSet
-from peerpath.session.pathset import clock as _clock
 from peerpath.session.streams import StreamWriter
 from peerpath.tasks import spawn
 
@@ -167,6 +167,7 @@ class Connection:
         retry_source_connection_id: bytes | None = None,
         on_connection_id: Callable[[Connection, bytes, bool], None] | None = None,
         on_closed: Callable[[Connection], None] | None = None,
+        clock: Clock = monotonic,
     ) -> None:
         if role is Role.INITIATOR and expected_peer is None:
             raise ValueError("an initiator must know which address it dials")
@@ -181,6 +182,8 @@ class Connection:
         self._on_connection_id = on_connection_id
         self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
+        #: The session's clock (its node's).
+        self.clock = clock
         quic_config = QuicConfiguration(
             is_client=role is Role.INITIATOR,
             alpn_protocols=[control.ALPN],
@@ -290,14 +293,14 @@ class Connection:
         """One round trip through the session, answered by the peer's session layer; seconds."""
         self._check_open()
         stream, answer = self._new_local_stream("await-reply")
-        start = _clock()
+        start = self.clock()
         self._send_stream(stream.stream_id, control.encode(control.Ping()), end_stream=True)
         try:
             await asyncio.wait_for(answer, timeout)
         except TimeoutError:
             self._cancel_stream(stream)
             raise errors.RequestTimeoutError(f"no pong from {self.peer} within {timeout:g} s") from None
-        return _clock() - start
+        return self.clock() - start
 
     async def send(self, data: bytes, *, _topic: str = "") -> None:
         """Send a one-way message (delivered reliably; no reply)."""
@@ -333,7 +336,7 @@ class Connection:
             "bytes_sent": sum(p.bytes_sent for p in self.paths.paths.values()),
             "bytes_received": sum(p.bytes_received for p in self.paths.paths.values()),
             "relay_reason": self.relay_reason,
-            "paths": [p.quality(_clock()) for p in self.paths.paths.values()],
+            "paths": [p.quality(self.clock()) for p in self.paths.paths.values()],
         }
 
     # -- driving QUIC ---------------------------------------------------------------
@@ -341,7 +344,7 @@ class Connection:
     def start(self) -> None:
         """Start the handshake (initiator) or wait for it (responder)."""
         if self.role is Role.INITIATOR:
-            self.quic.connect(VIRTUAL_PEER, now=_clock())
+            self.quic.connect(VIRTUAL_PEER, now=self.clock())
         self.transmit()
 
     def datagram_received(self, data: bytes, path: Path, *, known: bool = True) -> None:
@@ -352,7 +355,7 @@ class Connection:
         """
         if self.closed.done():
             return
-        now = _clock()
+        now = self.clock()
         before = self.quic.authentic_packets
         self.quic.receive_datagram(data, VIRTUAL_PEER, now=now)
         if self.quic.authentic_packets > before and known:
@@ -364,7 +367,7 @@ class Connection:
     def transmit(self) -> None:
         """Send what QUIC wants sent and re-arm its timer."""
         self._transmit_soon = False
-        now = _clock()
+        now = self.clock()
         for datagram, _ in self.quic.datagrams_to_send(now=now):
             self.paths.send(datagram)
         if self._timer is not None:
@@ -383,7 +386,7 @@ class Connection:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.quic.handle_timer(now=_clock())
+        self.quic.handle_timer(now=self.clock())
         self._process_events()
         self.transmit()
 
@@ -399,7 +402,7 @@ class Connection:
         self._path_timer = None
         if self.closed.done():
             return
-        self.paths.tick(_clock())
+        self.paths.tick(self.clock())
         self._path_timer = self._loop.call_later(PATH_TICK, self._on_path_tick)
 
     def _on_keepalive(self) -> None:

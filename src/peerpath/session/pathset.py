@@ -2,7 +2,7 @@
 
 Every path carries the same already-encrypted QUIC datagrams, so a path adds no
 security of its own and needs none. Paths send through a callable their owner
-supplies, and time comes in as ``now`` (read from :data:`clock` by the driver).
+supplies, and time comes in as ``now`` (read from the driver's :mod:`~peerpath.clock`).
 """
 
 from __future__ import annotations
@@ -10,19 +10,15 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from peerpath.wire.endpoint import format_endpoint, parse_endpoint
 
-__all__ = ["HOLD_DOWN", "VIRTUAL_PEER", "Path", "PathKind", "PathSet", "clock", "format_endpoint", "parse_endpoint"]
+__all__ = ["HOLD_DOWN", "VIRTUAL_PEER", "Path", "PathKind", "PathSet", "format_endpoint", "parse_endpoint"]
 
 #: The address QUIC believes its peer has; the real one is the path set's business.
 VIRTUAL_PEER = ("peerpath-peer", 0)
-#: The session layer's clock (seconds). High resolution whatever the event loop's own
-#: clock is: aioquic's pacing spins on a millisecond clock such as uvloop's.
-clock = time.perf_counter
 
 
 class PathKind(enum.StrEnum):
