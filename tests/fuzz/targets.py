@@ -32,10 +32,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peerpath import errors
 from peerpath.identity import Address, Identity
 from peerpath.nat import punch as nat_punch
+from peerpath.nat import traversal
 from peerpath.nat.punch import Puncher
 from peerpath.nat.stun_responder import SocketKey, StunResponder
 from peerpath.node import control as node_control
-from peerpath.node import direct
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.tcp import FRAME, TcpLink
 from peerpath.node.trust import TrustStore
@@ -1281,7 +1281,7 @@ register(
 def _direct_seeds() -> list[bytes]:
     return [
         msgspec.msgpack.encode(
-            direct._Offer(
+            traversal.Offer(
                 PUNCH_KEY,
                 ["10.0.0.2:4000", "[2001:db8::2]:4000"],
                 "198.51.100.7:40000",
@@ -1292,9 +1292,9 @@ def _direct_seeds() -> list[bytes]:
                 2,
             )
         ),
-        msgspec.msgpack.encode(direct._Offer(PUNCH_KEY, [])),
+        msgspec.msgpack.encode(traversal.Offer(PUNCH_KEY, [])),
         msgspec.msgpack.encode(  # every field at its largest
-            direct._Offer(
+            traversal.Offer(
                 PUNCH_KEY,
                 [f"[2001:db8::{i}]:65535" for i in range(nat_punch.MAX_CANDIDATES)],
                 "r" * 64,
@@ -1305,38 +1305,48 @@ def _direct_seeds() -> list[bytes]:
                 65535,
             )
         ),
-        msgspec.msgpack.encode(direct._Answer(["10.0.0.3:4000"], "198.51.100.8:50000", False, ["10.0.0.3:4000"])),
-        msgspec.msgpack.encode(direct._Answer([], held=0.25, next_port=65000, port_step=7)),
-        msgspec.msgpack.encode(direct._Go(True)),
-        msgspec.msgpack.encode(direct._Go()),
+        msgspec.msgpack.encode(traversal.Answer(["10.0.0.3:4000"], "198.51.100.8:50000", False, ["10.0.0.3:4000"])),
+        msgspec.msgpack.encode(traversal.Answer([], held=0.25, next_port=65000, port_step=7)),
+        msgspec.msgpack.encode(traversal.Go(True)),
+        msgspec.msgpack.encode(traversal.Go()),
     ]
+
+
+_LOCAL = traversal.LocalSide(
+    ["10.0.0.1:4000", "198.51.100.1:4000"], ["10.0.0.1:4000"], "198.51.100.1:4000", False, True
+)
 
 
 def _run_direct(data: bytes, rng: random.Random) -> None:
     decoded: list[Any] = []
     error: errors.RemoteError | None = None
-    decoders: list[Callable[[], Any]] = [
-        functools.partial(direct._decode, data, direct._Offer),
-        functools.partial(direct._decode, data, direct._Answer),
-        functools.partial(direct._decode, data, direct._Go),
-    ]
-    for decode in decoders:
+    for kind in (traversal.Offer, traversal.Answer, traversal.Go):
         try:
-            decoded.append(decode())
+            decoded.append(traversal.decode_message(data, kind))
         except errors.RemoteError as exc:
             error = exc
-    for message in decoded:  # what DirectPaths does with the peer's word
-        if isinstance(message, direct._Go):
-            continue
-        for text in [*message.candidates, *message.tcp, message.reflexive or ""]:
-            direct._parse(text)
-        direct._predicted_ports(message.next_port, message.port_step)
-        direct._both_hard(message.port_step, message.port_step)
-        direct._mode(message.hard, not message.hard)
-        if isinstance(message, direct._Answer):
-            max(0.0, 0.1 - min(message.held, direct.NAT_WAIT + direct.PREDICT_WAIT))
-        if isinstance(message, direct._Offer):
-            Puncher(message.key, [a for a in map(direct._parse, message.candidates) if a is not None], start=0.0)
+    for message in decoded:  # the controller fed the peer's word, as a node does
+        plans = []
+        if isinstance(message, traversal.Go):
+            responder = traversal.Traversal(initiator=False)
+            responder.offered(traversal.Offer(PUNCH_KEY, ["198.51.100.9:4000"]), _LOCAL, held=0.0)
+            plans.append(responder.go(message, now=1.0))
+        elif isinstance(message, traversal.Offer):
+            responder = traversal.Traversal(initiator=False)
+            responder.remember(message.key)
+            responder.offered(message, _LOCAL, held=0.0)
+            plans.append(responder.go(traversal.Go(rng.random() < 0.5), now=1.0))
+        else:
+            initiator = traversal.Traversal(initiator=True)
+            offer = initiator.offer(traversal.LocalSide(_LOCAL.candidates, _LOCAL.tcp, None, rng.random() < 0.5, True))
+            plans.append(initiator.answered(offer, message, sent=0.0, now=0.1)[1])
+        for plan in plans:
+            if plan is None:
+                continue
+            udp = traversal.UdpRound(plan, fresh_socket=rng.random() < 0.5, rng=rng)
+            udp.opened(min(udp.sockets_wanted, 4))
+            udp.datagrams_to_send(plan.start + 0.1)
+            udp.poll(plan.start + 0.1)
     if not decoded and error is not None:
         raise error
 
@@ -1348,8 +1358,8 @@ register(
         _run_direct,
         (errors.RemoteError,),
         dialect="msgpack",
-        doc="node/direct.py _decode of punch-offer, answer and go messages (msgpack from the peer) and their "
-        "candidates",
+        doc="nat/traversal.py: punch-offer, answer and go messages (msgpack from the peer), fed to the "
+        "direct-path controller and a UDP round planned from them",
     )
 )
 
@@ -1551,7 +1561,7 @@ def _text_seeds() -> list[bytes]:
 def _run_text(data: bytes, rng: random.Random) -> None:
     text = data.decode("utf-8", "replace")
     rv_client._pick_udp_endpoint([text, "127.0.0.1:7878"], "127.0.0.1")  # the client does not expect it to raise
-    for parse in (Address.parse, RendezvousUrl.parse, parse_endpoint, direct._parse):
+    for parse in (Address.parse, RendezvousUrl.parse, parse_endpoint):
         with contextlib.suppress(ValueError):
             parse(text)
 

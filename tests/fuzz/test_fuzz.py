@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from peerpath import errors
-from peerpath.node import direct
+from peerpath.nat import traversal
 from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.session import control as session
 from peerpath.wire import rendezvous as rv
@@ -197,11 +197,11 @@ def test_deeply_nested_msgpack_in_a_letter_and_a_punch_offer(nested: bytes) -> N
         _assert_clean("direct-offer", body)
         # What a round's handler expects of a peer: the decoder's RemoteError, for every kind.
         with pytest.raises(errors.RemoteError):
-            direct._decode(body, direct._Offer)
+            traversal.decode_message(body, traversal.Offer)
         with pytest.raises(errors.RemoteError):
-            direct._decode(body, direct._Answer)
+            traversal.decode_message(body, traversal.Answer)
         with pytest.raises(errors.RemoteError):
-            direct._decode(body, direct._Go)
+            traversal.decode_message(body, traversal.Go)
 
 
 def _with_int_field(seed: bytes, value: int) -> list[tuple[str, bytes]]:
@@ -267,8 +267,8 @@ def _decoder(name: str, body: bytes) -> tuple[Callable[[], object], type[Excepti
         return (lambda: rv.decode_control(peers._DELIVER_HEAD + body)), rv.FrameError
     if name == "direct-offer":
         if "key" in msgspec.msgpack.decode(body):
-            return (lambda: direct._decode(body, direct._Offer)), errors.RemoteError
-        return (lambda: direct._decode(body, direct._Answer)), errors.RemoteError
+            return (lambda: traversal.decode_message(body, traversal.Offer)), errors.RemoteError
+        return (lambda: traversal.decode_message(body, traversal.Answer)), errors.RemoteError
     if name == "session-control":
         return (lambda: session.FrameReader().feed(struct.pack("!I", len(body)) + body)), session.ControlError
     raise AssertionError(f"no decoder for {name}")

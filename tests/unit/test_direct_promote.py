@@ -1,5 +1,5 @@
 """Which socket carries a direct UDP path a round proved (DirectPaths._promote), against a
-stand-in node and session: only the round's bookkeeping is under test."""
+stand-in node and session: only the driver's bookkeeping is under test."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from peerpath.clock import monotonic
-from peerpath.node.direct import DirectPaths
+from peerpath.nat.traversal import Traversal
+from peerpath.node.direct import DirectPaths, _Session
 from peerpath.session.pathset import Path, PathKind, PathSet, format_endpoint
 
 
@@ -38,21 +39,22 @@ def setup() -> tuple[DirectPaths, Any, Sock]:
     node = SimpleNamespace(udp=SimpleNamespace(main=main, path=udp_path), clock=monotonic)
     conn = Session()
     conn.paths.add(Path(PathKind.RELAY, "relay", lambda d: None))
-    return DirectPaths(node), conn, main  # type: ignore[arg-type]
+    return DirectPaths(node), _Session(conn, Traversal(initiator=True)), main  # type: ignore[arg-type]
 
 
 def test_a_path_found_again_from_another_socket_sends_from_that_socket() -> None:
-    direct, conn, main = setup()
+    direct, session, main = setup()
+    conn = session.conn
     addr = ("198.51.100.7", 4000)
-    direct._promote(conn, b"k1", [addr], main)
+    direct._promote(session, b"k1", [addr], main)
     path = conn.paths.current
     assert path is not None and path.kind is PathKind.DIRECT_UDP and conn.relay_reason is None
     conn.paths.send(b"one")
     spray = Sock("spray")  # the main socket's mapping died; a birthday socket found the peer again
-    direct._promote(conn, b"k2", [addr], spray)
+    direct._promote(session, b"k2", [addr], spray)
     assert conn.paths.current is path  # the same path (its record kept), now from the new socket
     conn.paths.send(b"two")
     assert [d for d, _ in main.sent] == [b"one"] and [d for d, _ in spray.sent] == [b"two"]
-    direct._promote(conn, b"k3", [addr], spray)  # the same socket again changes nothing
+    direct._promote(session, b"k3", [addr], spray)  # the same socket again changes nothing
     conn.paths.send(b"three")
     assert [d for d, _ in spray.sent] == [b"two", b"three"]

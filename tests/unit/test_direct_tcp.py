@@ -174,17 +174,20 @@ async def test_a_new_session_proves_the_released_link_again_instead_of_reconnect
 async def test_birthday_rounds_beyond_the_limit_punch_normally(make_node, monkeypatch) -> None:
     from types import SimpleNamespace
 
-    from peerpath.node import direct
+    from peerpath.nat import traversal
+    from peerpath.node.direct import _Session
 
     node = await make_node("a")
     opened = []
     monkeypatch.setattr(node.udp, "extra", lambda: opened.append(1) or node.udp.main)
-    monkeypatch.setattr(direct, "SPRAY_SOCKETS", 3)
-    monkeypatch.setattr(direct, "LINGER", 0.01)
+    monkeypatch.setattr(traversal, "SPRAY_SOCKETS", 3)
+    monkeypatch.setattr(traversal, "LINGER", 0.01)
     conn = SimpleNamespace(closed=asyncio.get_running_loop().create_future(), peer=None)
-    node.direct._birthdays = direct.MAX_BIRTHDAY_ROUNDS
-    await node.direct._punch(conn, os.urandom(32), [], node.clock() - 10, "spray", "127.0.0.1:9")
-    assert opened == [] and node.direct._birthdays == direct.MAX_BIRTHDAY_ROUNDS
+    session = _Session(conn, traversal.Traversal(initiator=True))  # type: ignore[arg-type]
+    plan = traversal.RoundPlan(os.urandom(32), node.clock() - 10, traversal.Mode.SPRAY, [], ("127.0.0.1", 9), [], [])
+    node.direct._birthdays = traversal.MAX_BIRTHDAY_ROUNDS
+    await node.direct._punch(session, plan, None)
+    assert opened == [] and node.direct._birthdays == traversal.MAX_BIRTHDAY_ROUNDS
     node.direct._birthdays = 0
-    await node.direct._punch(conn, os.urandom(32), [], node.clock() - 10, "spray", "127.0.0.1:9")
+    await node.direct._punch(session, plan, None)
     assert len(opened) == 3 and node.direct._birthdays == 0

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from peerpath.nat.punch import MAX_PEER_REFLEXIVE, Puncher
-from peerpath.node.direct import _predicted_ports
+from peerpath.nat.traversal import predicted_ports as _predicted_ports
 from peerpath.wire import punch
 
 KEY = bytes(range(32))
@@ -206,10 +206,10 @@ def test_a_peer_offers_at_most_max_candidates() -> None:
 
     from peerpath import errors
     from peerpath.nat.punch import MAX_CANDIDATES
-    from peerpath.node.direct import _decode, _Offer
+    from peerpath.nat.traversal import Offer, decode_message
 
     offer = {"key": bytes(32), "candidates": [f"198.51.100.{i}:4000" for i in range(MAX_CANDIDATES)]}
-    assert len(_decode(msgspec.msgpack.encode(offer), _Offer).candidates) == MAX_CANDIDATES
+    assert len(decode_message(msgspec.msgpack.encode(offer), Offer).candidates) == MAX_CANDIDATES
     offer["candidates"].append("198.51.100.200:4000")
     with pytest.raises(errors.RemoteError, match="malformed offer"):
-        _decode(msgspec.msgpack.encode(offer), _Offer)
+        decode_message(msgspec.msgpack.encode(offer), Offer)
