@@ -13,14 +13,12 @@ from typing import Any
 
 import pytest
 
+from peerpath.testing.matrix import expected_direct
 from peerpath.testing.netlab import Impairment, Lab, NatKind, every_router_kind
 
 from .conftest import SERVER_IPS, Mesh, start_peerpath_server
 
 RELAY = f"relay {SERVER_IPS[0]}:7000"
-
-#: Hosts behind a NAT whose mapping is endpoint-independent (and UDP allowed).
-EASY = {"public", "full-cone", "address-restricted", "port-restricted", "cgnat", "same-nat-1", "same-nat-2"}
 
 
 def forward_filter(table: str, *rules: str) -> str:
@@ -42,18 +40,6 @@ def soak_through(mesh: Mesh, name: str, target: str, seconds: float, faults: Cal
     assert "error" not in result, result
     assert result["ok"] == result["sent"] > 20, result  # nothing lost, nothing corrupted
     return result
-
-
-def expected_direct(a: str, b: str) -> str | None:
-    """Direct wherever one side maps endpoint-independently: symmetric against an open
-    filter through a peer-reflexive candidate, against a restricted one by birthday probing.
-    A UDP-blocked host goes direct over TCP (simultaneous open, or a plain connect to the
-    public host) with every peer whose NAT keeps its TCP port; a symmetric NAT picks random
-    ports for TCP too, so that pair stays on the relay. None: stays on the relay."""
-    pair = {a, b}
-    if "udp-blocked" in pair:
-        return "direct tcp" if pair - {"udp-blocked"} <= EASY else None
-    return "direct udp" if pair <= EASY | {"symmetric"} else None
 
 
 @pytest.mark.parametrize("link", [None, Impairment(delay_ms=50, loss=0.02, seed=5)], ids=["clean", "50ms-2%-loss"])

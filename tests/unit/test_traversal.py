@@ -193,3 +193,28 @@ def test_probes_go_under_the_key_that_found_the_path_and_are_credited_to_their_p
     answer = punch.encode_response(b"a" * punch.KEY_BYTES, tid, ("0.0.0.0", 0))
     outcome = t.check(answer, ("198.51.100.7", 4000))
     assert outcome is not None and outcome.answered == tid
+
+
+def test_a_new_source_of_the_peers_checks_is_checked_in_turn_and_validated_by_the_answer() -> None:
+    """Outside rounds (the peer's NAT rebound): the peer's fresh check from an address no
+    path leads to is answered and checked in turn, at most once a TRIGGER_INTERVAL; only
+    the answer from that very address validates it."""
+    t = Traversal(initiator=False)
+    key = b"k" * punch.KEY_BYTES
+    t.remember(key)
+    new = ("198.51.100.7", 20001)
+    first = t.check(punch.encode_check(key, b"a" * punch.TID_BYTES), new, 10.0, known=False)
+    assert first is not None and first.reply is not None and first.trigger is not None
+    again = t.check(punch.encode_check(key, b"b" * punch.TID_BYTES), new, 10.5, known=False)
+    assert again is not None and again.reply is not None and again.trigger is None  # not twice a second
+    known = t.check(punch.encode_check(key, b"c" * punch.TID_BYTES), ("198.51.100.7", 4000), 10.5)
+    assert known is not None and known.trigger is None  # a path leads there already
+    _, tid, _ = punch.parse(key, first.trigger)
+    answer = punch.encode_response(key, tid, ("0.0.0.0", 0))
+    elsewhere = t.check(answer, ("192.0.2.66", 20001), 10.6)
+    assert elsewhere is not None and elsewhere.validated is None  # from another address: nothing
+    there = t.check(answer, new, 10.6)
+    assert there is not None and there.validated == key
+    assert t.check(answer, new, 10.7) == traversal.CheckOutcome(answered=tid)  # once
+    relayed = t.check(punch.encode_check(key, b"d" * punch.TID_BYTES), traversal.RELAY_OBSERVED, 20.0, known=False)
+    assert relayed is not None and relayed.trigger is None  # over the relay: nowhere to check

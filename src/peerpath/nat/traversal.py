@@ -74,6 +74,11 @@ MAX_TCP_CANDIDATES = 8
 ROUND_KEYS = 4
 #: Probes of one session awaiting their answer, at most (the oldest are forgotten).
 MAX_PROBES = 256
+#: Outside rounds, a new source of the peer's checks (its NAT rebound, RFC 8445 7.3.1.3
+#: peer-reflexive) is checked in turn at most once a TRIGGER_INTERVAL, and at most
+#: MAX_TRIGGERED of those checks are awaited at once.
+TRIGGER_INTERVAL = 1.0
+MAX_TRIGGERED = 8
 #: What a probe answer sent back over the relay names as the check's source (it has none).
 RELAY_OBSERVED = ("0.0.0.0", 0)
 
@@ -411,6 +416,11 @@ class CheckOutcome:
     peer_checked: bool = False
     #: The tid of one of our probes this answers.
     answered: bytes | None = None
+    #: A check of our own to send back to where the peer's came from (no path leads there
+    #: yet: its NAT may have rebound).
+    trigger: bytes | None = None
+    #: That check came back from there: a direct path, validated under this key.
+    validated: bytes | None = None
 
 
 @dataclass
@@ -434,6 +444,10 @@ class Traversal:
     replays: ReplayWindow = field(default_factory=ReplayWindow)
     #: Probes awaiting an answer: tid -> the path's (kind, remote) name.
     probes: dict[bytes, tuple[str, str]] = field(default_factory=dict)
+    #: Checks sent to new sources of the peer's checks: tid -> (where, key); and when each
+    #: source was last checked.
+    triggered: dict[bytes, tuple[Addr, bytes]] = field(default_factory=dict)
+    triggered_at: dict[Addr, float] = field(default_factory=dict)
 
     # rounds
 
@@ -516,20 +530,43 @@ class Traversal:
 
     # checks and probes outside rounds
 
-    def check(self, data: bytes, source: Addr) -> CheckOutcome | None:
+    def check(self, data: bytes, source: Addr, now: float = 0.0, *, known: bool = True) -> CheckOutcome | None:
         """A check-range datagram from ``source`` outside a round, under one of this
-        session's keys: what to do (None: not this session's)."""
+        session's keys: what to do (None: not this session's). ``known``: a path of the
+        session leads to ``source`` already; if not, the peer's fresh check there is checked
+        in turn, and its answer from there validates the new address."""
         for key in reversed(self.keys):
             try:
                 kind, tid, _ = punch.parse(key, data)
             except punch.CheckError:
                 continue
             if kind != punch.CHECK:
+                pending = self.triggered.get(tid)
+                if pending is not None and pending[0] == source:
+                    del self.triggered[tid]
+                    return CheckOutcome(validated=pending[1])
                 return CheckOutcome(answered=tid)
             if not self.replays.first(tid):
                 return CheckOutcome()  # a copy: answered once already, and no news of the path
-            return CheckOutcome(reply=punch.encode_response(key, tid, source), peer_checked=True)
+            reply = punch.encode_response(key, tid, source)
+            return CheckOutcome(reply=reply, peer_checked=True, trigger=None if known else self._trigger(source, now))
         return None
+
+    def _trigger(self, source: Addr, now: float) -> bytes | None:
+        """A check to a new source of the peer's checks, within the bounds on those."""
+        if source == RELAY_OBSERVED or now - self.triggered_at.get(source, float("-inf")) < TRIGGER_INTERVAL:
+            return None
+        key = self.probe_key or (self.keys[-1] if self.keys else None)
+        if key is None:
+            return None
+        self.triggered_at[source] = now
+        while len(self.triggered_at) > MAX_TRIGGERED:
+            del self.triggered_at[next(iter(self.triggered_at))]
+        tid = self.random_bytes(punch.TID_BYTES)
+        self.triggered[tid] = (source, key)
+        while len(self.triggered) > MAX_TRIGGERED:
+            del self.triggered[next(iter(self.triggered))]
+        return punch.encode_check(key, tid)
 
     def probe(self, path: tuple[str, str]) -> tuple[bytes, bytes] | None:
         """A probe (its tid and datagram) for the path named ``path`` (kind, remote); None

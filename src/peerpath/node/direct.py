@@ -436,16 +436,20 @@ class DirectPaths:
             if number is not None and active.round.receive(number, data, source):
                 active.wake.set()
                 return
+        remote = format_endpoint(source)
         for session in self._live():
-            outcome = session.traversal.check(data, source)
+            path = session.conn.paths.paths.get((PathKind.DIRECT_UDP, remote))
+            outcome = session.traversal.check(data, source, self.node.clock(), known=path is not None)
             if outcome is None:
                 continue
-            remote = format_endpoint(source)
             if outcome.reply is not None:
                 via.sendto(outcome.reply, source)
-                path = session.conn.paths.paths.get((PathKind.DIRECT_UDP, remote))
                 if path is not None:
                     session.conn.paths.peer_checked(path, self.node.clock())  # the peer's probes get through
+            if outcome.trigger is not None:
+                via.sendto(outcome.trigger, source)  # the peer's NAT may have rebound: check there
+            if outcome.validated is not None:
+                self._promote(session, outcome.validated, [source], via)
             elif outcome.answered is not None:
                 self._probe_answered(session, outcome.answered, PathKind.DIRECT_UDP, remote)
             return
