@@ -19,11 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from peerpath.wire.endpoint import Endpoint
+
 log = logging.getLogger(__name__)
 
-Addr = tuple[str, int]
 #: Called with each datagram a UDP socket receives and where it came from.
-DatagramHandler = Callable[[bytes, Addr], None]
+DatagramHandler = Callable[[bytes, Endpoint], None]
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 #: Datagrams read per socket wakeup (see :class:`KernelUdp`).
@@ -34,11 +35,11 @@ class BoundUdp(Protocol):
     """A bound UDP socket; what it receives goes to the handler it was bound with."""
 
     @property
-    def local(self) -> Addr:
+    def local(self) -> Endpoint:
         """The (host, port) it is bound to."""
         ...
 
-    def sendto(self, data: bytes, addr: Addr) -> None:
+    def sendto(self, data: bytes, addr: Endpoint) -> None:
         """Send a datagram; raises BlockingIOError when the buffer is full, OSError on failure."""
         ...
 
@@ -82,10 +83,10 @@ class Net(Protocol):
 
     async def connect_tcp(
         self,
-        remote: Addr,
+        remote: Endpoint,
         factory: ProtocolFactory,
         *,
-        local: Addr | None = None,
+        local: Endpoint | None = None,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
@@ -94,7 +95,7 @@ class Net(Protocol):
         it is refused or unreachable. The caller bounds the wait."""
         ...
 
-    def route_source(self, toward: Addr) -> str:
+    def route_source(self, toward: Endpoint) -> str:
         """The local IP address this host sends from toward ``toward``."""
         ...
 
@@ -129,7 +130,7 @@ class DatagramTransport(asyncio.DatagramTransport):
 
 
 async def open_stream(
-    net: Net, remote: Addr, *, tls: ssl.SSLContext | None = None, server_hostname: str | None = None
+    net: Net, remote: Endpoint, *, tls: ssl.SSLContext | None = None, server_hostname: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """:func:`asyncio.open_connection` over ``net``."""
     loop = asyncio.get_running_loop()
@@ -189,7 +190,7 @@ class KernelUdp:
         self._closed = False
         sock.setblocking(False)
         sockname = sock.getsockname()
-        self.local: Addr = (str(sockname[0]), int(sockname[1]))
+        self.local: Endpoint = (str(sockname[0]), int(sockname[1]))
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
@@ -203,7 +204,7 @@ class KernelUdp:
                 continue
             self._on_datagram(data, (str(addr[0]), int(addr[1])))
 
-    def sendto(self, data: bytes, addr: Addr) -> None:
+    def sendto(self, data: bytes, addr: Endpoint) -> None:
         self.sock.sendto(data, addr)
 
     def close(self) -> None:
@@ -261,10 +262,10 @@ class KernelNet:
 
     async def connect_tcp(
         self,
-        remote: Addr,
+        remote: Endpoint,
         factory: ProtocolFactory,
         *,
-        local: Addr | None = None,
+        local: Endpoint | None = None,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
@@ -285,14 +286,14 @@ class KernelNet:
             sock.close()
             raise
 
-    def route_source(self, toward: Addr) -> str:
+    def route_source(self, toward: Endpoint) -> str:
         return route_source(toward)
 
     def default_gateway(self) -> str | None:
         return default_gateway()
 
 
-def route_source(toward: Addr) -> str:
+def route_source(toward: Endpoint) -> str:
     """The local IP the kernel would use toward ``toward`` (connect() on UDP sends nothing)."""
     family = _family(toward[0])
     probe = socket.socket(family, socket.SOCK_DGRAM)

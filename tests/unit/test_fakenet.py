@@ -16,9 +16,10 @@ import pytest
 from peerpath.certs import tls_client_context, tls_peer_address, tls_server_context
 from peerpath.identity import Identity
 from peerpath.nat.netcheck import Behaviour
-from peerpath.net import Addr, open_stream, serve_streams
+from peerpath.net import open_stream, serve_streams
 from peerpath.testing import vtime
 from peerpath.testing.fakenet import SYN_RTO, FakeHost, FakeNat, FakeNetwork
+from peerpath.wire.endpoint import Endpoint
 
 EI, AD, APD = Behaviour.ENDPOINT_INDEPENDENT, Behaviour.ADDRESS_DEPENDENT, Behaviour.ADDRESS_AND_PORT_DEPENDENT
 LATENCY = 0.02
@@ -32,9 +33,9 @@ class Inbox:
     """What a UDP socket received."""
 
     def __init__(self) -> None:
-        self.got: list[tuple[bytes, Addr]] = []
+        self.got: list[tuple[bytes, Endpoint]] = []
 
-    def __call__(self, data: bytes, addr: Addr) -> None:
+    def __call__(self, data: bytes, addr: Endpoint) -> None:
         self.got.append((data, addr))
 
 

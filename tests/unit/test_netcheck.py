@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from peerpath.nat.netcheck import Behaviour, netcheck, split_host_port
+from peerpath.nat.netcheck import Behaviour, netcheck
 from peerpath.nat.stun_responder import StunResponder
 from peerpath.testing.fakenet import FakeHost, FakeNat, FakeNetwork
+from peerpath.wire.endpoint import parse_endpoint
 from peerpath.wire.stun import Address
 
 EI, AD, APD = Behaviour.ENDPOINT_INDEPENDENT, Behaviour.ADDRESS_DEPENDENT, Behaviour.ADDRESS_AND_PORT_DEPENDENT
@@ -109,11 +110,11 @@ def test_verdict_words_for_hard_nat() -> None:
         ("[2001:db8::1]:5000", ("2001:db8::1", 5000)),
     ],
 )
-def test_split_host_port(text: str, expected: tuple[str, int]) -> None:
-    assert split_host_port(text, 3478) == expected
+def test_a_typed_server_address_takes_the_default_port(text: str, expected: tuple[str, int]) -> None:
+    assert parse_endpoint(text, 3478) == expected
 
 
-@pytest.mark.parametrize("text", ["", "host:0", "host:99999", "host:abc", "[::1", "[::1]x"])
-def test_split_host_port_rejects_bad_input(text: str) -> None:
+@pytest.mark.parametrize("text", ["", "host:0", "host:99999", "host:abc", "[::1", "[::1]x", ":53", "[]:53"])
+def test_a_typed_server_address_is_refused_when_malformed(text: str) -> None:
     with pytest.raises(ValueError):
-        split_host_port(text, 3478)
+        parse_endpoint(text, 3478)

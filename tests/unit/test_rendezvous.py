@@ -409,9 +409,10 @@ async def test_a_node_learns_its_nat_behaviour_and_keeps_it_from_the_server(tmp_
     made = Agents(tmp_path, srv.url())
     try:
         a, b = await made("a"), await made("b")
-        await eventually(lambda: b.nat is not None)
-        assert b.nat is not None and b.nat["udp"] is True and b.nat["nat"] is False
-        assert b.nat["mapping"] == "endpoint-independent"
+        await eventually(lambda: b.reachability.nat is not None)
+        nat = b.reachability.nat
+        assert nat is not None and nat["udp"] is True and nat["nat"] is False
+        assert nat["mapping"] == "endpoint-independent"
         assert a.rendezvous is not None
         found = await a.rendezvous.lookup(b.address)
         # Peers learn it inside a session (the punch offer); a lookup does not tell it.

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from peerpath.nat.stun_client import StunTransport, UdpStunSocket, new_transaction_id
+from peerpath.wire.endpoint import parse_endpoint
 from peerpath.wire.stun import Address, Attr, ChangeRequest
 
 DEFAULT_STUN_PORT = 3478
@@ -102,7 +103,7 @@ async def resolve(server: str, default_port: int = DEFAULT_STUN_PORT) -> Address
 
     Raises ValueError with a message a user can act on.
     """
-    host, port = split_host_port(server, default_port)
+    host, port = parse_endpoint(server, default_port)
     try:
         return Address(host, port)
     except ValueError:
@@ -114,30 +115,6 @@ async def resolve(server: str, default_port: int = DEFAULT_STUN_PORT) -> Address
         raise ValueError(f"cannot resolve STUN server {host!r}: {exc.strerror or exc}") from exc
     family_order = sorted(infos, key=lambda info: info[0] != socket.AF_INET)
     return Address(str(family_order[0][4][0]), port)
-
-
-def split_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """Split ``HOST[:PORT]`` / ``[V6]:PORT``; ValueError on a bad port."""
-    text = text.strip()
-    if not text:
-        raise ValueError("empty server address")
-    host, port_text = text, ""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"unclosed '[' in {text!r}")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"expected ':PORT' after ']' in {text!r}")
-            port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    if not port_text:
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port {port_text!r} in {text!r} (expected 1-65535)")
-    return host, int(port_text)
 
 
 def _negative_wait(rtt: float) -> float:
@@ -278,7 +255,7 @@ async def _hairpinning_test(result: NetcheckResult, target: StunTransport, sende
         result.hairpinning = None
         result.skipped.append("hairpinning: no NAT on the path")
         return
-    host, port = split_host_port(result.public_address, 0)
+    host, port = parse_endpoint(result.public_address)
     mapped = Address(host, port)
     transaction_id = new_transaction_id()
     waiter = asyncio.ensure_future(target.probe_received(transaction_id, wait))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from peerpath.clock import monotonic
 from peerpath.wire import portmap as pm
-from peerpath.wire.endpoint import format_endpoint
+from peerpath.wire.endpoint import Endpoint, format_endpoint
 
 if TYPE_CHECKING:
     from peerpath.nat.upnp import UpnpMapper
@@ -62,7 +62,7 @@ class Mapping:
 
     protocol: str
     internal_port: int
-    external: tuple[str, int]
+    external: Endpoint
     lifetime: int
     method: str
     granted_at: float
@@ -79,11 +79,11 @@ class Mapping:
 
 
 class _Exchange(asyncio.DatagramProtocol):
-    def __init__(self, gateway: tuple[str, int]) -> None:
+    def __init__(self, gateway: Endpoint) -> None:
         self.gateway = gateway
         self.answers: asyncio.Queue[bytes] = asyncio.Queue()
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
         if (str(addr[0]), int(addr[1])) == self.gateway:  # anyone else's word is ignored
             self.answers.put_nowait(data)
 
@@ -224,7 +224,7 @@ class PortMappings:
                 wait = 60.0
             await asyncio.sleep(wait)
 
-    def usable(self, mapping: Mapping | None) -> tuple[str, int] | None:
+    def usable(self, mapping: Mapping | None) -> Endpoint | None:
         """The external endpoint of ``mapping`` if peers on the internet can reach it."""
         if mapping is None or clock() > mapping.granted_at + mapping.lifetime:
             return None

@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from peerpath.wire import punch
-
-Addr = tuple[str, int]
+from peerpath.wire.endpoint import Endpoint
 
 #: Checks go out every INTERVAL seconds, round-robin over the candidates, for DURATION.
 INTERVAL = 0.02
@@ -59,22 +58,22 @@ class Puncher:
     """One round of checks toward one peer."""
 
     key: bytes
-    candidates: list[Addr]
+    candidates: list[Endpoint]
     start: float
     duration: float = DURATION
     interval: float = INTERVAL
     #: Check only this many candidates per interval, round-robin (a port scan), instead of all.
     per_tick: int | None = None
     random_bytes: Callable[[int], bytes] = os.urandom
-    validated: list[Addr] = field(default_factory=list)
+    validated: list[Endpoint] = field(default_factory=list)
     checks_sent: int = 0
     _next: float = 0.0
     _cursor: int = 0
     replays: ReplayWindow = field(default_factory=ReplayWindow)
     #: Peer-reflexive sources: the fresh checks each sent us, and the triggered checks it got.
-    triggered: dict[Addr, tuple[int, int]] = field(default_factory=dict)
-    _sent: dict[bytes, Addr] = field(default_factory=dict)
-    _outbox: list[tuple[bytes, Addr]] = field(default_factory=list)
+    triggered: dict[Endpoint, tuple[int, int]] = field(default_factory=dict)
+    _sent: dict[bytes, Endpoint] = field(default_factory=dict)
+    _outbox: list[tuple[bytes, Endpoint]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._next = self.start
@@ -99,7 +98,7 @@ class Puncher:
             return self.start + self.duration + self.interval  # nothing to check: wake when it ends
         return self._next
 
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Addr]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
         """Checks (and responses) due at ``now``: every interval, one check to each candidate."""
         out, self._outbox = self._outbox, []
         if not self.candidates:
@@ -119,7 +118,7 @@ class Puncher:
             self._next += self.interval
         return out
 
-    def receive(self, data: bytes, source: Addr) -> bool:
+    def receive(self, data: bytes, source: Endpoint) -> bool:
         """A check-range datagram arrived from ``source``; True if this round took it (an
         authentic check, or the answer to one of this round's checks)."""
         try:
@@ -140,7 +139,7 @@ class Puncher:
             self.validated.append(source)
         return True
 
-    def _trigger(self, source: Addr) -> None:
+    def _trigger(self, source: Endpoint) -> None:
         """A peer-reflexive candidate (RFC 8445 7.3.1.3): check it in turn (a triggered check),
         within the round's bounds on such sources."""
         if source not in self.triggered and len(self.triggered) >= MAX_PEER_REFLEXIVE:

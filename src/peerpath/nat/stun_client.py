@@ -12,6 +12,7 @@ from typing import Protocol, cast
 
 from peerpath.net import DatagramTransport, KernelNet, Net
 from peerpath.wire import stun
+from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.stun import Address, Class, Message, StunError
 
 
@@ -67,9 +68,7 @@ class UdpStunSocket(asyncio.DatagramProtocol):
         self.malformed = 0
 
     @classmethod
-    async def open(
-        cls, toward: Address, bind: tuple[str, int] | None = None, *, net: Net | None = None
-    ) -> UdpStunSocket:
+    async def open(cls, toward: Address, bind: Endpoint | None = None, *, net: Net | None = None) -> UdpStunSocket:
         """Bind a socket (``bind`` or any port) on ``net`` (default: the kernel's) whose traffic
         will go ``toward`` a server."""
         net = net or KernelNet()
@@ -91,7 +90,7 @@ class UdpStunSocket(asyncio.DatagramProtocol):
         # CPython's selector datagram transport does not subclass DatagramTransport.
         self._transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
         try:
             message = stun.parse(data)
             source = Address.from_tuple(addr)

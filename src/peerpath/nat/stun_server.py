@@ -16,6 +16,7 @@ from typing import cast
 
 from peerpath.nat.stun_responder import Reply, SocketKey, StunResponder
 from peerpath.ratelimit import RateLimiter
+from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.stun import HEADER_LENGTH, MAGIC_COOKIE, Address
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class _UdpEndpoint(asyncio.DatagramProtocol):
         # CPython's selector datagram transport does not subclass DatagramTransport.
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, addr: Endpoint) -> None:
         try:
             source = Address.from_tuple(addr)
         except ValueError:

@@ -29,10 +29,10 @@ import msgspec
 
 from peerpath import errors
 from peerpath.nat.netcheck import MAX_PORT_STEP
-from peerpath.nat.punch import MAX_CANDIDATES, Addr, Puncher, ReplayWindow
+from peerpath.nat.punch import MAX_CANDIDATES, Puncher, ReplayWindow
 from peerpath.wire import punch
 from peerpath.wire.codec import decode
-from peerpath.wire.endpoint import parse_endpoint
+from peerpath.wire.endpoint import Endpoint, parse_endpoint
 
 #: Seconds between punch rounds while a session stays on the relay (the last repeats).
 ROUND_BACKOFF = (0.5, 2.0, 5.0, 15.0, 30.0)
@@ -184,7 +184,7 @@ def predicted_ports(last: int, step: int) -> list[int]:
     return [p for p in (last + step * i for i in range(1, PREDICTED_PORTS + 1)) if p < 65536]
 
 
-def endpoints(texts: list[str]) -> list[Addr]:
+def endpoints(texts: list[str]) -> list[Endpoint]:
     """The peer's candidates that are HOST:PORT (the rest are dropped: the peer's word only)."""
     out = []
     for text in texts:
@@ -227,13 +227,13 @@ class RoundPlan:
     start: float
     mode: Mode
     #: Where the node's socket sends checks (empty: no UDP this round).
-    candidates: list[Addr]
+    candidates: list[Endpoint]
     #: The peer's public address, which a birthday round sprays toward or scans the ports of.
-    target: Addr | None
+    target: Endpoint | None
     #: The peer's predicted ports (checked first when scanning).
     predicted: list[int]
     #: The peer's TCP candidates to connect to (empty: no TCP this round).
-    tcp: list[Addr]
+    tcp: list[Endpoint]
     #: When the session stays on the relay whatever this round does, why.
     relay_reason: str | None = None
 
@@ -274,7 +274,7 @@ class Promotion:
     """Addresses a round validated from one of its sockets (0: the node's main socket)."""
 
     socket: int
-    addresses: list[Addr]
+    addresses: list[Endpoint]
     #: Whether one of them is a port the peer's NAT sequence predicted.
     predicted: bool = False
 
@@ -320,7 +320,7 @@ class UdpRound:
             )
             self.punchers.append((puncher, 0))
         self.linger_until: float | None = None
-        self._promoted: set[Addr] = set()
+        self._promoted: set[Endpoint] = set()
         #: Sockets that carry a validated path (the driver keeps them for the session).
         self.kept: set[int] = set()
 
@@ -349,11 +349,11 @@ class UdpRound:
             )
             self.punchers.append((puncher, index))
 
-    def datagrams_to_send(self, now: float) -> list[tuple[int, bytes, Addr]]:
+    def datagrams_to_send(self, now: float) -> list[tuple[int, bytes, Endpoint]]:
         """Checks and answers due at ``now``, each with the socket it leaves from."""
         return [(sock, data, addr) for p, sock in self.punchers for data, addr in p.datagrams_to_send(now)]
 
-    def receive(self, socket: int, data: bytes, source: Addr) -> bool:
+    def receive(self, socket: int, data: bytes, source: Endpoint) -> bool:
         """A check-range datagram arrived on ``socket``; True if this round took it."""
         return any(p.receive(data, source) for p, sock in self.punchers if sock == socket)
 
@@ -446,8 +446,8 @@ class Traversal:
     probes: dict[bytes, tuple[str, str]] = field(default_factory=dict)
     #: Checks sent to new sources of the peer's checks: tid -> (where, key); and when each
     #: source was last checked.
-    triggered: dict[bytes, tuple[Addr, bytes]] = field(default_factory=dict)
-    triggered_at: dict[Addr, float] = field(default_factory=dict)
+    triggered: dict[bytes, tuple[Endpoint, bytes]] = field(default_factory=dict)
+    triggered_at: dict[Endpoint, float] = field(default_factory=dict)
 
     # rounds
 
@@ -530,7 +530,7 @@ class Traversal:
 
     # checks and probes outside rounds
 
-    def check(self, data: bytes, source: Addr, now: float = 0.0, *, known: bool = True) -> CheckOutcome | None:
+    def check(self, data: bytes, source: Endpoint, now: float = 0.0, *, known: bool = True) -> CheckOutcome | None:
         """A check-range datagram from ``source`` outside a round, under one of this
         session's keys: what to do (None: not this session's). ``known``: a path of the
         session leads to ``source`` already; if not, the peer's fresh check there is checked
@@ -552,7 +552,7 @@ class Traversal:
             return CheckOutcome(reply=reply, peer_checked=True, trigger=None if known else self._trigger(source, now))
         return None
 
-    def _trigger(self, source: Addr, now: float) -> bytes | None:
+    def _trigger(self, source: Endpoint, now: float) -> bytes | None:
         """A check to a new source of the peer's checks, within the bounds on those."""
         if source == RELAY_OBSERVED or now - self.triggered_at.get(source, float("-inf")) < TRIGGER_INTERVAL:
             return None

@@ -24,15 +24,11 @@ import msgspec
 
 from peerpath import errors
 from peerpath.clock import Clock
-from peerpath.nat.netcheck import port_step
-from peerpath.nat.punch import Addr
 from peerpath.nat.traversal import (
     GO_TOPIC,
     LINGER,
     MAX_BIRTHDAY_ROUNDS,
-    NAT_WAIT,
     OFFER_TOPIC,
-    PREDICT_WAIT,
     PROBE_INTERVAL,
     RELAY_OBSERVED,
     Answer,
@@ -45,19 +41,18 @@ from peerpath.nat.traversal import (
     UdpRound,
     decode_message,
     encode_message,
-    prediction_wanted,
     tcp_idle,
 )
 from peerpath.session.connection import Connection
 from peerpath.session.pathset import Path, PathKind, format_endpoint
 from peerpath.tasks import spawn
 from peerpath.wire import punch
+from peerpath.wire.endpoint import Endpoint
 
 if TYPE_CHECKING:
-    from peerpath.nat.portmap import PortMappings
+    from peerpath.node.reachability import Reachability
     from peerpath.node.sockets import UdpSocket, UdpSockets
     from peerpath.node.tcp import TcpLink, TcpLinks
-    from peerpath.rendezvous.client import RendezvousClient
 
 log = logging.getLogger(__name__)
 
@@ -71,28 +66,7 @@ class NodeSide(Protocol):
     udp: UdpSockets
     tcp: TcpLinks
     clock: Clock
-    portmap: PortMappings
-    nat: dict[str, Any] | None
-    mapping_hint: str | None
-    reflexive: tuple[str, int] | None
-    stun_servers: list[str]
-
-    @property
-    def rendezvous(self) -> RendezvousClient | None:
-        """The rendezvous server's client, if any."""
-        ...
-
-    def candidates(self) -> list[str]:
-        """Where peers may reach the node over UDP."""
-        ...
-
-    def tcp_candidates(self) -> list[str]:
-        """Where peers may reach the node over TCP."""
-        ...
-
-    async def reflexive_learned(self, timeout: float) -> None:
-        """Wait (briefly) for the STUN answers under way."""
-        ...
+    reachability: Reachability
 
 
 @dataclass(eq=False)
@@ -286,74 +260,9 @@ class DirectPaths:
             return None
         raise ValueError(f"unknown internal topic {topic!r}")
 
-    # -- the local side ---------------------------------------------------------------------
-
     async def _local(self) -> tuple[LocalSide, UdpSocket | None]:
-        """The snapshot a round starts from (after waiting briefly for the mapping hint, and
-        port prediction's fresh socket behind a hard NAT)."""
-        await self._nat_known()
-        fresh, next_port, step = await self._predict()
-        local = LocalSide(
-            self.node.candidates() if "udp" in self.transports else [],
-            self.node.tcp_candidates() if "tcp" in self.transports else [],
-            self._reflexive(),
-            self._hard(),
-            self._udp_works(),
-            next_port,
-            step,
-        )
-        return local, fresh
-
-    async def _nat_known(self) -> None:
-        """Wait (briefly) for the mapping hint when UDP evidently works and its second STUN
-        answer is on the way: whether our NAT is hard decides the mode. (The session is
-        already moving data over the relay; a node whose UDP is blocked does not wait.)"""
-        if self.node.reflexive is not None:
-            await self.node.reflexive_learned(NAT_WAIT)
-
-    def _mapped(self) -> Addr | None:
-        return self.node.portmap.usable(self.node.portmap.udp)
-
-    def _hard(self) -> bool:
-        """Whether our NAT maps per destination (and no port mapping on the router undoes it)."""
-        nat = self.node.nat or {}
-        if nat.get("mapping"):
-            hard = nat["mapping"] in ("address-dependent", "address-and-port-dependent")
-        else:
-            hard = self.node.mapping_hint == "endpoint-dependent"
-        return hard and self._mapped() is None
-
-    async def _predict(self) -> tuple[UdpSocket | None, int, int]:
-        """Behind a hard NAT: a fresh socket and, when the NAT hands out ports in sequence,
-        the last port it gave that socket and the step (else 0, 0). Not hard: (None, 0, 0)."""
-        if not prediction_wanted(self._hard(), "udp" in self.transports):
-            return None, 0, 0
-        try:
-            measured = await asyncio.wait_for(self.node.udp.fresh_mapping(self.node.stun_servers), PREDICT_WAIT)
-        except (OSError, TimeoutError) as exc:
-            log.debug("port prediction: no socket or no answer: %s", exc or "timed out")
-            return None, 0, 0
-        if measured is None:
-            return None, 0, 0
-        sock, first, second = measured
-        step = port_step([first, second])
-        if step:
-            log.debug("port prediction: NAT gave %d then %d", first, second)
-            return sock, second, step
-        return sock, 0, 0
-
-    def _reflexive(self) -> str | None:
-        """Where the peer's birthday sockets should aim: our mapped port, else the reflexive one."""
-        public = self._mapped() or self.node.reflexive
-        return format_endpoint(public) if public else None
-
-    def _udp_works(self) -> bool:
-        """Whether UDP is known to get out of here: a STUN answer gave us a reflexive address,
-        or the relay acknowledged our UDP. Until then TCP is tried beside UDP."""
-        if "udp" not in self.transports:
-            return False
-        client = self.node.rendezvous
-        return self.node.reflexive is not None or (client is not None and client.udp_ready)
+        """The snapshot a round starts from, with the transports rounds may use."""
+        return await self.node.reachability.snapshot("udp" in self.transports, "tcp" in self.transports)
 
     # -- UDP ------------------------------------------------------------------------------
 
@@ -412,7 +321,7 @@ class DirectPaths:
             session.conn.relay_reason = reason
             log.info("session with %s stays on the relay: %s", session.conn.peer, reason)
 
-    def _promote(self, session: _Session, key: bytes, validated: list[Addr], sock: UdpSocket) -> None:
+    def _promote(self, session: _Session, key: bytes, validated: list[Endpoint], sock: UdpSocket) -> None:
         if not validated:
             return
         conn = session.conn
@@ -429,7 +338,7 @@ class DirectPaths:
             self._sockets[path] = sock
             log.info("direct path to %s: %s", conn.peer, path.describe())
 
-    def on_check(self, data: bytes, source: Addr, via: UdpSocket) -> None:
+    def on_check(self, data: bytes, source: Endpoint, via: UdpSocket) -> None:
         """A check-range datagram arrived on ``via`` (the node's socket, or a round's extra one)."""
         for active in list(self._rounds):
             number = active.index(via)
@@ -508,7 +417,7 @@ class DirectPaths:
         self.counters["tcp_rounds"] += 1
         deadline = plan.tcp_deadline
 
-        async def attempt(addr: Addr) -> None:
+        async def attempt(addr: Endpoint) -> None:
             link = await self.node.tcp.connect(addr, timeout=max(0.1, deadline - clock()))
             if link is not None and link.conn is not None and link.conn.closed.done():
                 link.release()  # still held by a session that just ended

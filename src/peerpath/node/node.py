@@ -16,12 +16,11 @@ from aioquic.quic.packet import QuicHeader, QuicPacketType
 from peerpath import errors
 from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
-from peerpath.nat.netcheck import netcheck
 from peerpath.nat.portmap import PortMappings
-from peerpath.nat.stun_client import UdpStunSocket
 from peerpath.net import KernelNet, Net
 from peerpath.node.admission import Admission, Source, Verdict
 from peerpath.node.direct import DirectPaths
+from peerpath.node.reachability import Reachability
 from peerpath.node.relays import Relays
 from peerpath.node.requests import Request, TrustBroker
 from peerpath.node.sockets import UdpSocket, UdpSockets
@@ -32,20 +31,12 @@ from peerpath.rendezvous.client import RendezvousClient
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
-from peerpath.session.pathset import PathKind, PathSet, format_endpoint, parse_endpoint
-from peerpath.tasks import spawn
+from peerpath.session.pathset import PathKind, PathSet, format_endpoint
 from peerpath.wire.datagram import DatagramKind, classify, quic_header
+from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.punch import is_check
-from peerpath.wire.stun import Address as TransportAddress
 
 log = logging.getLogger(__name__)
-
-#: netcheck runs again after a re-registration only if its last result is older than this.
-NAT_RECHECK = 600.0
-#: What of a netcheck result the node keeps (and offers peers in punch rounds).
-_NAT_REPORT = frozenset(
-    {"udp", "nat", "public_address", "mapping", "filtering", "hairpinning", "port_preserving", "port_step"}
-)
 
 
 class Node:
@@ -76,9 +67,6 @@ class Node:
         self.direct = DirectPaths(self)
         #: The TCP listener on the node's port and the direct TCP links (direct paths only).
         self.tcp = TcpLinks(self.net, self._tcp_frame, self.direct.on_tcp_lost, clock)
-        self.reflexive: tuple[str, int] | None = None
-        #: The server's STUN addresses from the last registration.
-        self.stun_servers: list[str] = []
         #: Ports the home router maps to us on request (PCP / NAT-PMP), when it does.
         self.portmap = PortMappings()
         #: Which Initials may start a responder session (handshake limits, Retry).
@@ -101,13 +89,8 @@ class Node:
         self._closed = False
         #: The rendezvous server's client and the other relays this node uses.
         self.relays = Relays(identity, self.udp.send, self._relay_received, net=self.net, clock=clock)
-        #: What netcheck found about this node's NAT (told only to peers, inside sessions).
-        self.nat: dict[str, Any] | None = None
-        self._nat_checked = -1e9
-        self._nat_task: asyncio.Task[None] | None = None
-        self._reflexive_task: asyncio.Task[None] | None = None
-        #: Mapping behaviour from two STUN answers on the node's own socket (before netcheck).
-        self.mapping_hint: str | None = None
+        #: The node's candidates and what it knows of its NAT.
+        self.reachability = Reachability(self.net, self.udp, self.tcp, self.portmap, clock)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -141,7 +124,8 @@ class Node:
         return _Starting(cls, state_dir, host, port, identity, trust, url, node_args)
 
     async def _register(self, url: RendezvousUrl) -> None:
-        await self.relays.start(url, self._letter_received, self._on_registered)
+        client = await self.relays.start(url, self._letter_received, self._on_registered)
+        self.reachability.rendezvous = client
 
     @property
     def rendezvous(self) -> RendezvousClient | None:
@@ -155,62 +139,13 @@ class Node:
 
     def _on_registered(self, registered: Any) -> None:
         """After every registration: choose a home relay among those the server offers, and
-        find out (at most every ten minutes) what NAT we are behind."""
+        learn again where we are and (at most every ten minutes) what NAT we are behind."""
         self.relays.choose_home(list(registered.relays))
-        if registered.stun and self.clock() - self._nat_checked > NAT_RECHECK and self._nat_task is None:
-            self._nat_task = spawn(self._check_nat(list(registered.stun)), "netcheck")
-        self.stun_servers = list(registered.stun)
-        if registered.stun:
-            if self._reflexive_task is not None:
-                self._reflexive_task.cancel()  # a re-registration's answers replace the last ones
-            self._reflexive_task = spawn(self._learn_reflexive(list(registered.stun)), "learning the reflexive address")
-
-    async def reflexive_learned(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for the STUN answers of the last registration (the reflexive
-        address and the mapping hint), if they are on the way."""
-        task = self._reflexive_task
-        if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=timeout)
-
-    async def _learn_reflexive(self, stun: list[str]) -> None:
-        """The address the server's STUN port sees this node's socket at (a punch candidate),
-        then the one its second address sees: the same port means the NAT maps independently
-        of the destination (RFC 5780 mapping test II), a first hint of how to punch that
-        arrives well before the full netcheck."""
-        self.reflexive = await self.udp.stun_mapped(stun[0]) or self.reflexive
-        if self.reflexive is not None and len(stun) > 1:
-            other = await self.udp.stun_mapped(stun[1])
-            if other is not None:
-                self.mapping_hint = "endpoint-independent" if other == self.reflexive else "endpoint-dependent"
-
-    async def _check_nat(self, stun: list[str]) -> None:
-        try:
-            result = await netcheck(
-                TransportAddress(*parse_endpoint(stun[0])),
-                timeout=2.0,
-                open_socket=functools.partial(UdpStunSocket.open, net=self.net),
-                clock=self.clock,
-            )
-            self.nat = {key: value for key, value in result.to_json().items() if key in _NAT_REPORT}
-            self._nat_checked = self.clock()
-            log.info("netcheck: %s", result.verdict())
-        except (OSError, ValueError, errors.PeerpathError) as exc:
-            log.info("netcheck against %s failed: %s", stun[0], exc)
-        finally:
-            self._nat_task = None
+        self.reachability.registered(registered)
 
     def _letter_received(self, letter: Any) -> None:
         outcome = self.broker.receive(letter)
         log.debug("letter %s from the rendezvous: %s", letter.kind, outcome)
-
-    def _local_endpoints(self, url: RendezvousUrl) -> list[str]:
-        host, port = self.local_endpoint
-        if host in ("0.0.0.0", "::"):
-            try:
-                host = self.net.route_source((url.host, url.port))
-            except ValueError:
-                return []
-        return [format_endpoint((host, port))]
 
     async def _bind(self, host: str, port: int) -> None:
         self.udp.bind(host, port)
@@ -223,7 +158,7 @@ class Node:
         return self.identity.address
 
     @property
-    def local_endpoint(self) -> tuple[str, int]:
+    def local_endpoint(self) -> Endpoint:
         """The (host, port) the node's UDP socket is bound to."""
         return self.udp.local_endpoint
 
@@ -235,9 +170,7 @@ class Node:
         for task in self._connecting.values():
             task.cancel()
         await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
-        for background in (self._nat_task, self._reflexive_task):
-            if background is not None:
-                background.cancel()
+        self.reachability.close()
         await self.direct.close()
         await self.broker.close()
         await self.tcp.close()
@@ -270,39 +203,6 @@ class Node:
     async def internal_message(self, connection: Connection, topic: str, data: bytes) -> bytes | None:
         """peerpath's own messages between nodes (path upgrades)."""
         return await self.direct.internal_message(connection, topic, data)
-
-    def candidates(self) -> list[str]:
-        """Where peers may reach this node's UDP socket: local addresses, then the reflexive one."""
-        out = []
-        host, port = self.local_endpoint
-        if host not in ("0.0.0.0", "::"):
-            out.append(format_endpoint((host, port)))
-        elif self.rendezvous is not None:
-            out += self._local_endpoints(self.rendezvous.url)
-        mapped = self.portmap.usable(self.portmap.udp)
-        if mapped is not None:
-            out.append(format_endpoint(mapped))
-        if self.reflexive is not None:
-            out.append(format_endpoint(self.reflexive))
-        return list(dict.fromkeys(out))
-
-    def tcp_candidates(self) -> list[str]:
-        """Where peers may reach this node over TCP: the local address at the TCP port, then
-        the public address the rendezvous (or STUN) saw, at the same port (NATs that keep
-        source ports, as most do for TCP, map it there)."""
-        port = self.tcp.port
-        if port is None:
-            return []
-        out = [format_endpoint((parse_endpoint(c)[0], port)) for c in self.candidates()[:1]]
-        public = [self.rendezvous.observed if self.rendezvous is not None else None]
-        public.append(format_endpoint(self.reflexive) if self.reflexive else None)
-        mapped = self.portmap.usable(self.portmap.tcp)
-        if mapped is not None:
-            out.append(format_endpoint(mapped))
-        for text in public:
-            if text:
-                out.append(format_endpoint((parse_endpoint(text)[0], port)))
-        return list(dict.fromkeys(out))
 
     def serve(self, port: int, handler: StreamHandler) -> None:
         """Serve byte streams that peers open to ``port``: ``await handler(reader, writer)``."""
@@ -375,7 +275,7 @@ class Node:
         return started_by.digest == min(self.address.digest, conn.peer.digest)
 
     async def connect(
-        self, address: Address | str, via: tuple[str, int] | None = None, *, timeout: float | None = None
+        self, address: Address | str, via: Endpoint | None = None, *, timeout: float | None = None
     ) -> Connection:
         """A session with the peer at ``address``.
 
@@ -402,7 +302,7 @@ class Node:
             task.add_done_callback(lambda _t: self._connecting.pop(peer, None))
         return await asyncio.shield(task)
 
-    async def _dial(self, peer: Address, via: tuple[str, int] | None, timeout: float | None) -> Connection:
+    async def _dial(self, peer: Address, via: Endpoint | None, timeout: float | None) -> Connection:
         paths = PathSet()
         if via is not None:
             paths.add(self.udp.path(await self._resolve(via)))
@@ -435,7 +335,7 @@ class Node:
             self.direct.watch(conn, initiator=True)
         return conn
 
-    async def _resolve(self, via: tuple[str, int]) -> tuple[str, int]:
+    async def _resolve(self, via: Endpoint) -> Endpoint:
         host, port = via
         try:
             socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
@@ -491,7 +391,7 @@ class Node:
 
     # -- the socket -----------------------------------------------------------------------
 
-    def _datagram_received(self, data: bytes, remote: tuple[str, int], sock: UdpSocket) -> None:
+    def _datagram_received(self, data: bytes, remote: Endpoint, sock: UdpSocket) -> None:
         extra = sock is not self.udp.main  # one of a birthday round's sockets
         kind = classify(data)
         if kind is DatagramKind.STUN:
@@ -607,9 +507,8 @@ class Node:
             "admission": dict(self.admission.counters),
             "rendezvous": self.rendezvous.status() if self.rendezvous is not None else None,
             "home_relay": self.home_relay,
-            "reflexive": format_endpoint(self.reflexive) if self.reflexive else None,
+            **self.reachability.describe(),
             "direct": self.direct.describe(),
-            "nat": self.nat,
             "port_mapping": self.portmap.describe(),
             "tcp_port": self.tcp.port,
         }

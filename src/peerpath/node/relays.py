@@ -17,6 +17,7 @@ from peerpath.rendezvous.client import LetterHandler, RendezvousClient, UdpSende
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.tasks import spawn
 from peerpath.wire import rendezvous as rv
+from peerpath.wire.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Relays:
         """Every relay client: the rendezvous server's first."""
         return [*([self.main] if self.main is not None else []), *self.others.values()]
 
-    def from_udp(self, remote: tuple[str, int]) -> RendezvousClient | None:
+    def from_udp(self, remote: Endpoint) -> RendezvousClient | None:
         """The client whose server's UDP relay endpoint is ``remote`` (only it speaks that protocol to us)."""
         for client in self.every():
             if client.udp_endpoint == remote:

@@ -15,11 +15,10 @@ from peerpath.clock import Clock, monotonic
 from peerpath.nat.stun_client import UdpStunSocket
 from peerpath.net import BoundUdp, Net
 from peerpath.session.pathset import Path, PathKind, format_endpoint, parse_endpoint
+from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.stun import Address as TransportAddress
 
 log = logging.getLogger(__name__)
-
-Addr = tuple[str, int]
 
 
 class UdpSocket:
@@ -31,7 +30,7 @@ class UdpSocket:
         net: Net,
         host: str,
         port: int,
-        on_datagram: Callable[[bytes, Addr, UdpSocket], None],
+        on_datagram: Callable[[bytes, Endpoint, UdpSocket], None],
         counters: dict[str, int],
     ) -> None:
         self._on_datagram = on_datagram
@@ -43,11 +42,11 @@ class UdpSocket:
         self._sock: BoundUdp = net.bind_udp(host, port, self._received)
 
     @property
-    def local(self) -> Addr:
+    def local(self) -> Endpoint:
         """The (host, port) the socket is bound to."""
         return self._sock.local
 
-    def _received(self, data: bytes, addr: Addr) -> None:
+    def _received(self, data: bytes, addr: Endpoint) -> None:
         try:
             self._on_datagram(data, addr, self)
         except Exception:
@@ -55,7 +54,7 @@ class UdpSocket:
             self._counters["datagrams_failed"] += 1
             log.exception("datagram from %s could not be handled", format_endpoint(addr))
 
-    def sendto(self, data: bytes, addr: Addr) -> None:
+    def sendto(self, data: bytes, addr: Endpoint) -> None:
         """Send a datagram; a full socket buffer drops it (a lost packet to QUIC)."""
         if self.closed:
             return
@@ -97,7 +96,7 @@ class UdpSockets:
     def __init__(
         self,
         net: Net,
-        on_datagram: Callable[[bytes, Addr, UdpSocket], None],
+        on_datagram: Callable[[bytes, Endpoint, UdpSocket], None],
         counters: dict[str, int],
         clock: Clock = monotonic,
     ) -> None:
@@ -115,13 +114,13 @@ class UdpSockets:
         self.stun.connection_made(StunTransport(self.main))
 
     @property
-    def local_endpoint(self) -> Addr:
+    def local_endpoint(self) -> Endpoint:
         """The (host, port) the main socket is bound to."""
         if self.main is None or self.main.closed:
             raise errors.LocalError("node is not started")
         return self.main.local
 
-    def send(self, data: bytes, addr: Addr) -> None:
+    def send(self, data: bytes, addr: Endpoint) -> None:
         """Send from the main socket."""
         if self.main is not None:
             self.main.sendto(data, addr)
@@ -133,7 +132,7 @@ class UdpSockets:
     def _open(self, host: str, port: int) -> UdpSocket:
         return UdpSocket(self.net, host, port, self._on_datagram, self._counters)
 
-    def path(self, remote: Addr, via: UdpSocket | None = None) -> Path:
+    def path(self, remote: Endpoint, via: UdpSocket | None = None) -> Path:
         """A direct UDP path to ``remote`` from ``via`` (default: the main socket)."""
         udp = via or self.main
         if udp is None:
@@ -144,7 +143,7 @@ class UdpSockets:
 
         return Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock())
 
-    async def stun_mapped(self, server: str, client: UdpStunSocket | None = None) -> Addr | None:
+    async def stun_mapped(self, server: str, client: UdpStunSocket | None = None) -> Endpoint | None:
         """Where the STUN server at ``server`` ("host:port") sees the main socket (or the socket
         of ``client``); None without an answer."""
         try:

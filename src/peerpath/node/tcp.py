@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 from peerpath.clock import Clock, monotonic
 from peerpath.net import Net, TcpListener
 from peerpath.session.pathset import Path, PathKind, format_endpoint
+from peerpath.wire.endpoint import Endpoint
 
 if TYPE_CHECKING:
     from peerpath.session.connection import Connection
@@ -44,7 +45,6 @@ IDENTIFY_TIMEOUT = 10.0
 #: Inbound links not yet identified; more are closed at once.
 MAX_UNIDENTIFIED = 64
 
-Addr = tuple[str, int]
 #: SO_LINGER on, zero seconds: close() sends a reset instead of a FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -56,7 +56,7 @@ class TcpLink(asyncio.Protocol):
         self.owner = owner
         self.inbound = inbound
         self.transport: asyncio.Transport | None = None
-        self.remote: Addr = ("", 0)
+        self.remote: Endpoint = ("", 0)
         #: The session this link carries and the key that proved it (set by the check layer).
         self.conn: Connection | None = None
         self.key: bytes | None = None
@@ -199,14 +199,14 @@ class TcpLinks:
         log.warning("no TCP listener: direct TCP paths are off")
         return None
 
-    def link_to(self, remote: Addr) -> TcpLink | None:
+    def link_to(self, remote: Endpoint) -> TcpLink | None:
         """The open link with ``remote``, if any."""
         for link in self.links:
             if link.remote == remote and not link.closed:
                 return link
         return None
 
-    async def connect(self, remote: Addr, timeout: float) -> TcpLink | None:
+    async def connect(self, remote: Endpoint, timeout: float) -> TcpLink | None:
         """Connect to ``remote`` from the listener's port (a simultaneous open when the peer
         connects to us at the same time); None when it does not work out within ``timeout``."""
         existing = self.link_to(remote)

@@ -25,7 +25,7 @@ from peerpath.net import KernelNet, Net, open_stream
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.wire import rendezvous as rv
-from peerpath.wire.endpoint import parse_endpoint
+from peerpath.wire.endpoint import Endpoint, parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ SEND_HIGH_WATER = 1 << 20
 UDP_HELLO_INTERVAL = 10.0
 UDP_ACK_TIMEOUT = 25.0
 
-UdpSender = Callable[[bytes, tuple[str, int]], None]
+UdpSender = Callable[[bytes, Endpoint], None]
 #: Connecting: the whole attempt, and how long TLS over TCP goes alone before WebSocket joins.
 CONNECT_TIMEOUT = 10.0
 WSS_HEAD_START = 0.5
@@ -81,7 +81,7 @@ class RendezvousClient:
         #: The server's STUN endpoints ("ip:port"), for netcheck.
         self.stun: list[str] = []
         self.udp_ready = False
-        self._udp_endpoint: tuple[str, int] | None = None
+        self._udp_endpoint: Endpoint | None = None
         self._token = b""
         self._udp_key = b""
         self._udp_acked = 0.0
@@ -181,7 +181,7 @@ class RendezvousClient:
         self._send(rv.encode_control(rv.HomeRelay(url)))
 
     @property
-    def udp_endpoint(self) -> tuple[str, int] | None:
+    def udp_endpoint(self) -> Endpoint | None:
         """The server's UDP relay endpoint we use (frames from elsewhere are not its)."""
         return self._udp_endpoint
 
@@ -207,7 +207,7 @@ class RendezvousClient:
         self.counters["relay_sent"] += 1
         return True
 
-    def udp_received(self, data: bytes, addr: tuple[str, int]) -> None:
+    def udp_received(self, data: bytes, addr: Endpoint) -> None:
         """A UDP relay frame arrived on the node's socket: only the server we registered with,
         under this registration's key, speaks this protocol to us."""
         if addr != self._udp_endpoint or not rv.udp_authentic(self._udp_key, data):
@@ -423,7 +423,7 @@ class RendezvousClient:
                 future.set_exception(errors.NetworkError(f"rendezvous connection lost: {reason}"))
 
 
-def _pick_udp_endpoint(endpoints: list[str], preferred_host: str) -> tuple[str, int] | None:
+def _pick_udp_endpoint(endpoints: list[str], preferred_host: str) -> Endpoint | None:
     """The server's UDP relay endpoint on the host we reached it at, else its first one."""
     parsed = []
     for text in endpoints:

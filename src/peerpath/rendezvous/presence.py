@@ -10,6 +10,7 @@ from peerpath.identity import Address
 from peerpath.ratelimit import TokenBucket
 from peerpath.rendezvous.links import Link
 from peerpath.wire import rendezvous as rv
+from peerpath.wire.endpoint import Endpoint
 
 #: Relayed frames queued for a slow agent beyond this many bytes are dropped (UDP-like).
 SEND_HIGH_WATER = 1 << 20
@@ -20,7 +21,7 @@ UDP_FRESH = 30.0
 class UdpSocket(Protocol):
     """One of the server's UDP relay sockets, as an agent's state refers to it."""
 
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+    def sendto(self, data: bytes, addr: Endpoint) -> bool:
         """Send a datagram; False if the socket is closed."""
         ...
 
@@ -48,13 +49,13 @@ class Agent:
     home_relay: str | None = None
     udp_ready: bool = False
     #: Where relayed datagrams go over UDP: only an endpoint that answered a challenge.
-    udp_endpoint: tuple[str, int] | None = None
+    udp_endpoint: Endpoint | None = None
     udp_socket: UdpSocket | None = None
     udp_seen: float = 0.0
     #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A
     #: few at once, so copies of a hello replayed from one address cannot hold the agent's
     #: real new endpoint back.
-    udp_challenges: dict[tuple[str, int], tuple[bytes, UdpSocket, float]] = field(default_factory=dict)
+    udp_challenges: dict[Endpoint, tuple[bytes, UdpSocket, float]] = field(default_factory=dict)
 
     def send(self, frame: bytes) -> bool:
         """Queue a frame on the agent's link; False (dropped) if it is closing or backed up."""

@@ -34,7 +34,7 @@ from peerpath.rendezvous.udp_relay import RelayUdp, UdpRelay
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
 from peerpath.tasks import spawn
 from peerpath.wire import rendezvous as rv
-from peerpath.wire.endpoint import format_endpoint
+from peerpath.wire.endpoint import Endpoint, format_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ class RendezvousServer:
         self._ping_ids += 1
         agent.send(rv.encode_control(rv.Ping(self._ping_ids)))
 
-    def _udp_received(self, data: bytes, addr: tuple[str, int], sock: RelayUdp) -> None:
+    def _udp_received(self, data: bytes, addr: Endpoint, sock: RelayUdp) -> None:
         self.udp_relay.received(data, addr, sock, self.clock())
 
     def _cut_off(self, agent: Agent, exc: CutOff) -> None:

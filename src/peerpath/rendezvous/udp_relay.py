@@ -13,6 +13,7 @@ from peerpath.net import Net
 from peerpath.rendezvous.limits import CutOff
 from peerpath.rendezvous.presence import Agent, UdpSocket
 from peerpath.wire import rendezvous as rv
+from peerpath.wire.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -21,25 +22,23 @@ log = logging.getLogger(__name__)
 UDP_CHALLENGE_INTERVAL = 1.0
 UDP_CHALLENGES = 4
 
-Addr = tuple[str, int]
-
 
 class RelayUdp:
     """One UDP relay socket of the server (read in batches); hands what it reads to ``received``."""
 
-    def __init__(self, net: Net, host: str, port: int, received: Callable[[bytes, Addr, RelayUdp], None]) -> None:
+    def __init__(self, net: Net, host: str, port: int, received: Callable[[bytes, Endpoint, RelayUdp], None]) -> None:
         self._received = received
         self.closed = False
         self._sock = net.bind_udp(host, port, self._datagram)
 
-    def _datagram(self, data: bytes, addr: Addr) -> None:
+    def _datagram(self, data: bytes, addr: Endpoint) -> None:
         try:
             self._received(data, addr, self)
         except Exception:
             # Whatever a datagram does, the relay keeps reading.
             log.exception("UDP relay datagram from %s could not be handled", addr)
 
-    def sendto(self, data: bytes, addr: Addr) -> bool:
+    def sendto(self, data: bytes, addr: Endpoint) -> bool:
         """Send a datagram (a full socket buffer drops it, as the network may); False if the
         socket is closed."""
         if self.closed:
@@ -72,7 +71,7 @@ class UdpRelay:
         #: Agents by the token that names their registration on UDP.
         self.tokens: dict[bytes, Agent] = {}
 
-    def received(self, data: bytes, addr: Addr, sock: UdpSocket, now: float) -> None:
+    def received(self, data: bytes, addr: Endpoint, sock: UdpSocket, now: float) -> None:
         """A datagram on one of the server's UDP relay sockets."""
         try:
             frame = rv.parse_udp_relay(data)
@@ -115,7 +114,7 @@ class UdpRelay:
             except CutOff as exc:
                 self._cut_off(agent, exc)
 
-    def _challenge(self, agent: Agent, addr: Addr, sock: UdpSocket, now: float) -> None:
+    def _challenge(self, agent: Agent, addr: Endpoint, sock: UdpSocket, now: float) -> None:
         """Ask a new endpoint to prove it is the agent's: one challenge per endpoint per
         interval, to at most UDP_CHALLENGES endpoints at once (the oldest is forgotten)."""
         pending = agent.udp_challenges.get(addr)

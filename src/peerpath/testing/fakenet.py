@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, TypeVarTuple, Unpack, cast
 from peerpath.nat.netcheck import Behaviour
 from peerpath.nat.stun_client import UdpStunSocket
 from peerpath.nat.stun_responder import SocketKey, StunResponder
-from peerpath.net import Addr, BoundUdp, DatagramHandler, ProtocolFactory, TcpListener
+from peerpath.net import BoundUdp, DatagramHandler, ProtocolFactory, TcpListener
+from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.stun import Address, StunError
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ FIRST_SEQUENTIAL_PORT = 20000
 ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
 
 
-def _address(addr: Addr) -> Address:
+def _address(addr: Endpoint) -> Address:
     try:
         return Address(str(addr[0]), int(addr[1]))
     except (StunError, ValueError) as exc:
@@ -338,13 +339,13 @@ class FakeNat:
 class FakeUdp:
     """A UDP socket of a :class:`FakeHost` (a :class:`peerpath.net.BoundUdp`)."""
 
-    def __init__(self, host: FakeHost, local: Addr, on_datagram: DatagramHandler) -> None:
+    def __init__(self, host: FakeHost, local: Endpoint, on_datagram: DatagramHandler) -> None:
         self._host = host
         self._on_datagram = on_datagram
         self.local = local
         self.closed = False
 
-    def sendto(self, data: bytes, addr: Addr) -> None:
+    def sendto(self, data: bytes, addr: Endpoint) -> None:
         """Send a datagram from this socket."""
         if self.closed:
             raise OSError(errno.EBADF, "socket is closed")
@@ -730,7 +731,7 @@ class FakeHost:
 
     # -- Net: addresses
 
-    def route_source(self, toward: Addr) -> str:
+    def route_source(self, toward: Endpoint) -> str:
         """The host's IP (it has one)."""
         return self.ip
 
@@ -788,10 +789,10 @@ class FakeHost:
 
     async def connect_tcp(
         self,
-        remote: Addr,
+        remote: Endpoint,
         factory: ProtocolFactory,
         *,
-        local: Addr | None = None,
+        local: Endpoint | None = None,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> tuple[asyncio.Transport, asyncio.Protocol]:
@@ -848,7 +849,7 @@ class FakeHost:
             or any(p == port for p, _ in self._connections)
         )
 
-    def _outbound_port(self, local: Addr | None, dest: Address) -> int:
+    def _outbound_port(self, local: Endpoint | None, dest: Address) -> int:
         host, port = local if local is not None else ("", 0)
         self._check_local(host)
         if port == 0:

@@ -13,6 +13,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from peerpath.wire.endpoint import Endpoint
+
 SERVER_PORT = 5351
 PCP_VERSION = 2
 NATPMP_VERSION = 0
@@ -206,9 +208,7 @@ def decode_pcp_map_request(data: bytes) -> tuple[MapRequest, str | None]:
     return request, None if proto in names else "unsupported protocol"
 
 
-def encode_pcp_map_response(
-    request: MapRequest, result: int, lifetime: int, epoch: int, external: tuple[str, int]
-) -> bytes:
+def encode_pcp_map_response(request: MapRequest, result: int, lifetime: int, epoch: int, external: Endpoint) -> bytes:
     """A server's answer to ``request``."""
     header = _PCP_RESPONSE.pack(PCP_VERSION, RESPONSE_BIT | OP_MAP, 0, result, lifetime, epoch, b"\x00" * 12)
     body = _PCP_MAP.pack(

@@ -23,6 +23,8 @@ import hmac
 import ipaddress
 import struct
 
+from peerpath.wire.endpoint import Endpoint
+
 CHECK = 0xA0
 RESPONSE = 0xA1
 TID_BYTES = 12
@@ -54,7 +56,7 @@ def encode_address(host: str, port: int) -> bytes:
     return bytes([ip.version]) + packed + struct.pack("!H", port)
 
 
-def decode_address(data: bytes) -> tuple[str, int]:
+def decode_address(data: bytes) -> Endpoint:
     """The inverse of :func:`encode_address`."""
     if len(data) != ADDRESS_BYTES or data[0] not in (4, 6):
         raise CheckError("malformed address")
@@ -68,13 +70,13 @@ def encode_check(key: bytes, tid: bytes) -> bytes:
     return bytes([CHECK]) + tid + _tag(key, b"check", tid) + _PADDING
 
 
-def encode_response(key: bytes, tid: bytes, observed: tuple[str, int]) -> bytes:
+def encode_response(key: bytes, tid: bytes, observed: Endpoint) -> bytes:
     """The answer to check ``tid`` that arrived from ``observed``."""
     address = encode_address(*observed)
     return bytes([RESPONSE]) + tid + _tag(key, b"response", tid, address) + address
 
 
-def parse(key: bytes, data: bytes) -> tuple[int, bytes, tuple[str, int] | None]:
+def parse(key: bytes, data: bytes) -> tuple[int, bytes, Endpoint | None]:
     """(kind, tid, observed address or None) of an authentic check or response.
 
     Raises :class:`CheckError` for anything malformed or not made with ``key``.
