@@ -109,7 +109,7 @@ async def test_a_flood_of_initials_does_not_lock_a_trusted_peer_out(make_node) -
     sent = await flood_of_initials(b.local_endpoint, sources=50, per_source=6)
     assert sent > 300_000
     await asyncio.sleep(0.3)
-    assert len(b._connections) <= RETRY_ABOVE  # the rest got a stateless Retry
+    assert len(b.sessions.all) <= RETRY_ABOVE  # the rest got a stateless Retry
     conn = await a.connect(b.address, b.local_endpoint, timeout=5)  # through a Retry of its own
     assert await conn.ping() > 0
     assert b.admission.counters["retried_admitted"] >= 1

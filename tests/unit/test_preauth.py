@@ -55,8 +55,8 @@ async def test_a_byte_far_ahead_cannot_make_an_unauthenticated_session_hold_mega
     attack = asyncio.ensure_future(forged_connect(monkeypatch, attacker, b, gap_writer(streams=4)))
     most, seen = 0, set()
     for _ in range(40):  # watch the responder while the attack is on
-        seen |= b._connections
-        most = max([most, *(held_bytes(conn) for conn in b._connections)])
+        seen |= b.sessions.all
+        most = max([most, *(held_bytes(conn) for conn in b.sessions.all)])
         await asyncio.sleep(0.05)
     with pytest.raises((errors.ConnectTimeoutError, errors.SessionClosedError)):
         await attack
@@ -81,7 +81,7 @@ async def test_a_session_that_never_authenticates_is_closed_after_the_connect_ti
         await forged_connect(monkeypatch, attacker, b, SilentInitiator)
     await asyncio.sleep(0.3)
     # Long before the 30 s idle timeout, the responder has given up on it.
-    assert [c for c in b._connections if not c.closed.done()] == []
+    assert [c for c in b.sessions.all if not c.closed.done()] == []
     assert b.counters["sessions_refused"] >= 1
 
 

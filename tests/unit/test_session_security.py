@@ -13,7 +13,7 @@ import pytest
 
 from peerpath import errors
 from peerpath.identity import Identity
-from peerpath.node import node as node_module
+from peerpath.node import sessions as sessions_module
 from peerpath.node.node import Node
 from peerpath.session import control
 from peerpath.session.connection import Connection
@@ -79,7 +79,7 @@ def forging_connection(claimed: Identity, forge: Callable[[bytes], bytes], early
 
 async def forged_connect(monkeypatch, attacker: Node, target: Node, forger: type[Connection]) -> Connection:
     with monkeypatch.context() as patch:
-        patch.setattr(node_module, "Connection", forger)
+        patch.setattr(sessions_module, "Connection", forger)
         return await attacker.connect(target.address, target.local_endpoint, timeout=5)
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from peerpath.nat.ports import port_step
 from peerpath.nat.stun_client import StunTransport, UdpStunSocket, new_transaction_id
 from peerpath.wire.endpoint import parse_endpoint
 from peerpath.wire.stun import Address, Attr, ChangeRequest
@@ -208,20 +208,6 @@ async def _mapping_tests(result: NetcheckResult, sock: StunTransport, server: Ad
     ports = [mapped1.port, mapped2.port] + ([mapped3.port] if mapped3 != mapped2 else [])
     result.port_step = port_step(ports)
     return done()
-
-
-#: The largest step between consecutive ports that still counts as "in sequence" (other
-#: flows through the same NAT may take a few of the ports in between).
-MAX_PORT_STEP = 8
-
-
-def port_step(ports: list[int]) -> int:
-    """The step of a NAT that gave ``ports`` to one socket's first flows in turn: the last
-    difference when every difference is between 1 and :data:`MAX_PORT_STEP`, else 0."""
-    steps = [b - a for a, b in itertools.pairwise(ports)]
-    if steps and all(0 < step <= MAX_PORT_STEP for step in steps):
-        return steps[-1]
-    return 0
 
 
 async def _filtering_tests(result: NetcheckResult, sock: StunTransport, server: Address, wait: float) -> None:

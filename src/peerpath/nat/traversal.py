@@ -28,7 +28,7 @@ from typing import Annotated, TypeVar
 import msgspec
 
 from peerpath import errors
-from peerpath.nat.netcheck import MAX_PORT_STEP
+from peerpath.nat.ports import MAX_PORT_STEP
 from peerpath.nat.punch import MAX_CANDIDATES, Puncher, ReplayWindow
 from peerpath.wire import punch
 from peerpath.wire.codec import decode

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,7 +25,6 @@ from peerpath import errors
 from peerpath.clock import Clock
 from peerpath.nat.traversal import (
     GO_TOPIC,
-    LINGER,
     MAX_BIRTHDAY_ROUNDS,
     OFFER_TOPIC,
     PROBE_INTERVAL,
@@ -43,16 +41,16 @@ from peerpath.nat.traversal import (
     encode_message,
     tcp_idle,
 )
+from peerpath.node.tcp_paths import Session, TcpPaths
 from peerpath.session.connection import Connection
 from peerpath.session.pathset import Path, PathKind, format_endpoint
 from peerpath.tasks import spawn
-from peerpath.wire import punch
 from peerpath.wire.endpoint import Endpoint
 
 if TYPE_CHECKING:
     from peerpath.node.reachability import Reachability
     from peerpath.node.sockets import UdpSocket, UdpSockets
-    from peerpath.node.tcp import TcpLink, TcpLinks
+    from peerpath.node.tcp import TcpLinks
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +113,6 @@ class DirectPaths:
         self._rounds: list[_ActiveRound] = []
         #: The socket each direct UDP path a round validated sends from.
         self._sockets: dict[Path, UdpSocket] = {}
-        #: Keys of TCP rounds under way: checks on inbound links are matched against them.
-        self._tcp_rounds: dict[bytes, tuple[_Session, asyncio.Event]] = {}
-        #: Our checks in flight on TCP links: tid -> (link, session, key).
-        self._tcp_checks: dict[bytes, tuple[TcpLink, _Session, bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Which transports rounds use: UDP punching and TCP (simultaneous open / connect).
         #: TCP is tried when either side finds UDP blocked, or after a round failed over UDP.
@@ -133,6 +127,8 @@ class DirectPaths:
             "predicted_paths": 0,
         }
         self._birthdays = 0
+        #: Direct TCP paths: rounds' connects and the checks on TCP links.
+        self.tcp = TcpPaths(node, self, self.counters)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         spawn(coro, "a direct-path task", self._tasks)
@@ -168,8 +164,13 @@ class DirectPaths:
             if link.conn is session.conn:
                 link.release()
 
-    def _live(self) -> list[_Session]:
+    def live(self) -> list[_Session]:
+        """Every open session that is kept on its best path."""
         return [s for s in self._sessions.values() if s.live]
+
+    def session_of(self, conn: Connection) -> _Session | None:
+        """The kept session of ``conn``, if any."""
+        return self._sessions.get(conn)
 
     # -- rounds ---------------------------------------------------------------------------
 
@@ -222,7 +223,7 @@ class DirectPaths:
             if plan.udp:
                 attempts.append(self._punch(session, plan, fresh))
             if plan.tcp:
-                attempts.append(self._tcp_round(session, plan))
+                attempts.append(self.tcp.round(session, plan))
             direct = any(await asyncio.gather(*attempts))
             if direct:
                 self.counters["rounds_direct"] += 1
@@ -254,7 +255,7 @@ class DirectPaths:
                     self._spawn(self._punch(session, plan, fresh))
                     fresh = None  # the round owns it now
                 if plan.tcp:
-                    self._spawn(self._tcp_round(session, plan))
+                    self._spawn(self.tcp.round(session, plan))
             if fresh is not None:
                 fresh.close()
             return None
@@ -346,7 +347,7 @@ class DirectPaths:
                 active.wake.set()
                 return
         remote = format_endpoint(source)
-        for session in self._live():
+        for session in self.live():
             path = session.conn.paths.paths.get((PathKind.DIRECT_UDP, remote))
             outcome = session.traversal.check(data, source, self.node.clock(), known=path is not None)
             if outcome is None:
@@ -360,7 +361,7 @@ class DirectPaths:
             if outcome.validated is not None:
                 self._promote(session, outcome.validated, [source], via)
             elif outcome.answered is not None:
-                self._probe_answered(session, outcome.answered, PathKind.DIRECT_UDP, remote)
+                self.probe_answered(session, outcome.answered, PathKind.DIRECT_UDP, remote)
             return
 
     # -- liveness ---------------------------------------------------------------------------
@@ -381,7 +382,8 @@ class DirectPaths:
             path.probe_sent(tid, now)
             path.send_datagram(datagram)  # from the socket, link or relay the path uses
 
-    def _probe_answered(self, session: _Session, tid: bytes, kind: PathKind, remote: str) -> None:
+    def probe_answered(self, session: Session, tid: bytes, kind: PathKind, remote: str) -> None:
+        """A probe answer came back over a path: its quality is credited."""
         if session.traversal.probe_answered(tid, (kind, remote)):
             path = session.conn.paths.paths.get((kind, remote))
             if path is not None:
@@ -390,7 +392,7 @@ class DirectPaths:
     def on_relay_check(self, data: bytes, source: bytes, reply: Callable[[bytes], object], relay: str) -> None:
         """A check or probe answer that came over a relay from the peer whose address digest
         is ``source``: answered back through ``reply`` (the relay's send), or counted."""
-        for session in self._live():
+        for session in self.live():
             peer = session.conn.peer
             if peer is None or peer.digest != source:
                 continue
@@ -400,113 +402,8 @@ class DirectPaths:
             if outcome.reply is not None:
                 reply(outcome.reply)
             elif outcome.answered is not None:
-                self._probe_answered(session, outcome.answered, PathKind.RELAY, relay)
+                self.probe_answered(session, outcome.answered, PathKind.RELAY, relay)
             return
-
-    # -- TCP ------------------------------------------------------------------------------
-
-    async def _tcp_round(self, session: _Session, plan: RoundPlan) -> bool:
-        """Connect to the peer's TCP candidates from our TCP port while it connects to ours
-        (simultaneous open through filtering NATs; a plain connect where it listens in the
-        open); the first link on which a check is answered becomes a direct TCP path."""
-        if self.node.tcp.port is None:
-            return False
-        clock = self.node.clock
-        done = asyncio.Event()
-        self._tcp_rounds[plan.key] = (session, done)
-        self.counters["tcp_rounds"] += 1
-        deadline = plan.tcp_deadline
-
-        async def attempt(addr: Endpoint) -> None:
-            link = await self.node.tcp.connect(addr, timeout=max(0.1, deadline - clock()))
-            if link is not None and link.conn is not None and link.conn.closed.done():
-                link.release()  # still held by a session that just ended
-            if link is not None and not link.closed and link.conn in (None, session.conn):
-                self._send_tcp_check(link, session, plan.key)
-
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            await asyncio.sleep(max(0.0, plan.start - clock()))
-            tasks = [asyncio.ensure_future(attempt(addr)) for addr in plan.tcp]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), max(0.0, deadline + 1.0 - clock()))
-            return done.is_set()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            # The peer's checks may still be on their way: accept them a little longer.
-            asyncio.get_running_loop().call_later(LINGER, self._tcp_rounds.pop, plan.key, None)
-
-    def _send_tcp_check(self, link: TcpLink, session: _Session, key: bytes) -> None:
-        tid = os.urandom(punch.TID_BYTES)
-        self._tcp_checks[tid] = (link, session, key)
-        if len(self._tcp_checks) > 1024:
-            self._tcp_checks.pop(next(iter(self._tcp_checks)))
-        link.send(punch.encode_check(key, tid))
-
-    def _tcp_owners(self, link: TcpLink) -> list[tuple[_Session, bytes]]:
-        """Whose keys a check on ``link`` may be under: the session the link carries (the key
-        that proved it first), else TCP rounds under way and every live session."""
-        session = self._sessions.get(link.conn) if link.conn is not None else None
-        if session is not None and session.live and link.key is not None:
-            keys = [link.key] + [k for k in reversed(session.traversal.keys) if k != link.key]
-            return [(session, k) for k in keys]
-        owners = [(s, k) for k, (s, _) in reversed(self._tcp_rounds.items())]
-        return owners + [(s, k) for s in self._live() for k in reversed(s.traversal.keys)]
-
-    def on_tcp_check(self, link: TcpLink, data: bytes) -> None:
-        """A check-range frame on a TCP link: answer the peer's checks, validate ours."""
-        for session, key in self._tcp_owners(link):
-            try:
-                kind, tid, _ = punch.parse(key, data)
-            except punch.CheckError:
-                continue
-            if kind == punch.CHECK:
-                link.send(punch.encode_response(key, tid, link.remote))
-                if link.conn is not session.conn:
-                    # The peer proved the link is its own; prove it our way too.
-                    link.identified(session.conn, key)
-                    self._send_tcp_check(link, session, key)
-                return
-            pending = self._tcp_checks.get(tid)
-            if pending is not None and pending[0] is link and pending[2] == key:
-                del self._tcp_checks[tid]
-                self._tcp_validated(link, session, key)
-            else:
-                self._probe_answered(session, tid, PathKind.DIRECT_TCP, link.name)
-            return
-        if link.conn is None and not link.proved:
-            link.close()  # not a check of any session we know: nothing else is allowed here
-
-    def _tcp_validated(self, link: TcpLink, session: _Session, key: bytes) -> None:
-        conn = session.conn
-        if not session.live:
-            link.close()
-            return
-        link.identified(conn, key)
-        session.traversal.found(key)
-        conn.relay_reason = None
-        existing = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name))
-        if existing is not None and existing.send_datagram != link.send:
-            conn.paths.remove(existing)  # an earlier link to the same endpoint
-        path = conn.paths.add_validated(link.path(), self.node.clock())
-        if path.send_datagram == link.send and existing is not path:
-            self.counters["tcp_paths"] += 1
-            log.info("direct path to %s: %s", conn.peer, path.describe())
-        pending = self._tcp_rounds.get(key)
-        if pending is not None:
-            pending[1].set()
-
-    def on_tcp_lost(self, link: TcpLink) -> None:
-        """A TCP link closed: its path leaves the session (the relay takes over at once)."""
-        conn = link.conn
-        if conn is None:
-            return
-        path = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name))
-        if path is not None and path.send_datagram == link.send:
-            conn.paths.remove(path)
-            log.info("direct path to %s closed: %s", conn.peer, path.describe())
 
     def describe(self) -> dict[str, object]:
         """Counters for status displays."""

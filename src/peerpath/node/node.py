@@ -6,23 +6,22 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-
-from aioquic.quic.packet import QuicHeader, QuicPacketType
 
 from peerpath import errors
 from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
 from peerpath.nat.portmap import PortMappings
 from peerpath.net import KernelNet, Net
-from peerpath.node.admission import Admission, Source, Verdict
+from peerpath.node.admission import Admission, Source
 from peerpath.node.direct import DirectPaths
 from peerpath.node.reachability import Reachability
 from peerpath.node.relays import Relays
 from peerpath.node.requests import Request, TrustBroker
+from peerpath.node.sessions import SessionTable
 from peerpath.node.sockets import UdpSocket, UdpSockets
 from peerpath.node.state import default_state_dir
 from peerpath.node.tcp import TcpLink, TcpLinks
@@ -32,7 +31,7 @@ from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
 from peerpath.session.pathset import PathKind, PathSet, format_endpoint
-from peerpath.wire.datagram import DatagramKind, classify, quic_header
+from peerpath.wire.datagram import DatagramKind, classify
 from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.punch import is_check
 
@@ -66,7 +65,7 @@ class Node:
         self.broker = TrustBroker(identity, trust, trust.path.with_name("trust-requests.json"))
         self.direct = DirectPaths(self)
         #: The TCP listener on the node's port and the direct TCP links (direct paths only).
-        self.tcp = TcpLinks(self.net, self._tcp_frame, self.direct.on_tcp_lost, clock)
+        self.tcp = TcpLinks(self.net, self._tcp_frame, self.direct.tcp.on_lost, clock)
         #: Ports the home router maps to us on request (PCP / NAT-PMP), when it does.
         self.portmap = PortMappings()
         #: Which Initials may start a responder session (handshake limits, Retry).
@@ -81,8 +80,8 @@ class Node:
         }
         #: The node's UDP sockets: the main one, and extra ones that rounds open.
         self.udp = UdpSockets(self.net, self._datagram_received, self.counters, clock)
-        self._by_cid: dict[bytes, Connection] = {}
-        self._connections: set[Connection] = set()
+        #: Every session, by connection ID.
+        self.sessions = SessionTable(identity, self, self.config, self.admission, self.counters, clock, self._accepted)
         self._services: dict[int, StreamHandler] = {}
         self._message_handler: MessageHandler | None = None
         self._connecting: dict[Address, asyncio.Task[Connection]] = {}
@@ -169,7 +168,8 @@ class Node:
         self._closed = True
         for task in self._connecting.values():
             task.cancel()
-        await asyncio.gather(*(c.close("node shutting down") for c in list(self._connections)), return_exceptions=True)
+        self.sessions.closing = True
+        await asyncio.gather(*(c.close("node shutting down") for c in list(self.sessions.all)), return_exceptions=True)
         self.reachability.close()
         await self.direct.close()
         await self.broker.close()
@@ -256,23 +256,12 @@ class Node:
     @property
     def connections(self) -> list[Connection]:
         """Every live session."""
-        return [c for c in self._connections if not c.closed.done()]
+        return self.sessions.live
 
     def connection_to(self, address: Address) -> Connection | None:
-        """The established session with ``address``, if any. When both nodes dialled each
-        other at once there are two; the one the lower address started is preferred, by
-        both ends alike."""
-        sessions = [c for c in self._connections if c.peer == address and c.is_established]
-        if not sessions:
-            return None
-        return min(sessions, key=lambda c: not self._canonical(c))
-
-    def _canonical(self, conn: Connection) -> bool:
-        """Whether ``conn`` is the one to keep of two sessions between the same two nodes."""
-        if conn.peer is None:
-            return False
-        started_by = self.address if conn.role is Role.INITIATOR else conn.peer
-        return started_by.digest == min(self.address.digest, conn.peer.digest)
+        """The established session with ``address``, if any (of two, when both nodes dialled
+        each other at once, the one both ends keep)."""
+        return self.sessions.connection_to(address)
 
     async def connect(
         self, address: Address | str, via: Endpoint | None = None, *, timeout: float | None = None
@@ -315,8 +304,7 @@ class Node:
                 raise errors.NetworkError(f"{peer} is not online at {client.url.endpoint}")
             relay = await self.relays.client(found.relay) if found.relay else client  # the peer's home relay
             paths.add(self._relay_path(relay, peer.digest))
-        conn = self._new_connection(Role.INITIATOR, paths, expected_peer=peer)
-        self._register_cid(conn, conn.quic.host_cid, True)
+        conn = self.sessions.new(Role.INITIATOR, paths, expected_peer=peer)
         conn.start()
         try:
             await conn.wait_established(timeout)
@@ -347,47 +335,11 @@ class Node:
             raise errors.NetworkError(f"cannot resolve {host}")
         return (str(infos[0][4][0]), int(infos[0][4][1]))
 
-    def _new_connection(
-        self,
-        role: Role,
-        paths: PathSet,
-        *,
-        expected_peer: Address | None = None,
-        original_dcid: bytes | None = None,
-        retry_scid: bytes | None = None,
-    ) -> Connection:
-        conn = Connection(
-            self.identity,
-            role,
-            paths,
-            self,
-            self.config,
-            expected_peer=expected_peer,
-            original_destination_connection_id=original_dcid,
-            retry_source_connection_id=retry_scid,
-            on_connection_id=self._register_cid,
-            on_closed=self._forget,
-            clock=self.clock,
-        )
-        self._connections.add(conn)
-        return conn
-
     def _relay_path(self, client: RendezvousClient, peer: bytes) -> NetPath:
         def send(datagram: bytes) -> None:
             client.send_relay(peer, datagram)
 
         return NetPath(PathKind.RELAY, client.url.endpoint, send, created=self.clock())
-
-    def _register_cid(self, conn: Connection, cid: bytes, issued: bool) -> None:
-        if issued:
-            self._by_cid[cid] = conn
-        elif self._by_cid.get(cid) is conn:
-            del self._by_cid[cid]
-
-    def _forget(self, conn: Connection) -> None:
-        self._connections.discard(conn)
-        for cid in [cid for cid, c in self._by_cid.items() if c is conn]:
-            del self._by_cid[cid]
 
     # -- the socket -----------------------------------------------------------------------
 
@@ -408,12 +360,12 @@ class Node:
                 self.counters["datagrams_dropped"] += 1
         else:
             key = (PathKind.DIRECT_UDP, format_endpoint(remote))
-            self._demux(data, key, lambda: self.udp.path(remote, sock), Source(remote[0]))
+            self.sessions.deliver(data, key, lambda: self.udp.path(remote, sock), Source(remote[0]))
 
     def _tcp_frame(self, link: TcpLink, data: bytes) -> None:
         """A datagram from a TCP link: a check, or QUIC for the session a check tied it to."""
         if is_check(data):
-            self.direct.on_tcp_check(link, data)
+            self.direct.tcp.on_check(link, data)
             return
         conn = link.conn
         if conn is None:
@@ -424,8 +376,7 @@ class Node:
                 link.close()
             return
         self.counters["datagrams_received"] += 1
-        header = quic_header(data)
-        if header is None or self._by_cid.get(header.destination_cid) is not conn:
+        if not self.sessions.owns(conn, data):
             self.counters["datagrams_dropped"] += 1
             return
         path = conn.paths.paths.get((PathKind.DIRECT_TCP, link.name)) or link.path()
@@ -438,64 +389,14 @@ class Node:
             return
         # The server vouches for who sent it: a peer we trust is never kept out by strangers.
         sender = Source(source.hex(), authenticated=True, trusted=self.is_trusted(Address(source)))
-        self._demux(data, (PathKind.RELAY, client.url.endpoint), lambda: self._relay_path(client, source), sender)
+        key = (PathKind.RELAY, client.url.endpoint)
+        self.sessions.deliver(data, key, lambda: self._relay_path(client, source), sender)
 
-    def _demux(self, data: bytes, key: tuple[PathKind, str], make_path: Callable[[], NetPath], source: Source) -> None:
-        """Hand a datagram to its session by destination connection ID; an Initial may start one."""
-        self.counters["datagrams_received"] += 1
-        header = quic_header(data)
-        if header is None:
-            self.counters["datagrams_dropped"] += 1
-            return
-        conn = self._by_cid.get(header.destination_cid)
-        if conn is None:
-            conn = self._accept(header, len(data), make_path, source)
-            if conn is None:
-                self.counters["datagrams_dropped"] += 1
-                return
-        path = conn.paths.paths.get(key)
-        if path is not None:
-            conn.datagram_received(data, path)
-        else:
-            # A path no check has validated is not adopted while the relay is there to fall
-            # back on (an on-path attacker could race a copy of a packet from elsewhere);
-            # without a relay, follow the peer as QUIC itself would (a NAT rebinding).
-            conn.datagram_received(data, make_path(), known=not conn.paths.has_kind(PathKind.RELAY))
-
-    def _accept(
-        self, header: QuicHeader, size: int, make_path: Callable[[], NetPath], source: Source
-    ) -> Connection | None:
-        """A responder session for an Initial, if :class:`Admission` lets it in (or a Retry)."""
-        # RFC 9000 14.1: a client's Initial is padded to at least 1200 bytes.
-        if self._closed or header.packet_type != QuicPacketType.INITIAL or size < 1200 or header.version is None:
-            return None
-        decision = self.admission.decide(
-            source, header.version, header.destination_cid, header.source_cid, header.token, self.clock()
-        )
-        if decision.verdict is Verdict.RETRY:
-            make_path().send_datagram(decision.retry_packet)
-        if decision.verdict is not Verdict.ADMIT:
-            return None
-        paths = PathSet()
-        paths.add(make_path())
-        conn = self._new_connection(
-            Role.RESPONDER, paths, original_dcid=decision.original_dcid, retry_scid=decision.retry_scid
-        )
-        self._register_cid(conn, header.destination_cid, True)
-        self._register_cid(conn, conn.quic.host_cid, True)
-        # Established or not, by the connect timeout at the latest: the slot is free again.
-        conn.established.add_done_callback(lambda _: self.admission.finished(decision.slot))
-        conn.established.add_done_callback(lambda f: self._refused(conn, f))
-        return conn
-
-    def _refused(self, conn: Connection, future: asyncio.Future[None]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self.counters["sessions_refused"] += 1
-            asyncio.get_running_loop().call_later(5.0, self._forget, conn)
-        else:
-            log.info("session from %s over %s", conn.peer, conn.path and conn.path.describe())
-            if conn.path is not None and conn.path.kind is PathKind.RELAY and self.direct_paths:
-                self.direct.watch(conn, initiator=False)
+    def _accepted(self, conn: Connection) -> None:
+        """A peer's session got established: keep it on its best path."""
+        log.info("session from %s over %s", conn.peer, conn.path and conn.path.describe())
+        if conn.path is not None and conn.path.kind is PathKind.RELAY and self.direct_paths:
+            self.direct.watch(conn, initiator=False)
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the node: address, endpoint, sessions and counters."""

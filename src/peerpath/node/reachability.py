@@ -12,8 +12,9 @@ from typing import Any
 
 from peerpath import errors
 from peerpath.clock import Clock
-from peerpath.nat.netcheck import netcheck, port_step
+from peerpath.nat.netcheck import netcheck
 from peerpath.nat.portmap import PortMappings
+from peerpath.nat.ports import port_step
 from peerpath.nat.stun_client import UdpStunSocket
 from peerpath.nat.traversal import NAT_WAIT, PREDICT_WAIT, LocalSide, prediction_wanted
 from peerpath.net import Net
