@@ -361,26 +361,6 @@ class FakeUdp:
         self._on_datagram(data, source.as_tuple())
 
 
-class _FakeDatagramTransport(asyncio.DatagramTransport):
-    """What a :class:`UdpStunSocket` expects of its transport, over a :class:`FakeUdp`."""
-
-    def __init__(self, sock: FakeUdp) -> None:
-        super().__init__({"sockname": sock.local})
-        self._sock = sock
-
-    def sendto(self, data: Any, addr: Any = None) -> None:
-        self._sock.sendto(bytes(data), addr)
-
-    def is_closing(self) -> bool:
-        return self._sock.closed
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def abort(self) -> None:
-        self._sock.close()
-
-
 @dataclass(eq=False)
 class FakeTcpListener:
     """A listening TCP socket of a :class:`FakeHost` (a :class:`peerpath.net.TcpListener`)."""
@@ -753,12 +733,9 @@ class FakeHost:
         return sock
 
     async def open_stun_socket(self, toward: Address) -> UdpStunSocket:
-        """A real :class:`UdpStunSocket` whose datagrams travel this fake network."""
-        proto = UdpStunSocket()
-        sock = cast(FakeUdp, self.bind_udp(self.ip, 0, proto.datagram_received))
-        proto.connection_made(_FakeDatagramTransport(sock))
-        proto._local = Address(self.ip, sock.local[1])
-        return proto
+        """A real :class:`UdpStunSocket` whose datagrams travel this fake network (for
+        netcheck's ``open_socket``)."""
+        return await UdpStunSocket.open(toward, (self.ip, 0), net=self)
 
     def _send_udp(self, data: bytes, port: int, dest: Address) -> None:
         if not self.udp_blocked:
