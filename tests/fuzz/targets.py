@@ -1561,7 +1561,12 @@ def _text_seeds() -> list[bytes]:
 def _run_text(data: bytes, rng: random.Random) -> None:
     text = data.decode("utf-8", "replace")
     rv_client._pick_udp_endpoint([text, "127.0.0.1:7878"], "127.0.0.1")  # the client does not expect it to raise
-    for parse in (Address.parse, RendezvousUrl.parse, parse_endpoint):
+    for parse in (
+        Address.parse,
+        RendezvousUrl.parse,
+        parse_endpoint,
+        functools.partial(parse_endpoint, default_port=3478),
+    ):
         with contextlib.suppress(ValueError):
             parse(text)
 
@@ -1573,7 +1578,7 @@ register(
         _run_text,
         (),
         dialect="text",
-        doc="addresses, rendezvous URLs and endpoints that arrive in messages (Address.parse, "
-        "RendezvousUrl.parse, parse_endpoint, the client's _pick_udp_endpoint)",
+        doc="addresses, rendezvous URLs and endpoints that arrive in messages or are typed (Address.parse, "
+        "RendezvousUrl.parse, parse_endpoint strict and with a default port, the client's _pick_udp_endpoint)",
     )
 )

@@ -31,6 +31,7 @@ from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session.connection import Connection, MessageHandler, Role, SessionConfig, StreamHandler
 from peerpath.session.pathset import Path as NetPath
 from peerpath.session.pathset import PathKind, PathSet, format_endpoint
+from peerpath.wire import rendezvous as rv
 from peerpath.wire.datagram import DatagramKind, classify
 from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.punch import is_check
@@ -136,13 +137,13 @@ class Node:
         """The relay peers reach this node through (chosen among those the server offers)."""
         return self.relays.home
 
-    def _on_registered(self, registered: Any) -> None:
+    def _on_registered(self, registered: rv.Registered) -> None:
         """After every registration: choose a home relay among those the server offers, and
         learn again where we are and (at most every ten minutes) what NAT we are behind."""
         self.relays.choose_home(list(registered.relays))
         self.reachability.registered(registered)
 
-    def _letter_received(self, letter: Any) -> None:
+    def _letter_received(self, letter: rv.Letter) -> None:
         outcome = self.broker.receive(letter)
         log.debug("letter %s from the rendezvous: %s", letter.kind, outcome)
 
