@@ -240,9 +240,10 @@ def test_trust_pending_escapes_a_strangers_note_for_the_terminal(monkeypatch: py
     from typer.testing import CliRunner
 
     from peerpath import cli
+    from peerpath.cli import trust
 
     pending = [{"address": "pp1stranger\x1b[1m", "note": HOSTILE_NOTE, "created": 1_700_000_000}]
-    monkeypatch.setattr(cli, "_daemon_call", lambda state_dir, request: pending)
+    monkeypatch.setattr(trust, "daemon_call", lambda state_dir, request: pending)
     human = CliRunner().invoke(cli.app, ["trust", "pending"])
     assert human.exit_code == 0, human.output
     line = human.output.rstrip("\n")
@@ -257,7 +258,7 @@ def test_trust_pending_escapes_a_strangers_note_for_the_terminal(monkeypatch: py
 
 
 def test_printable_leaves_ordinary_text_alone() -> None:
-    from peerpath.cli import _printable
+    from peerpath.cli.common import printable as _printable
 
     text = "planner agent: café, 日本語, emoji 👩‍💻, quotes \"'\\ and spaces\u00a0ok"
     assert _printable(text) == text

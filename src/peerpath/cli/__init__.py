@@ -1,0 +1,25 @@
+"""The ``peerpath`` command. Thin: it parses arguments and calls into the package.
+
+One module per command group: :mod:`~peerpath.cli.daemon` (the node: up, address, ping,
+status, demo), :mod:`~peerpath.cli.trust`, :mod:`~peerpath.cli.netcheck` and
+:mod:`~peerpath.cli.server` (server and relay); :mod:`~peerpath.cli.common` holds what
+they share.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from peerpath.cli import daemon, netcheck, server, trust
+from peerpath.cli.app import app
+from peerpath.cli.common import run_event_loop
+
+__all__ = ["app", "daemon", "main", "netcheck", "run_event_loop", "server", "trust"]
+
+
+def main() -> None:
+    """Entry point of the ``peerpath`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,222 @@
+"""``peerpath server`` and ``peerpath relay``: the rendezvous, relay and STUN servers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from peerpath.cli.app import app
+from peerpath.cli.common import URL_FILE, fail, load_identity, log, parse_rendezvous, run_event_loop, until_signalled
+from peerpath.identity import Identity
+from peerpath.nat.stun_server import DEFAULT_STUN_PORT, StunServer
+from peerpath.node.state import default_state_dir
+from peerpath.rendezvous.limits import ServerLimits
+from peerpath.rendezvous.server import RendezvousServer
+from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
+from peerpath.rendezvous.url import RendezvousUrl
+from peerpath.wire.stun import Address
+
+# The limits a server or a relay enforces (docs/security.md lists them all).
+RelayRate = Annotated[
+    float, typer.Option("--relay-rate", min=1024, metavar="BYTES", help="Relayed bytes per second per agent.")
+]
+
+
+RelayBurst = Annotated[
+    float, typer.Option("--relay-burst", min=2048, metavar="BYTES", help="Relay burst per agent, in bytes.")
+]
+
+
+MaxAgents = Annotated[int, typer.Option("--max-agents", min=1, help="Agents registered at once, at most.")]
+
+
+MaxPerIp = Annotated[
+    int, typer.Option("--max-connections-per-ip", min=1, help="Open connections per client IP, at most.")
+]
+
+
+@app.command("server")
+def server_command(
+    public_ip: Annotated[
+        list[str],
+        typer.Option(
+            "--public-ip",
+            metavar="IP",
+            help="A public IP to serve on; give two for RFC 5780 behaviour discovery.",
+        ),
+    ],
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", metavar="DIR", help="The server's key and state [default: per-user dir/server]."),
+    ] = None,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Rendezvous and relay port (TLS over TCP and UDP; 0: any).")
+    ] = DEFAULT_RENDEZVOUS_PORT,
+    wss_port: Annotated[
+        int | None,
+        typer.Option(
+            "--wss-port",
+            min=0,
+            max=65535,
+            help="WebSocket-over-TLS port, for networks that let only HTTPS out (0: any) [default: 443 if free].",
+        ),
+    ] = None,
+    stun_port: Annotated[int, typer.Option("--stun-port", min=1, max=65535, help="Primary STUN port.")] = (
+        DEFAULT_STUN_PORT
+    ),
+    alternate_port: Annotated[
+        int | None,
+        typer.Option("--alternate-port", min=1, max=65535, help="Alternate STUN port (default: primary + 1)."),
+    ] = None,
+    tcp: Annotated[bool, typer.Option("--tcp/--no-tcp", help="Also answer STUN over TCP.")] = True,
+    rate: Annotated[
+        float, typer.Option("--rate", min=0.1, help="STUN requests per second allowed per source IP.")
+    ] = 50.0,
+    burst: Annotated[float, typer.Option("--burst", min=1, help="STUN request burst allowed per source IP.")] = 100.0,
+    relay_rate: RelayRate = ServerLimits.relay_rate,
+    relay_burst: RelayBurst = ServerLimits.relay_burst,
+    max_agents: MaxAgents = ServerLimits.max_agents,
+    max_per_ip: MaxPerIp = ServerLimits.max_connections_per_ip,
+    relay: Annotated[
+        list[str],
+        typer.Option(
+            "--relay", metavar="URL", help="Another relay (peerpath relay) agents may pick as home; repeatable."
+        ),
+    ] = [],  # noqa: B006  (typer reads the default, never mutates it)
+) -> None:
+    """Run the peerpath server: rendezvous and relay (TLS), and STUN (RFC 8489/5780) on UDP and TCP.
+
+    Prints the rendezvous URL agents use (also written to STATE_DIR/rendezvous.url).
+    """
+    if len(public_ip) > 2:
+        fail("give at most two --public-ip addresses", 2)
+    for ip in public_ip:
+        try:
+            Address(ip, 0)
+        except ValueError:
+            fail(f"--public-ip {ip!r} is not an IP address", 2)
+    if len(public_ip) == 2 and public_ip[0] == public_ip[1]:
+        fail("the two --public-ip addresses must differ", 2)
+    alternate = alternate_port if alternate_port is not None else stun_port + 1
+    if alternate == stun_port or alternate > 65535:
+        fail("--alternate-port must differ from --stun-port and be at most 65535", 2)
+    directory = state_dir if state_dir is not None else default_state_dir() / "server"
+    identity = load_identity(directory)
+    limits = _server_limits(relay_rate, relay_burst, max_agents, max_per_ip)
+    relay_urls = [parse_rendezvous(text, "--relay") for text in relay]
+
+    async def run() -> None:
+        try:
+            stun = await StunServer.start(public_ip, stun_port, alternate, tcp=tcp, rate=rate, burst=burst)
+        except OSError as exc:
+            fail(f"cannot listen: {exc.strerror or exc} (is the address on this host, and the port free?)")
+        try:
+            stun_endpoints = [f"{ip}:{stun.responder.ports[0]}" for ip in public_ip]
+            rendezvous = await _start_rendezvous(
+                identity, directory, public_ip, port, wss_port, limits, relay_urls, stun_endpoints
+            )
+        except BaseException:
+            await stun.close()
+            raise
+        mode = "RFC 5780 behaviour discovery" if stun.responder.full else "single address, no CHANGE-REQUEST"
+        log.info("STUN server (%s) listening on %s", mode, ", ".join(stun.listening()))
+        try:
+            await until_signalled()
+        finally:
+            await rendezvous.close()
+            await stun.close()
+            counts = {**stun.responder.counters.as_dict(), **rendezvous.counters}
+            log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    run_event_loop(run())
+
+
+def _server_limits(relay_rate: float, relay_burst: float, max_agents: int, max_per_ip: int) -> ServerLimits:
+    """The limits a server or relay enforces, from its command line (docs/security.md lists them all)."""
+    return ServerLimits(
+        relay_rate=relay_rate,
+        relay_burst=max(relay_burst, relay_rate / 10),
+        max_agents=max_agents,
+        max_connections=max(ServerLimits.max_connections, max_agents * 2),
+        max_connections_per_ip=max_per_ip,
+    )
+
+
+async def _start_rendezvous(
+    identity: Identity,
+    directory: Path,
+    public_ip: list[str],
+    port: int,
+    wss_port: int | None,
+    limits: ServerLimits,
+    relays: list[RendezvousUrl],
+    stun: list[str] | None = None,
+) -> RendezvousServer:
+    """Start a rendezvous/relay server, print its URL (and write it to DIR/rendezvous.url)."""
+    rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
+    try:
+        await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port)
+    except OSError as exc:
+        await rendezvous.close()
+        if wss_port is not None:
+            fail(f"cannot listen on port {port} or --wss-port {wss_port}: {exc.strerror or exc}")
+        log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
+        rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
+        try:
+            await rendezvous.start(public_ip, port)
+        except OSError as again:
+            await rendezvous.close()
+            fail(f"cannot listen on port {port}: {again.strerror or again}")
+    url = str(rendezvous.url())
+    (directory / URL_FILE).write_text(url + "\n")
+    typer.echo(url)
+    sys.stdout.flush()
+    listeners = [f"tls+udp {h}:{rendezvous.port}" for h in public_ip]
+    if rendezvous.wss_port:
+        listeners += [f"wss {h}:{rendezvous.wss_port}" for h in public_ip]
+    log.info("rendezvous and relay on %s", ", ".join(listeners))
+    return rendezvous
+
+
+@app.command("relay")
+def relay_command(
+    public_ip: Annotated[list[str], typer.Option("--public-ip", metavar="IP", help="A public IP to relay on.")],
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", metavar="DIR", help="The relay's key and state [default: per-user dir/relay]."),
+    ] = None,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Relay port (TLS over TCP and UDP; 0: any).")
+    ] = DEFAULT_RENDEZVOUS_PORT,
+    wss_port: Annotated[
+        int | None,
+        typer.Option("--wss-port", min=0, max=65535, help="WebSocket-over-TLS port [default: 443 if free]."),
+    ] = None,
+    relay_rate: RelayRate = ServerLimits.relay_rate,
+    relay_burst: RelayBurst = ServerLimits.relay_burst,
+    max_agents: MaxAgents = ServerLimits.max_agents,
+    max_per_ip: MaxPerIp = ServerLimits.max_connections_per_ip,
+) -> None:
+    """Run a relay alone. Give its URL to the server (peerpath server --relay URL); agents near it
+    pick it as their home relay."""
+    for ip in public_ip:
+        try:
+            Address(ip, 0)
+        except ValueError:
+            fail(f"--public-ip {ip!r} is not an IP address", 2)
+    directory = state_dir if state_dir is not None else default_state_dir() / "relay"
+    identity = load_identity(directory)
+    limits = _server_limits(relay_rate, relay_burst, max_agents, max_per_ip)
+
+    async def run() -> None:
+        relay = await _start_rendezvous(identity, directory, public_ip, port, wss_port, limits, [])
+        try:
+            await until_signalled()
+        finally:
+            await relay.close()
+            log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in relay.counters.items()))
+
+    run_event_loop(run())
