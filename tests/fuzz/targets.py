@@ -1339,7 +1339,8 @@ def _run_direct(data: bytes, rng: random.Random) -> None:
         else:
             initiator = traversal.Traversal(initiator=True)
             offer = initiator.offer(traversal.LocalSide(_LOCAL.candidates, _LOCAL.tcp, None, rng.random() < 0.5, True))
-            plans.append(initiator.answered(offer, message, sent=0.0, now=0.1)[1])
+            initiator.answered(offer, message, sent=0.0, now=0.1)
+            plans.append(initiator.begin(now=0.1))
         for plan in plans:
             if plan is None:
                 continue

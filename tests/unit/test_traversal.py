@@ -36,7 +36,8 @@ def exchange(mine: LocalSide, theirs: LocalSide, *, failures: int = 0, go_at: fl
     wire = traversal.decode_message(traversal.encode_message(offer), Offer)
     responder.remember(wire.key)
     answer = traversal.decode_message(traversal.encode_message(responder.offered(wire, theirs, held=0.0)), Answer)
-    go, plan = initiator.answered(offer, answer, sent=go_at - 0.1, now=go_at)
+    go = initiator.answered(offer, answer, sent=go_at - 0.1, now=go_at)
+    plan = initiator.begin(go_at)
     other = responder.go(traversal.decode_message(traversal.encode_message(go), Go), now=go_at + 0.05)
     assert other is not None
     return initiator, responder, plan, other
@@ -67,10 +68,12 @@ def test_the_initiator_starts_half_a_round_trip_after_go_and_the_responder_on_ar
     offer = initiator.offer(EASY)
     # 0.3 s between offer and answer, of which the responder held it 0.1 s: the RTT is 0.2 s.
     answer = Answer(EASY.candidates, held=0.1)
-    _, plan = initiator.answered(offer, answer, sent=5.0, now=5.3)
-    assert plan.start == pytest.approx(5.4) and plan.key == offer.key
+    initiator.answered(offer, answer, sent=5.0, now=5.3)
+    plan = initiator.begin(5.31)  # once go is sent
+    assert plan.start == pytest.approx(5.41) and plan.key == offer.key
     # A long hold counts only up to what a responder may legitimately wait.
-    _, plan = initiator.answered(offer, Answer(EASY.candidates, held=60.0), sent=5.0, now=9.0)
+    initiator.answered(offer, Answer(EASY.candidates, held=60.0), sent=5.0, now=9.0)
+    plan = initiator.begin(9.0)
     assert plan.start == pytest.approx(9.0 + (4.0 - traversal.NAT_WAIT - traversal.PREDICT_WAIT) / 2)
     _, _, _, other = exchange(EASY, EASY, go_at=7.0)
     assert other.start == pytest.approx(7.05)
@@ -168,13 +171,13 @@ def test_checks_outside_rounds_are_answered_once_under_any_recent_key() -> None:
         t.remember(key)
     source = ("198.51.100.7", 4000)
     check = punch.encode_check(keys[1], b"t" * punch.TID_BYTES)
-    outcome = t.check(check, source)
-    assert outcome is not None and outcome.peer_checked and outcome.reply is not None
+    outcome = t.check(check, source, 1.0, known=True)
+    assert outcome is not None and outcome.reply is not None
     assert punch.parse(keys[1], outcome.reply)[0] == punch.RESPONSE
-    again = t.check(check, ("192.0.2.1", 9))  # a copy from elsewhere: taken, and nothing sent
-    assert again is not None and again.reply is None and not again.peer_checked
-    assert t.check(punch.encode_check(keys[0], b"u" * punch.TID_BYTES), source) is None  # aged out
-    assert t.check(b"\x00" * 48, source) is None
+    again = t.check(check, ("192.0.2.1", 9), 1.0, known=False)  # a copy from elsewhere: nothing sent
+    assert again == traversal.CheckOutcome()
+    assert t.check(punch.encode_check(keys[0], b"u" * punch.TID_BYTES), source, 1.0, known=True) is None  # aged out
+    assert t.check(b"\x00" * 48, source, 1.0, known=True) is None
 
 
 def test_probes_go_under_the_key_that_found_the_path_and_are_credited_to_their_path() -> None:
@@ -191,30 +194,46 @@ def test_probes_go_under_the_key_that_found_the_path_and_are_credited_to_their_p
     assert t.probe_answered(tid2, ("direct udp", "198.51.100.7:4000"))
     assert not t.probe_answered(tid2, ("direct udp", "198.51.100.7:4000"))  # once
     answer = punch.encode_response(b"a" * punch.KEY_BYTES, tid, ("0.0.0.0", 0))
-    outcome = t.check(answer, ("198.51.100.7", 4000))
+    outcome = t.check(answer, ("198.51.100.7", 4000), 1.0, known=True)
     assert outcome is not None and outcome.answered == tid
 
 
-def test_a_new_source_of_the_peers_checks_is_checked_in_turn_and_validated_by_the_answer() -> None:
-    """Outside rounds (the peer's NAT rebound): the peer's fresh check from an address no
-    path leads to is answered and checked in turn, at most once a TRIGGER_INTERVAL; only
-    the answer from that very address validates it."""
+def test_a_rebound_peer_is_checked_in_turn_and_validated_by_the_answer_from_there() -> None:
+    """Outside rounds: the peer's fresh check from a new port of the IP its direct path goes
+    to, while that path is silent (its NAT rebound), is answered and checked in turn under
+    the same key; only the answer from that very address validates it. Other sources, a
+    path still heard from, and a spent budget get an answer and nothing more."""
     t = Traversal(initiator=False)
-    key = b"k" * punch.KEY_BYTES
-    t.remember(key)
-    new = ("198.51.100.7", 20001)
-    first = t.check(punch.encode_check(key, b"a" * punch.TID_BYTES), new, 10.0, known=False)
-    assert first is not None and first.reply is not None and first.trigger is not None
-    again = t.check(punch.encode_check(key, b"b" * punch.TID_BYTES), new, 10.5, known=False)
-    assert again is not None and again.reply is not None and again.trigger is None  # not twice a second
-    known = t.check(punch.encode_check(key, b"c" * punch.TID_BYTES), ("198.51.100.7", 4000), 10.5)
-    assert known is not None and known.trigger is None  # a path leads there already
-    _, tid, _ = punch.parse(key, first.trigger)
-    answer = punch.encode_response(key, tid, ("0.0.0.0", 0))
-    elsewhere = t.check(answer, ("192.0.2.66", 20001), 10.6)
-    assert elsewhere is not None and elsewhere.validated is None  # from another address: nothing
-    there = t.check(answer, new, 10.6)
-    assert there is not None and there.validated == key
-    assert t.check(answer, new, 10.7) == traversal.CheckOutcome(answered=tid)  # once
-    relayed = t.check(punch.encode_check(key, b"d" * punch.TID_BYTES), traversal.RELAY_OBSERVED, 20.0, known=False)
-    assert relayed is not None and relayed.trigger is None  # over the relay: nowhere to check
+    old, new = b"o" * punch.KEY_BYTES, b"k" * punch.KEY_BYTES
+    t.remember(old)
+    t.remember(new)
+    rebound = ("198.51.100.7", 20001)
+    silent = [("198.51.100.7", 5.0)]  # the direct path to 198.51.100.7:4000, last heard at 5 s
+
+    def check(tid: bytes, source, now: float, direct, key: bytes = old):
+        return t.check(punch.encode_check(key, tid * punch.TID_BYTES), source, now, known=False, direct=direct)
+
+    assert check(b"a", rebound, 6.0, silent).trigger is None  # heard 1 s ago: nothing wrong
+    assert check(b"b", ("192.0.2.66", 20001), 10.0, silent).trigger is None  # another IP
+    assert check(b"c", rebound, 10.0, []).trigger is None  # no direct path (or the wrong socket)
+    first = check(b"d", rebound, 10.0, silent)
+    assert first.reply is not None and first.trigger is not None
+    _, tid, _ = punch.parse(old, first.trigger)  # under the key the peer's check came under
+    answer = punch.encode_response(old, tid, ("0.0.0.0", 0))
+    assert t.check(answer, ("192.0.2.66", 20001), 10.1, known=False).validated is None  # from elsewhere
+    there = t.check(answer, rebound, 10.1, known=False)
+    assert there is not None and there.validated == old
+    assert t.check(answer, rebound, 10.2, known=False) == traversal.CheckOutcome(answered=tid)  # once
+    # A budget per session, whatever the sources: a burst, then one a second.
+    triggers = [check(bytes([i]), ("198.51.100.7", 20002 + i), 10.5, silent).trigger for i in range(10)]
+    assert sum(x is not None for x in triggers) == traversal.TRIGGER_BURST - 1
+    assert check(b"z", ("198.51.100.7", 30000), 11.6, silent).trigger is not None
+    relayed = check(b"y", traversal.RELAY_OBSERVED, 20.0, silent)
+    assert relayed.trigger is None  # over the relay: nowhere to check
+
+
+def test_a_direct_path_silent_for_long_is_stale() -> None:
+    assert not traversal.stale("direct udp", 0.0, traversal.UDP_STALE)
+    assert traversal.stale("direct udp", 0.0, traversal.UDP_STALE + 0.1)
+    assert traversal.stale("direct tcp", 0.0, traversal.TCP_IDLE + 0.1)
+    assert not traversal.stale("relay", 0.0, 1e9)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from peerpath.clock import Clock, monotonic
 from peerpath.nat.ports import port_step
 from peerpath.nat.stun_client import StunTransport, UdpStunSocket, new_transaction_id
 from peerpath.wire.endpoint import parse_endpoint
@@ -130,7 +130,7 @@ async def netcheck(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     open_socket: Opener = _open_udp,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = monotonic,
 ) -> NetcheckResult:
     """Discover this host's NAT mapping and filtering behaviour against one STUN server."""
     start = clock()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from peerpath.clock import Clock, monotonic
 from peerpath.net import DatagramTransport, KernelNet, Net
 from peerpath.wire import stun
 from peerpath.wire.endpoint import Endpoint
@@ -60,7 +60,9 @@ def new_transaction_id() -> bytes:
 class UdpStunSocket(asyncio.DatagramProtocol):
     """A UDP socket that runs STUN transactions; see :class:`StunTransport`."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = monotonic) -> None:
+        #: What round trips are measured with (the node's clock; the deadline is the loop's).
+        self.clock = clock
         self._transport: asyncio.DatagramTransport | None = None
         self._pending: dict[bytes, asyncio.Future[tuple[Message, Address]]] = {}
         self._probes: dict[bytes, asyncio.Event] = {}
@@ -68,11 +70,13 @@ class UdpStunSocket(asyncio.DatagramProtocol):
         self.malformed = 0
 
     @classmethod
-    async def open(cls, toward: Address, bind: Endpoint | None = None, *, net: Net | None = None) -> UdpStunSocket:
+    async def open(
+        cls, toward: Address, bind: Endpoint | None = None, *, net: Net | None = None, clock: Clock = monotonic
+    ) -> UdpStunSocket:
         """Bind a socket (``bind`` or any port) on ``net`` (default: the kernel's) whose traffic
         will go ``toward`` a server."""
         net = net or KernelNet()
-        proto = cls()
+        proto = cls(clock)
         host, port = bind or (("::" if toward.family == 2 else "0.0.0.0"), 0)
         sock = net.bind_udp(host, port, proto.datagram_received)
         proto.connection_made(DatagramTransport(sock))
@@ -124,7 +128,7 @@ class UdpStunSocket(asyncio.DatagramProtocol):
         data = message.serialize(fingerprint=True)
         future: asyncio.Future[tuple[Message, Address]] = loop.create_future()
         self._pending[message.transaction_id] = future
-        start = time.perf_counter()
+        start = self.clock()
         deadline = loop.time() + timeout
         try:
             interval = rto
@@ -135,7 +139,7 @@ class UdpStunSocket(asyncio.DatagramProtocol):
                     return None
                 with contextlib.suppress(TimeoutError):
                     response, source = await asyncio.wait_for(asyncio.shield(future), min(interval, remaining))
-                    return StunResponse(response, source, time.perf_counter() - start)
+                    return StunResponse(response, source, self.clock() - start)
                 interval *= 2
         finally:
             self._pending.pop(message.transaction_id, None)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
@@ -30,6 +30,7 @@ import msgspec
 from peerpath import errors
 from peerpath.nat.ports import MAX_PORT_STEP
 from peerpath.nat.punch import MAX_CANDIDATES, Puncher, ReplayWindow
+from peerpath.ratelimit import TokenBucket
 from peerpath.wire import punch
 from peerpath.wire.codec import decode
 from peerpath.wire.endpoint import Endpoint, parse_endpoint
@@ -74,11 +75,18 @@ MAX_TCP_CANDIDATES = 8
 ROUND_KEYS = 4
 #: Probes of one session awaiting their answer, at most (the oldest are forgotten).
 MAX_PROBES = 256
-#: Outside rounds, a new source of the peer's checks (its NAT rebound, RFC 8445 7.3.1.3
-#: peer-reflexive) is checked in turn at most once a TRIGGER_INTERVAL, and at most
-#: MAX_TRIGGERED of those checks are awaited at once.
-TRIGGER_INTERVAL = 1.0
+#: Outside rounds, the peer's fresh check from a new port of the IP one of its direct paths
+#: goes to, while none of those paths has been heard from for REBIND_SILENCE seconds (its
+#: NAT rebound, RFC 8445 7.3.1.3 peer-reflexive), is checked in turn: at most
+#: TRIGGER_RATE of those checks a second per session (burst TRIGGER_BURST), and at most
+#: MAX_TRIGGERED awaited at once.
+REBIND_SILENCE = 3.0
+TRIGGER_RATE = 1.0
+TRIGGER_BURST = 3.0
 MAX_TRIGGERED = 8
+#: A direct UDP path not heard from for this long leaves the session (a rebound NAT's old
+#: port, say): it is no longer probed, and a later round finds what works.
+UDP_STALE = 60.0
 #: What a probe answer sent back over the relay names as the check's source (it has none).
 RELAY_OBSERVED = ("0.0.0.0", 0)
 
@@ -410,10 +418,9 @@ class UdpRound:
 class CheckOutcome:
     """What a check-range datagram outside a round means for a session."""
 
-    #: The answer to send back where it came from (None: nothing to send).
+    #: The answer to send back where it came from (None: nothing to send; when there is
+    #: one, the peer's checks get through from there).
     reply: bytes | None = None
-    #: The peer checked us from there (its probes get through that path).
-    peer_checked: bool = False
     #: The tid of one of our probes this answers.
     answered: bytes | None = None
     #: A check of our own to send back to where the peer's came from (no path leads there
@@ -444,10 +451,18 @@ class Traversal:
     replays: ReplayWindow = field(default_factory=ReplayWindow)
     #: Probes awaiting an answer: tid -> the path's (kind, remote) name.
     probes: dict[bytes, tuple[str, str]] = field(default_factory=dict)
-    #: Checks sent to new sources of the peer's checks: tid -> (where, key); and when each
-    #: source was last checked.
+    #: Checks sent to new sources of the peer's checks: tid -> (where, key), and their budget.
     triggered: dict[bytes, tuple[Endpoint, bytes]] = field(default_factory=dict)
-    triggered_at: dict[Endpoint, float] = field(default_factory=dict)
+    trigger_budget: TokenBucket = field(default_factory=lambda: TokenBucket(TRIGGER_RATE, TRIGGER_BURST, 0.0))
+    #: The round the peer's answer settled (initiator), until it begins: offer, answer,
+    #: RTT and whether TCP joins.
+    _starting: tuple[Offer, Answer, float, bool] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def current_key(self) -> bytes | None:
+        """The key probes are signed with: the latest round that found a path, else the
+        latest round (both sides know its key from the offer)."""
+        return self.probe_key or (self.keys[-1] if self.keys else None)
 
     # rounds
 
@@ -477,15 +492,24 @@ class Traversal:
             local.port_step,
         )
 
-    def answered(self, offer: Offer, answer: Answer, sent: float, now: float) -> tuple[Go, RoundPlan]:
-        """The peer's answer arrived (initiator): what to send, and the round, starting half a
-        round trip from now (when "go" reaches the peer)."""
+    def answered(self, offer: Offer, answer: Answer, sent: float, now: float) -> Go:
+        """The peer's answer arrived (initiator): the "go" to send; :meth:`begin` once it is sent."""
         rtt = max(0.0, now - sent - min(answer.held, NAT_WAIT + PREDICT_WAIT))
         # TCP when UDP is out of the question for either side, or did not work last time.
         tcp = bool(offer.tcp and answer.tcp) and (not offer.udp or not answer.udp or self.failures > 0)
+        self._starting = (offer, answer, rtt, tcp)
+        return Go(tcp)
+
+    def begin(self, now: float) -> RoundPlan:
+        """ "Go" is on its way (initiator): the round, starting half a round trip from now,
+        when "go" reaches the peer."""
+        if self._starting is None:
+            raise RuntimeError("begin() before answered()")
+        offer, answer, rtt, tcp = self._starting
+        self._starting = None
         plan = _plan(offer.key, now + rtt / 2, offer, answer, tcp, offer.port_step)
         self._explain(plan.relay_reason)
-        return Go(tcp), plan
+        return plan
 
     def round_ended(self, direct: bool, now: float) -> None:
         """A round is over (initiator): the next one after a backoff if it found nothing."""
@@ -530,11 +554,21 @@ class Traversal:
 
     # checks and probes outside rounds
 
-    def check(self, data: bytes, source: Endpoint, now: float = 0.0, *, known: bool = True) -> CheckOutcome | None:
+    def check(
+        self,
+        data: bytes,
+        source: Endpoint,
+        now: float,
+        *,
+        known: bool,
+        direct: Sequence[tuple[str, float]] = (),
+    ) -> CheckOutcome | None:
         """A check-range datagram from ``source`` outside a round, under one of this
         session's keys: what to do (None: not this session's). ``known``: a path of the
-        session leads to ``source`` already; if not, the peer's fresh check there is checked
-        in turn, and its answer from there validates the new address."""
+        session leads to ``source`` already. ``direct``: (host, when last heard) of each of
+        the session's direct UDP paths on a socket the answer could come back to (empty: no
+        check in turn). A new port of one of those hosts, while all of them are silent, is
+        checked in turn (the peer's NAT rebound), and the answer from there validates it."""
         for key in reversed(self.keys):
             try:
                 kind, tid, _ = punch.parse(key, data)
@@ -548,20 +582,23 @@ class Traversal:
                 return CheckOutcome(answered=tid)
             if not self.replays.first(tid):
                 return CheckOutcome()  # a copy: answered once already, and no news of the path
-            reply = punch.encode_response(key, tid, source)
-            return CheckOutcome(reply=reply, peer_checked=True, trigger=None if known else self._trigger(source, now))
+            rebound = not known and self._rebound(source, now, direct)
+            trigger = self._trigger(source, key) if rebound and self.trigger_budget.take(1, now) else None
+            return CheckOutcome(reply=punch.encode_response(key, tid, source), trigger=trigger)
         return None
 
-    def _trigger(self, source: Endpoint, now: float) -> bytes | None:
-        """A check to a new source of the peer's checks, within the bounds on those."""
-        if source == RELAY_OBSERVED or now - self.triggered_at.get(source, float("-inf")) < TRIGGER_INTERVAL:
-            return None
-        key = self.probe_key or (self.keys[-1] if self.keys else None)
-        if key is None:
-            return None
-        self.triggered_at[source] = now
-        while len(self.triggered_at) > MAX_TRIGGERED:
-            del self.triggered_at[next(iter(self.triggered_at))]
+    @staticmethod
+    def _rebound(source: Endpoint, now: float, direct: Sequence[tuple[str, float]]) -> bool:
+        """Whether ``source`` looks like the peer's NAT rebinding: a new port of an IP a
+        direct path goes to, none of which has been heard from lately."""
+        return (
+            source != RELAY_OBSERVED
+            and any(host == source[0] for host, _ in direct)
+            and all(now - heard >= REBIND_SILENCE for _, heard in direct)
+        )
+
+    def _trigger(self, source: Endpoint, key: bytes) -> bytes:
+        """A check to ``source`` under the key the peer's check came under."""
         tid = self.random_bytes(punch.TID_BYTES)
         self.triggered[tid] = (source, key)
         while len(self.triggered) > MAX_TRIGGERED:
@@ -572,9 +609,7 @@ class Traversal:
         """A probe (its tid and datagram) for the path named ``path`` (kind, remote); None
         before any round, with nothing to sign it with. The relay path is probed too: its
         RTT is what a direct path is measured against."""
-        # Under the key of the round that found the current direct path; a session that has
-        # none (yet) probes under its latest round's key, which both sides know from the offer.
-        key = self.probe_key or (self.keys[-1] if self.keys else None)
+        key = self.current_key
         if key is None:
             return None
         tid = self.random_bytes(punch.TID_BYTES)
@@ -591,7 +626,11 @@ class Traversal:
         return True
 
 
-def tcp_idle(last_heard: float, now: float) -> bool:
-    """Whether a direct TCP path has been silent long enough to close its link (a later
-    round builds a fresh one)."""
-    return now - last_heard > TCP_IDLE
+def stale(kind: str, last_heard: float, now: float) -> bool:
+    """Whether a direct path has been silent long enough to drop it (a TCP path's link is
+    closed; a later round builds what works then). The relay path never is."""
+    if kind == "direct tcp":
+        return now - last_heard > TCP_IDLE
+    if kind == "direct udp":
+        return now - last_heard > UDP_STALE
+    return False

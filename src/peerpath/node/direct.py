@@ -2,12 +2,14 @@
 controller (:mod:`peerpath.nat.traversal`).
 
 Every decision (when a round is due, the mode, prediction, the birthday spray and scan,
-TCP rounds, backoff, which key answers a check) is the controller's; this module carries
-its outputs out and its inputs in: it gathers the local side's snapshot (STUN answers,
-port prediction's fresh socket), exchanges the round's messages over the session, opens
-the sockets a spray asks for, sends the round's datagrams, hands arriving checks to the
-round or session they belong to, promotes validated paths into the session's path set,
-runs TCP connects, and probes every path once a second.
+TCP rounds, backoff, which key answers a check, when a path is stale) is the controller's;
+this module carries its outputs out and its inputs in: it takes the local side's snapshot
+from :mod:`~peerpath.node.reachability`, exchanges the round's messages over the session,
+opens the sockets a spray asks for, sends the round's datagrams, hands arriving checks to
+the round or session they belong to, promotes validated paths into the session's path set,
+and probes every path once a second. A round's TCP part is :mod:`~peerpath.node.tcp_paths`'s
+(checks on a TCP link are matched there: a link is a connection, not a source that could
+be spoofed).
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ from peerpath.nat.traversal import (
     UdpRound,
     decode_message,
     encode_message,
-    tcp_idle,
+    stale,
 )
 from peerpath.node.tcp_paths import Session, TcpPaths
 from peerpath.session.connection import Connection
-from peerpath.session.pathset import Path, PathKind, format_endpoint
+from peerpath.session.pathset import Path, PathKind, format_endpoint, parse_endpoint
 from peerpath.tasks import spawn
 from peerpath.wire.endpoint import Endpoint
 
@@ -142,6 +144,7 @@ class DirectPaths:
     def watch(self, conn: Connection, initiator: bool) -> None:
         """Keep ``conn`` on the best path for its lifetime (only the initiator starts rounds)."""
         session = self._session(conn, initiator)
+        session.traversal.initiator = initiator  # a peer's offer may have made the entry first
         self._spawn(self._maintain(session))
 
     def _session(self, conn: Connection, initiator: bool = False) -> _Session:
@@ -164,7 +167,7 @@ class DirectPaths:
             if link.conn is session.conn:
                 link.release()
 
-    def live(self) -> list[_Session]:
+    def open_sessions(self) -> list[_Session]:
         """Every open session that is kept on its best path."""
         return [s for s in self._sessions.values() if s.live]
 
@@ -215,8 +218,9 @@ class DirectPaths:
             sent = self.node.clock()
             reply = await conn.request(encode_message(offer), timeout=5, _topic=OFFER_TOPIC)
             answer = decode_message(reply, Answer)
-            go, plan = traversal.answered(offer, answer, sent, self.node.clock())
+            go = traversal.answered(offer, answer, sent, self.node.clock())
             await conn.send(encode_message(go), _topic=GO_TOPIC)
+            plan = traversal.begin(self.node.clock())
             self.counters["rounds"] += 1
             self._explain(session)
             attempts = []
@@ -243,6 +247,9 @@ class DirectPaths:
             local, fresh = await self._local()
             answer = traversal.offered(offer, local, held=self.node.clock() - arrived)
             session.drop_fresh()  # an earlier offer's, that never got its "go"
+            if fresh is not None and not session.live:
+                fresh.close()  # the session ended while the socket was measured
+                fresh = None
             session.fresh = fresh
             return encode_message(answer)
         if topic == GO_TOPIC:
@@ -330,12 +337,12 @@ class DirectPaths:
         conn.relay_reason = None
         now = self.node.clock()
         for addr in validated:
-            fresh = self.node.udp.path(addr, sock)
-            path = conn.paths.add_validated(fresh, now)
-            if path is not fresh and self._sockets.get(path, self.node.udp.main) is not sock:
+            proved = self.node.udp.path(addr, sock)
+            path = conn.paths.add_validated(proved, now)
+            if path is not proved and self._sockets.get(path, self.node.udp.main) is not sock:
                 # Found again from another socket (an earlier round's mapping is gone): the
                 # path now sends from the socket this round proved.
-                path.send_datagram = fresh.send_datagram
+                path.send_datagram = proved.send_datagram
             self._sockets[path] = sock
             log.info("direct path to %s: %s", conn.peer, path.describe())
 
@@ -347,15 +354,18 @@ class DirectPaths:
                 active.wake.set()
                 return
         remote = format_endpoint(source)
-        for session in self.live():
-            path = session.conn.paths.paths.get((PathKind.DIRECT_UDP, remote))
-            outcome = session.traversal.check(data, source, self.node.clock(), known=path is not None)
+        for session in self.open_sessions():
+            paths = session.conn.paths
+            path = paths.paths.get((PathKind.DIRECT_UDP, remote))
+            # Checked in turn only from a socket the session keeps, so the path can stay on it.
+            direct = self._direct_udp(session) if via is self.node.udp.main or via in session.kept else []
+            outcome = session.traversal.check(data, source, self.node.clock(), known=path is not None, direct=direct)
             if outcome is None:
                 continue
             if outcome.reply is not None:
                 via.sendto(outcome.reply, source)
                 if path is not None:
-                    session.conn.paths.peer_checked(path, self.node.clock())  # the peer's probes get through
+                    paths.peer_checked(path, self.node.clock())  # the peer's probes get through
             if outcome.trigger is not None:
                 via.sendto(outcome.trigger, source)  # the peer's NAT may have rebound: check there
             if outcome.validated is not None:
@@ -364,16 +374,23 @@ class DirectPaths:
                 self.probe_answered(session, outcome.answered, PathKind.DIRECT_UDP, remote)
             return
 
+    @staticmethod
+    def _direct_udp(session: _Session) -> list[tuple[str, float]]:
+        """(host, when last heard) of the session's direct UDP paths."""
+        return [
+            (parse_endpoint(p.remote)[0], p.last_received or p.created)
+            for p in session.conn.paths.paths.values()
+            if p.kind is PathKind.DIRECT_UDP
+        ]
+
     # -- liveness ---------------------------------------------------------------------------
 
     def _probe(self, session: _Session) -> None:
         conn = session.conn
         now = self.node.clock()
         for path in list(conn.paths.paths.values()):
-            if path.kind is PathKind.DIRECT_TCP and tcp_idle(path.last_received or path.created, now):
-                for link in list(self.node.tcp.links):
-                    if link.conn is conn and link.name == path.remote:
-                        link.close()  # stalled for long: let a later round build a fresh one
+            if stale(path.kind, path.last_received or path.created, now):
+                self._drop(session, path)
                 continue
             probe = session.traversal.probe((path.kind, path.remote))
             if probe is None:
@@ -381,6 +398,18 @@ class DirectPaths:
             tid, datagram = probe
             path.probe_sent(tid, now)
             path.send_datagram(datagram)  # from the socket, link or relay the path uses
+
+    def _drop(self, session: _Session, path: Path) -> None:
+        """A direct path silent for long leaves the session (a later round finds what works)."""
+        conn = session.conn
+        if path.kind is PathKind.DIRECT_TCP:
+            for link in list(self.node.tcp.links):
+                if link.conn is conn and link.name == path.remote:
+                    link.close()  # its path leaves with it (TcpPaths.on_lost)
+            return
+        conn.paths.remove(path)
+        self._sockets.pop(path, None)
+        log.info("direct path to %s dropped, silent for long: %s", conn.peer, path.describe())
 
     def probe_answered(self, session: Session, tid: bytes, kind: PathKind, remote: str) -> None:
         """A probe answer came back over a path: its quality is credited."""
@@ -392,11 +421,11 @@ class DirectPaths:
     def on_relay_check(self, data: bytes, source: bytes, reply: Callable[[bytes], object], relay: str) -> None:
         """A check or probe answer that came over a relay from the peer whose address digest
         is ``source``: answered back through ``reply`` (the relay's send), or counted."""
-        for session in self.live():
+        for session in self.open_sessions():
             peer = session.conn.peer
             if peer is None or peer.digest != source:
                 continue
-            outcome = session.traversal.check(data, RELAY_OBSERVED)
+            outcome = session.traversal.check(data, RELAY_OBSERVED, self.node.clock(), known=True)
             if outcome is None:
                 continue
             if outcome.reply is not None:

@@ -97,7 +97,7 @@ class Reachability:
             result = await netcheck(
                 TransportAddress(*parse_endpoint(stun[0])),
                 timeout=2.0,
-                open_socket=functools.partial(UdpStunSocket.open, net=self._net),
+                open_socket=functools.partial(UdpStunSocket.open, net=self._net, clock=self._clock),
                 clock=self._clock,
             )
             self.nat = {key: value for key, value in result.to_json().items() if key in NAT_REPORT}

@@ -106,7 +106,7 @@ class UdpSockets:
         self._counters = counters
         self.main: UdpSocket | None = None
         #: STUN transactions from the main socket (the reflexive address, netcheck's hints).
-        self.stun = UdpStunSocket()
+        self.stun = UdpStunSocket(clock)
 
     def bind(self, host: str, port: int) -> None:
         """Bind the main socket (port 0: any free port)."""
@@ -164,7 +164,7 @@ class UdpSockets:
             return None
         sock = self.extra()
         try:
-            sock.stun = UdpStunSocket()
+            sock.stun = UdpStunSocket(self.clock)
             sock.stun.connection_made(StunTransport(sock))
             first = asyncio.ensure_future(self.stun_mapped(stun_servers[0], sock.stun))
             await asyncio.sleep(0)  # the first query leaves first: its mapping is the first one

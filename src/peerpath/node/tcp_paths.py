@@ -47,7 +47,7 @@ class Sessions(Protocol):
         """The kept session of ``conn``, if any."""
         ...
 
-    def live(self) -> Sequence[Session]:
+    def open_sessions(self) -> Sequence[Session]:
         """Every open session."""
         ...
 
@@ -123,7 +123,7 @@ class TcpPaths:
             keys = [link.key] + [k for k in reversed(session.traversal.keys) if k != link.key]
             return [(session, k) for k in keys]
         owners = [(s, k) for k, (s, _) in reversed(self._rounds.items())]
-        return owners + [(s, k) for s in self._sessions.live() for k in reversed(s.traversal.keys)]
+        return owners + [(s, k) for s in self._sessions.open_sessions() for k in reversed(s.traversal.keys)]
 
     def on_check(self, link: TcpLink, data: bytes) -> None:
         """A check-range frame on a TCP link: answer the peer's checks, validate ours."""

@@ -313,9 +313,7 @@ class RendezvousClient:
         return winner
 
     async def _open_tls(self) -> Link:
-        reader, writer = await open_stream(
-            self.net, (self.url.host, self.url.port), tls=tls_client_context(), server_hostname="peerpath"
-        )
+        reader, writer = await open_stream(self.net, (self.url.host, self.url.port), tls=tls_client_context())
         return StreamLink(reader, writer)
 
     async def _open_wss(self, delay: float) -> Link:
