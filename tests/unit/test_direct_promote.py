@@ -8,7 +8,7 @@ from typing import Any
 
 from peerpath.clock import monotonic
 from peerpath.nat.traversal import Traversal
-from peerpath.node.direct import DirectPaths, _Session
+from peerpath.node.direct import DirectPaths, Watched
 from peerpath.session.pathset import Path, PathKind, PathSet, format_endpoint
 
 
@@ -39,7 +39,7 @@ def setup() -> tuple[DirectPaths, Any, Sock]:
     node = SimpleNamespace(udp=SimpleNamespace(main=main, path=udp_path), clock=monotonic)
     conn = Session()
     conn.paths.add(Path(PathKind.RELAY, "relay", lambda d: None))
-    return DirectPaths(node), _Session(conn, Traversal(initiator=True)), main  # type: ignore[arg-type]
+    return DirectPaths(node), Watched(conn, Traversal(initiator=True)), main  # type: ignore[arg-type]
 
 
 def test_a_path_found_again_from_another_socket_sends_from_that_socket() -> None:

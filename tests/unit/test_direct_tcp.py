@@ -175,7 +175,7 @@ async def test_birthday_rounds_beyond_the_limit_punch_normally(make_node, monkey
     from types import SimpleNamespace
 
     from peerpath.nat import traversal
-    from peerpath.node.direct import _Session
+    from peerpath.node.direct import Watched
 
     node = await make_node("a")
     opened = []
@@ -183,7 +183,7 @@ async def test_birthday_rounds_beyond_the_limit_punch_normally(make_node, monkey
     monkeypatch.setattr(traversal, "SPRAY_SOCKETS", 3)
     monkeypatch.setattr(traversal, "LINGER", 0.01)
     conn = SimpleNamespace(closed=asyncio.get_running_loop().create_future(), peer=None)
-    session = _Session(conn, traversal.Traversal(initiator=True))  # type: ignore[arg-type]
+    session = Watched(conn, traversal.Traversal(initiator=True))  # type: ignore[arg-type]
     plan = traversal.RoundPlan(os.urandom(32), node.clock() - 10, traversal.Mode.SPRAY, [], ("127.0.0.1", 9), [], [])
     node.direct._birthdays = traversal.MAX_BIRTHDAY_ROUNDS
     await node.direct._punch(session, plan, None)

@@ -70,7 +70,7 @@ class NodeSide(Protocol):
 
 
 @dataclass(eq=False)
-class _Session:
+class Watched:
     """One watched session: its controller state and the sockets it holds."""
 
     conn: Connection
@@ -94,7 +94,7 @@ class _Session:
 class _ActiveRound:
     """A UDP round under way, with the sockets its numbers stand for."""
 
-    session: _Session
+    session: Watched
     round: UdpRound
     sockets: list[UdpSocket]
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,7 +111,7 @@ class DirectPaths:
 
     def __init__(self, node: NodeSide) -> None:
         self.node = node
-        self._sessions: dict[Connection, _Session] = {}
+        self._sessions: dict[Connection, Watched] = {}
         self._rounds: list[_ActiveRound] = []
         #: The socket each direct UDP path a round validated sends from.
         self._sockets: dict[Path, UdpSocket] = {}
@@ -147,14 +147,14 @@ class DirectPaths:
         session.traversal.initiator = initiator  # a peer's offer may have made the entry first
         self._spawn(self._maintain(session))
 
-    def _session(self, conn: Connection, initiator: bool = False) -> _Session:
+    def _session(self, conn: Connection, initiator: bool = False) -> Watched:
         session = self._sessions.get(conn)
         if session is None:
-            session = self._sessions[conn] = _Session(conn, Traversal(initiator))
+            session = self._sessions[conn] = Watched(conn, Traversal(initiator))
             conn.closed.add_done_callback(lambda _: self._ended(session))
         return session
 
-    def _ended(self, session: _Session) -> None:
+    def _ended(self, session: Watched) -> None:
         """The session is over: its sockets close, its links wait for a next session."""
         self._sessions.pop(session.conn, None)
         session.drop_fresh()
@@ -167,23 +167,23 @@ class DirectPaths:
             if link.conn is session.conn:
                 link.release()
 
-    def open_sessions(self) -> list[_Session]:
+    def open_sessions(self) -> list[Watched]:
         """Every open session that is kept on its best path."""
         return [s for s in self._sessions.values() if s.live]
 
-    def session_of(self, conn: Connection) -> _Session | None:
+    def session_of(self, conn: Connection) -> Watched | None:
         """The kept session of ``conn``, if any."""
         return self._sessions.get(conn)
 
     # -- rounds ---------------------------------------------------------------------------
 
-    async def _maintain(self, session: _Session) -> None:
+    async def _maintain(self, session: Watched) -> None:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._keep_probing(session))
             if session.traversal.initiator:
                 group.create_task(self._keep_punching(session))
 
-    async def _keep_probing(self, session: _Session) -> None:
+    async def _keep_probing(self, session: Watched) -> None:
         """Probe every path once a PROBE_INTERVAL for the session's lifetime, on the relay
         too and while a punch round is under way: a path's loss is judged on a steady
         series of probes, and the relay's RTT is what a direct path is measured against."""
@@ -191,7 +191,7 @@ class DirectPaths:
             self._probe(session)
             await asyncio.sleep(PROBE_INTERVAL)
 
-    async def _keep_punching(self, session: _Session) -> None:
+    async def _keep_punching(self, session: Watched) -> None:
         """Run punch rounds whenever the controller says one is due."""
         conn, traversal = session.conn, session.traversal
         while session.live:
@@ -209,7 +209,7 @@ class DirectPaths:
                 traversal.round_ended(direct, self.node.clock())
             await asyncio.sleep(ROUND_POLL)
 
-    async def _round(self, session: _Session) -> bool:
+    async def _round(self, session: Watched) -> bool:
         """One round, the initiator's side: offer, answer, go, punch."""
         conn, traversal = session.conn, session.traversal
         local, fresh = await self._local()
@@ -274,7 +274,7 @@ class DirectPaths:
 
     # -- UDP ------------------------------------------------------------------------------
 
-    async def _punch(self, session: _Session, plan: RoundPlan, fresh: UdpSocket | None) -> bool:
+    async def _punch(self, session: Watched, plan: RoundPlan, fresh: UdpSocket | None) -> bool:
         """Carry out a round's UDP part: the controller's datagrams out of the sockets they
         name (the spray's opened here), arriving checks in, validated paths promoted."""
         main = self.node.udp.main
@@ -323,13 +323,13 @@ class DirectPaths:
                 else:
                     sock.close()
 
-    def _explain(self, session: _Session) -> None:
+    def _explain(self, session: Watched) -> None:
         reason = session.traversal.relay_reason
         if reason is not None and session.conn.relay_reason != reason:
             session.conn.relay_reason = reason
             log.info("session with %s stays on the relay: %s", session.conn.peer, reason)
 
-    def _promote(self, session: _Session, key: bytes, validated: list[Endpoint], sock: UdpSocket) -> None:
+    def _promote(self, session: Watched, key: bytes, validated: list[Endpoint], sock: UdpSocket) -> None:
         if not validated:
             return
         conn = session.conn
@@ -375,7 +375,7 @@ class DirectPaths:
             return
 
     @staticmethod
-    def _direct_udp(session: _Session) -> list[tuple[str, float]]:
+    def _direct_udp(session: Watched) -> list[tuple[str, float]]:
         """(host, when last heard) of the session's direct UDP paths."""
         return [
             (parse_endpoint(p.remote)[0], p.last_received or p.created)
@@ -385,7 +385,7 @@ class DirectPaths:
 
     # -- liveness ---------------------------------------------------------------------------
 
-    def _probe(self, session: _Session) -> None:
+    def _probe(self, session: Watched) -> None:
         conn = session.conn
         now = self.node.clock()
         for path in list(conn.paths.paths.values()):
@@ -399,7 +399,7 @@ class DirectPaths:
             path.probe_sent(tid, now)
             path.send_datagram(datagram)  # from the socket, link or relay the path uses
 
-    def _drop(self, session: _Session, path: Path) -> None:
+    def _drop(self, session: Watched, path: Path) -> None:
         """A direct path silent for long leaves the session (a later round finds what works)."""
         conn = session.conn
         if path.kind is PathKind.DIRECT_TCP:
