@@ -57,3 +57,7 @@ class ConnectTimeoutError(NetworkError, TimeoutError):
 
 class RequestTimeoutError(NetworkError, TimeoutError):
     """A request got no reply in time."""
+
+
+class StreamResetError(RemoteError, ConnectionResetError):
+    """The peer reset a byte stream (its end of a tunnel was reset, say)."""

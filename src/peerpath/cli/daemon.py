@@ -38,6 +38,8 @@ from peerpath.node.local import LocalRendezvous
 from peerpath.node.node import Node
 from peerpath.session.connection import SessionConfig
 from peerpath.session.pathset import PathKind
+from peerpath.tunnels.runtime import Tunnels
+from peerpath.tunnels.services import ServiceError
 from peerpath.wire.endpoint import parse_endpoint
 
 
@@ -97,15 +99,21 @@ def up_command(
             config=config,
             rendezvous=embedded.url if embedded is not None else url,
         )
-        server = control.ControlServer(node, control.socket_path(directory))
+        tunnels = Tunnels(node, directory)
+        server = control.ControlServer(node, control.socket_path(directory), tunnels)
         try:
             await server.start()
             endpoint = node.local_endpoint
             log.info("node %s up on udp %s:%d (state %s)", node.address, endpoint[0], endpoint[1], directory)
+            try:
+                await tunnels.reload()  # what failed is logged, and shown by status
+            except ServiceError as exc:
+                log.warning("no tunnels: %s", exc)
             await until_signalled()
             log.info("shutting down")
         finally:
             await server.close()
+            await tunnels.close()
             await node.close()
             if embedded is not None:
                 await embedded.close()
@@ -190,6 +198,7 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
         if not rendezvous["registered"] and rendezvous["last_error"]:
             state += f" ({rendezvous['last_error']})"
         console.print(f"rendezvous {rendezvous['url']}: {state}")
+    _print_tunnels(console, status.get("tunnels") or {})
     if not status["sessions"]:
         console.print("no sessions")
         return
@@ -222,6 +231,15 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
             )
         if session.get("relay_reason"):
             console.print(f"{session['peer']} stays on the relay: {session['relay_reason']}")
+
+
+def _print_tunnels(console: Console, tunnels: dict[str, Any]) -> None:
+    for item in tunnels.get("exposed", []):
+        who = "every trusted peer" if item["allow"] == "trusted" else ", ".join(item["allow"])
+        console.print(f"exposed   {item['name']} (overlay port {item['port']}) -> {item['target']}, to {who}")
+    for item in tunnels.get("forwards", []):
+        state = "" if item["listening"] else f" (not listening: {tunnels['errors'].get(item['bind'], '?')})"
+        console.print(f"forward   {item['bind']} -> {item['peer']}:{item['service']}{state}")
 
 
 @app.command("demo")

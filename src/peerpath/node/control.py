@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Protocol, get_args
 
 import msgspec
 
@@ -24,6 +24,8 @@ from peerpath import errors
 from peerpath.identity import Address
 from peerpath.node.node import Node
 from peerpath.session.pathset import parse_endpoint
+from peerpath.session.splice import splice
+from peerpath.session.streams import StreamWriter
 from peerpath.wire.rendezvous import MAX_NOTE
 
 log = logging.getLogger(__name__)
@@ -85,10 +87,40 @@ class TrustPendingOp(_Op, tag="trust-pending", frozen=True):
     """List pending trust requests."""
 
 
-ControlRequest = StatusOp | PingOp | TrustRequestOp | TrustApproveOp | TrustDenyOp | TrustPendingOp
+class TunnelsReloadOp(_Op, tag="tunnels-reload", frozen=True):
+    """Make the running tunnels match the state directory's tunnels.json again."""
+
+
+class ConnectOp(_Op, tag="connect", frozen=True):
+    """Open a stream to a peer's service; after the answer, the control connection carries
+    the stream's bytes both ways (``peerpath connect``)."""
+
+    address: _Text
+    service: Annotated[str, msgspec.Meta(max_length=32)]
+
+
+ControlRequest = (
+    StatusOp | PingOp | TrustRequestOp | TrustApproveOp | TrustDenyOp | TrustPendingOp | TunnelsReloadOp | ConnectOp
+)
 _OPS = ", ".join(sorted(str(op.__struct_config__.tag) for op in get_args(ControlRequest)))
 _request_decoder = msgspec.json.Decoder(ControlRequest)
 _answer_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+class TunnelOps(Protocol):
+    """What the control API needs of a node's tunnels (``peerpath.tunnels.runtime.Tunnels``)."""
+
+    async def reload(self) -> dict[str, str]:
+        """Match tunnels.json again; what failed."""
+        ...
+
+    async def open(self, peer: str, service: str) -> tuple[asyncio.StreamReader, StreamWriter]:
+        """A stream to a peer's service."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """For status."""
+        ...
 
 
 class ControlError(errors.LocalError):
@@ -153,9 +185,10 @@ async def _skip_line(reader: asyncio.StreamReader) -> None:
 class ControlServer:
     """Serves the control API of one node."""
 
-    def __init__(self, node: Node, path: Path) -> None:
+    def __init__(self, node: Node, path: Path, tunnels: TunnelOps | None = None) -> None:
         self.node = node
         self.path = path
+        self.tunnels = tunnels
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -205,15 +238,20 @@ class ControlServer:
                     return
                 if not line.strip():
                     continue  # a blank line asks nothing
-                await self._answer_request(line, writer)
+                if await self._answer_request(line, reader, writer):
+                    return  # the connection carried a stream and is over
         except (_ClientGone, ConnectionError):
             pass  # the client left
         finally:
             writer.close()
 
-    async def _answer_request(self, line: bytes, writer: asyncio.StreamWriter) -> None:
+    async def _answer_request(self, line: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; True if the connection was handed to a stream (and is over)."""
         try:
             request = parse_request(line)
+            if isinstance(request, ConnectOp):
+                await self._connect(request, reader, writer)
+                return True
             async for answer in self._handle(request):
                 await self._answer(writer, answer)
             await self._answer(writer, {"done": True})
@@ -225,6 +263,18 @@ class ControlServer:
             # A bug of ours, not the client's: say so, keep the traceback, and keep serving.
             log.exception("control request %.200r failed", line)
             await self._answer(writer, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+        return False
+
+    def _tunnels(self) -> TunnelOps:
+        if self.tunnels is None:
+            raise ControlError("this node runs without tunnels")
+        return self.tunnels
+
+    async def _connect(self, request: ConnectOp, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The stream's bytes over the control connection, both ways, once it is open."""
+        stream_reader, stream_writer = await self._tunnels().open(request.address, request.service)
+        await self._answer(writer, {"connected": True})
+        await splice(reader, writer, stream_reader, stream_writer)
 
     @staticmethod
     async def _answer(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
@@ -237,7 +287,9 @@ class ControlServer:
     async def _handle(self, request: ControlRequest) -> AsyncIterator[dict[str, Any]]:
         match request:
             case StatusOp():
-                yield self.node.status()
+                yield self.node.status() | ({"tunnels": self.tunnels.describe()} if self.tunnels else {})
+            case TunnelsReloadOp():
+                yield {"errors": await self._tunnels().reload()}
             case PingOp():
                 async for answer in self._ping(request):
                     yield answer

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import socket
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -83,7 +83,7 @@ class Node:
         self.udp = UdpSockets(self.net, self._datagram_received, self.counters, clock)
         #: Every session, by connection ID.
         self.sessions = SessionTable(identity, self, self.config, self.admission, self.counters, clock, self._accepted)
-        self._services: dict[int, StreamHandler] = {}
+        self._services: dict[int, tuple[StreamHandler, Callable[[Address], bool] | None]] = {}
         self._message_handler: MessageHandler | None = None
         self._connecting: dict[Address, asyncio.Task[Connection]] = {}
         self._closed = False
@@ -193,9 +193,15 @@ class Node:
         """Whether sessions with ``address`` are allowed (deny by default)."""
         return self.trust.is_trusted(address)
 
-    def stream_handler(self, port: int) -> StreamHandler | None:
-        """The handler registered for ``port``."""
-        return self._services.get(port)
+    def stream_handler(self, port: int, peer: Address) -> StreamHandler | str:
+        """The handler serving ``port`` for ``peer``, or why a stream there is refused."""
+        served = self._services.get(port)
+        if served is None:
+            return f"no service on port {port}"
+        handler, allow = served
+        if allow is not None and not allow(peer):
+            return f"port {port} is not open to {peer}"
+        return handler
 
     def message_handler(self) -> MessageHandler | None:
         """The handler for incoming messages."""
@@ -205,11 +211,13 @@ class Node:
         """peerpath's own messages between nodes (path upgrades)."""
         return await self.direct.internal_message(connection, topic, data)
 
-    def serve(self, port: int, handler: StreamHandler) -> None:
-        """Serve byte streams that peers open to ``port``: ``await handler(reader, writer)``."""
+    def serve(self, port: int, handler: StreamHandler, *, allow: Callable[[Address], bool] | None = None) -> None:
+        """Serve byte streams that peers open to ``port``: ``await handler(reader, writer)``.
+        With ``allow``, only peers it says yes to may open one (the others are refused
+        with a reason at once); every peer must be trusted in any case."""
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"port {port} out of range 0-65535")
-        self._services[port] = handler
+        self._services[port] = (handler, allow)
 
     def unserve(self, port: int) -> None:
         """Stop serving ``port`` (streams already open are not affected)."""

@@ -47,6 +47,8 @@ _ERR_PROTOCOL = 0x102
 _ERR_AUTH = 0x103
 _STREAM_CANCELLED = 0x110
 _STREAM_TOO_LARGE = 0x111
+#: An application reset its stream (StreamWriter.abort): a tunnelled TCP connection reset.
+_STREAM_ABORTED = 0x112
 #: How often the session re-evaluates its paths (a silent direct path hands over to the relay).
 PATH_TICK = 1.0
 #: Until the peer is authenticated it may send this much stream data in all (gaps included)
@@ -79,8 +81,8 @@ class Services(Protocol):
         """Whether a session with ``address`` is allowed."""
         ...
 
-    def stream_handler(self, port: int) -> StreamHandler | None:
-        """The handler serving ``port``, or None."""
+    def stream_handler(self, port: int, peer: Address) -> StreamHandler | str:
+        """The handler serving ``port`` for ``peer``, or why a stream there is refused."""
         ...
 
     def message_handler(self) -> MessageHandler | None:
@@ -602,6 +604,16 @@ class Connection:
             self.quic.stop_stream(stream.stream_id, _STREAM_CANCELLED)
         self._schedule_transmit()
 
+    def _abort_stream(self, stream_id: int) -> None:
+        """Reset our stream both ways (the peer's reader fails with StreamResetError)."""
+        self._streams.pop(stream_id, None)
+        if self.closed.done():
+            return
+        with contextlib.suppress(Exception):
+            self.quic.reset_stream(stream_id, _STREAM_ABORTED)
+            self.quic.stop_stream(stream_id, _STREAM_ABORTED)
+        self._schedule_transmit()
+
     def _unacked(self, stream_id: int) -> int:
         quic_stream = self.quic._streams.get(stream_id)
         if quic_stream is None:
@@ -657,13 +669,9 @@ class Connection:
                 return
             raise control.ControlError(f"unexpected {type(frame).__name__} on stream {stream.stream_id}")
         if isinstance(frame, control.OpenStream):
-            handler = self._services.stream_handler(frame.port)
-            if handler is None:
-                self._send_stream(
-                    stream.stream_id,
-                    control.encode(control.Accept(False, f"no service on port {frame.port}")),
-                    end_stream=True,
-                )
+            handler = self._services.stream_handler(frame.port, self.peer) if self.peer else "not authenticated"
+            if isinstance(handler, str):
+                self._send_stream(stream.stream_id, control.encode(control.Accept(False, handler)), end_stream=True)
                 stream.kind = "refused"
                 return
             stream.kind = "open"
@@ -725,6 +733,8 @@ class Connection:
         exc: errors.PeerpathError = errors.SessionClosedError(f"{self.peer} reset the stream (code {code:#x})")
         if code == _STREAM_TOO_LARGE:
             exc = errors.MessageError(f"{self.peer} refused the message: larger than its max_message_size")
+        elif code == _STREAM_ABORTED:
+            exc = errors.StreamResetError(f"{self.peer} reset the stream")
         if stream.answer is not None and not stream.answer.done():
             stream.answer.set_exception(exc)
         if stream.reader is not None:

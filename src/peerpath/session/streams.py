@@ -50,6 +50,13 @@ class StreamWriter:
         """Finish the stream (a half-close; the peer may still send)."""
         self.write_eof()
 
+    def abort(self) -> None:
+        """Reset the stream both ways at once (what a TCP reset is to a connection): the
+        peer's reader fails with :class:`~peerpath.errors.StreamResetError`, and what is
+        still queued is dropped."""
+        self._eof = True
+        self._connection._abort_stream(self.stream_id)
+
     def is_closing(self) -> bool:
         """True after :meth:`close` or :meth:`write_eof`."""
         return self._eof

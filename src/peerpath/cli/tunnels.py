@@ -1,0 +1,242 @@
+"""``peerpath expose``, ``forward`` and ``connect``: TCP services through the overlay.
+
+``expose`` and ``forward`` edit the state directory's tunnels.json and tell a running node
+to follow it (``peerpath up`` starts from it too); ``connect`` joins standard input and
+output to a stream through the running node (an OpenSSH ProxyCommand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from peerpath import errors
+from peerpath.cli.app import app
+from peerpath.cli.common import JsonOption, StateDir, fail, parse_peer, resolve_state_dir, run_command
+from peerpath.node import control
+from peerpath.tunnels.registry import Exposure, Forward, Registry, parse_bind
+from peerpath.tunnels.services import ServiceError, check_name, service_port, split_target
+
+
+def _registry(state_dir: Path) -> Registry:
+    try:
+        return Registry.load(state_dir)
+    except ServiceError as exc:
+        fail(str(exc))
+
+
+def _save(registry: Registry) -> None:
+    try:
+        registry.save()
+    except OSError as exc:
+        fail(f"cannot write {registry.path}: {exc.strerror or exc}")
+
+
+def _reload(state_dir: Path) -> dict[str, str] | None:
+    """Tell the running node to follow tunnels.json; what failed (None: no node is running)."""
+
+    async def run() -> dict[str, str] | None:
+        try:
+            async for answer in control.call(state_dir, {"op": "tunnels-reload"}):
+                return dict(answer.get("errors") or {})
+        except control.ControlError as exc:
+            if "no node is running" in str(exc):
+                return None
+            raise
+        return {}
+
+    return run_command(run())
+
+
+def _applied(state_dir: Path, what: str, json_out: bool, entry: dict[str, Any], key: str) -> None:
+    failures = _reload(state_dir)
+    if failures and key in failures:
+        fail(failures[key])
+    running = failures is not None
+    if json_out:
+        typer.echo(json.dumps(entry | {"running": running}))
+    elif running:
+        typer.echo(what)
+    else:
+        typer.echo(f"{what} (saved: it starts with peerpath up)")
+
+
+@app.command("expose")
+def expose_command(
+    target: Annotated[
+        str | None,
+        typer.Argument(metavar="TARGET", help="HOST:PORT or a Unix socket path the service's streams connect to."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The name peers ask for (ssh, web, grpc...) [default: web].")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="Overlay port [default: the name's].")
+    ] = None,
+    allow: Annotated[
+        list[str],
+        typer.Option("--allow", metavar="PEER|all", help="Only these trusted peers; repeatable [default: all]."),
+    ] = [],  # noqa: B006  (typer reads the default, never mutates it)
+    list_: Annotated[bool, typer.Option("--list", help="List the exposed services.")] = False,
+    remove: Annotated[str | None, typer.Option("--remove", metavar="NAME", help="Stop exposing NAME.")] = None,
+    state_dir: StateDir = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Expose a local TCP service (or Unix socket) to trusted peers under a name."""
+    directory = resolve_state_dir(state_dir)
+    registry = _registry(directory)
+    if list_:
+        items = [e.__dict__ | {"allow": list(e.allow) if e.allow else "trusted"} for e in registry.exposures.values()]
+        if json_out:
+            typer.echo(json.dumps(items))
+        elif not items:
+            typer.echo("no exposed services (expose one with: peerpath expose HOST:PORT --name NAME)")
+        for item in [] if json_out else items:
+            peers = "every trusted peer" if item["allow"] == "trusted" else ", ".join(item["allow"])
+            typer.echo(f"{item['name']:<12} port {item['port']:<5} -> {item['target']}  ({peers})")
+        return
+    if remove is not None:
+        try:
+            gone = registry.unexpose(remove)
+        except ServiceError as exc:
+            fail(str(exc))
+        _save(registry)
+        _applied(directory, f"no longer exposing {gone.name}", json_out, {"removed": gone.name}, gone.name)
+        return
+    if target is None:
+        fail("give TARGET (HOST:PORT or a Unix socket path), or --list or --remove NAME", 2)
+    try:
+        service = check_name(name or "web")
+        overlay_port = port if port is not None else service_port(service)
+        allowed = None if not allow or "all" in allow else tuple(str(parse_peer(a)) for a in allow)
+        exposure = Exposure(service, overlay_port, target, allowed)
+        registry.expose(exposure)
+    except ServiceError as exc:
+        fail(str(exc), 2)
+    _save(registry)
+    who = "every trusted peer" if allowed is None else ", ".join(allowed)
+    line = f"exposing {target} as {service} (overlay port {overlay_port}) to {who}"
+    _applied(directory, line, json_out, exposure.__dict__ | {"allow": list(allowed or []) or "trusted"}, service)
+
+
+@app.command("forward")
+def forward_command(
+    local: Annotated[
+        str | None, typer.Argument(metavar="[BIND:]LOCALPORT", help="Where to listen (default bind 127.0.0.1).")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Argument(metavar="PEER[:SERVICE]", help="The peer and its service [default: web].")
+    ] = None,
+    list_: Annotated[bool, typer.Option("--list", help="List the forwards.")] = False,
+    remove: Annotated[
+        str | None, typer.Option("--remove", metavar="[BIND:]LOCALPORT", help="Stop forwarding that port.")
+    ] = None,
+    state_dir: StateDir = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Listen on a local port; each connection becomes a stream to a peer's service."""
+    directory = resolve_state_dir(state_dir)
+    registry = _registry(directory)
+    if list_:
+        items = [f.__dict__ for f in registry.forwards.values()]
+        if json_out:
+            typer.echo(json.dumps(items))
+        elif not items:
+            typer.echo("no forwards (add one with: peerpath forward 8080 PEER:web)")
+        for item in [] if json_out else items:
+            typer.echo(f"{item['bind']:<22} -> {item['peer']}:{item['service']}")
+        return
+    try:
+        if remove is not None:
+            gone = registry.unforward(parse_bind(remove))
+            _save(registry)
+            _applied(directory, f"no longer forwarding {gone.bind}", json_out, {"removed": gone.bind}, gone.bind)
+            return
+        if local is None or target is None:
+            fail("give [BIND:]LOCALPORT and PEER[:SERVICE], or --list or --remove [BIND:]LOCALPORT", 2)
+        peer, service = split_target(target)
+        forward = Forward(parse_bind(local), str(parse_peer(peer)), service)
+        registry.forward(forward)
+    except ServiceError as exc:
+        fail(str(exc), 2)
+    _save(registry)
+    line = f"forwarding {forward.bind} to {forward.peer}:{forward.service} (overlay port {service_port(service)})"
+    failures = _reload(directory)
+    if failures and forward.bind in failures:
+        registry.unforward(forward.bind)  # it cannot listen: do not keep it
+        _save(registry)
+        fail(failures[forward.bind])
+    if json_out:
+        typer.echo(json.dumps(forward.__dict__ | {"running": failures is not None}))
+    else:
+        typer.echo(line if failures is not None else f"{line} (saved: it starts with peerpath up)")
+
+
+@app.command("connect")
+def connect_command(
+    target: Annotated[str, typer.Argument(metavar="PEER[:SERVICE]", help="The peer and its service [default: web].")],
+    state_dir: StateDir = None,
+) -> None:
+    """Join standard input and output to a peer's service, netcat style (an OpenSSH
+    ProxyCommand: ssh -o ProxyCommand='peerpath connect %h:ssh' PEER)."""
+    try:
+        peer, service = split_target(target)
+        service_port(service)
+    except ServiceError as exc:
+        fail(str(exc), 2)
+    address = parse_peer(peer)
+    run_command(_connect(resolve_state_dir(state_dir), str(address), service))
+
+
+async def _connect(state_dir: Path, address: str, service: str) -> None:
+    path = control.socket_path(state_dir)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=control.MAX_ANSWER_LINE)
+    except OSError as exc:
+        raise control.ControlError(f"no node is running for {state_dir}; start one with: peerpath up") from exc
+    writer.write(json.dumps({"op": "connect", "address": address, "service": service}).encode() + b"\n")
+    await writer.drain()
+    line = await reader.readline()
+    try:
+        answer = json.loads(line) if line else {"error": "the node closed the control connection"}
+    except ValueError:
+        answer = {"error": "the node sent an answer this client cannot read"}
+    if not answer.get("connected"):
+        writer.close()
+        raise errors.LocalError(str(answer.get("error") or "the node did not connect"))
+    await _pipe_stdio(reader, writer)
+
+
+async def _pipe_stdio(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Standard input to ``writer`` (EOF passed on), ``reader`` to standard output."""
+    loop = asyncio.get_running_loop()
+
+    async def upstream() -> None:
+        stdin = sys.stdin.buffer
+        while data := await loop.run_in_executor(None, os.read, stdin.fileno(), 65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    async def downstream() -> None:
+        out = sys.stdout.buffer
+        while data := await reader.read(65536):
+            out.write(data)
+            out.flush()
+
+    up = asyncio.ensure_future(upstream())
+    try:
+        await downstream()  # the peer's side ending ends the command
+    finally:
+        up.cancel()
+        with contextlib.suppress(BaseException):
+            await up
+        writer.close()

@@ -1,0 +1,161 @@
+"""The tunnels a node keeps, saved in its state directory (``tunnels.json``, mode 0600), so
+a restarted node serves and forwards the same set: services it exposes to peers, and
+local ports it forwards to peers' services."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peerpath.identity import Address
+from peerpath.tunnels.services import Destination, ServiceError, check_name, service_port
+from peerpath.wire.endpoint import format_endpoint, parse_endpoint
+
+FILE = "tunnels.json"
+#: What a node keeps at most (a file anyone could edit is input like any other).
+MAX_ENTRIES = 256
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """A service this node exposes: streams to overlay ``port`` go to ``target``."""
+
+    name: str
+    port: int
+    target: str
+    #: Peers allowed (their addresses); None: every trusted peer.
+    allow: tuple[str, ...] | None = None
+
+    def check(self) -> Exposure:
+        """This exposure if every field is usable (ServiceError otherwise)."""
+        check_name(self.name)
+        if not 1 <= self.port <= 0xFFFF:
+            raise ServiceError(f"port {self.port} out of range 1-65535")
+        Destination.parse(self.target)
+        for text in self.allow or ():
+            try:
+                Address.parse(text)
+            except ValueError as exc:
+                raise ServiceError(f"--allow {text!r}: {exc}") from None
+        return self
+
+    def allows(self, peer: Address) -> bool:
+        """Whether ``peer`` may open a stream to this service (it must be trusted anyway)."""
+        return self.allow is None or str(peer) in self.allow
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A local TCP port whose connections become streams to a peer's service."""
+
+    bind: str
+    peer: str
+    service: str
+
+    def check(self) -> Forward:
+        """This forward if every field is usable (ServiceError otherwise)."""
+        try:
+            parse_endpoint(self.bind)
+            Address.parse(self.peer)
+        except ValueError as exc:
+            raise ServiceError(str(exc)) from None
+        service_port(self.service)
+        return self
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """Where the forward listens."""
+        return parse_endpoint(self.bind)
+
+
+def parse_bind(text: str) -> str:
+    """``[BIND:]LOCALPORT`` as ``host:port`` (the default host is 127.0.0.1: a forward is for
+    this machine unless asked otherwise)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 0xFFFF:
+        raise ServiceError(f"bad local port {text!r}: expected [BIND:]PORT with PORT in 1-65535")
+    return format_endpoint((host.strip("[]") or "127.0.0.1", int(port)))
+
+
+@dataclass
+class Registry:
+    """Exposures and forwards, read from and written to the state directory."""
+
+    path: Path
+    exposures: dict[str, Exposure] = field(default_factory=dict)
+    forwards: dict[str, Forward] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Registry:
+        """The registry of ``state_dir`` (empty if there is none yet)."""
+        registry = cls(state_dir / FILE)
+        try:
+            raw = json.loads(registry.path.read_text())
+        except FileNotFoundError:
+            return registry
+        except (OSError, ValueError) as exc:
+            raise ServiceError(f"cannot read {registry.path}: {exc}") from None
+        try:
+            for item in raw.get("expose", [])[:MAX_ENTRIES]:
+                allow = item.get("allow")
+                exposure = Exposure(
+                    str(item["name"]), int(item["port"]), str(item["target"]), tuple(allow) if allow else None
+                )
+                registry.exposures[exposure.name] = exposure.check()
+            for item in raw.get("forward", [])[:MAX_ENTRIES]:
+                forward = Forward(str(item["bind"]), str(item["peer"]), str(item["service"])).check()
+                registry.forwards[forward.bind] = forward
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ServiceError(f"{registry.path} is malformed: {exc}") from None
+        return registry
+
+    def save(self) -> None:
+        """Write atomically, readable by the owner only."""
+        data: dict[str, Any] = {
+            "expose": [asdict(e) | {"allow": list(e.allow) if e.allow else None} for e in self.exposures.values()],
+            "forward": [asdict(f) for f in self.forwards.values()],
+        }
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=2)
+            out.write("\n")
+        os.replace(tmp, self.path)
+
+    def expose(self, exposure: Exposure) -> None:
+        """Add (or replace, by name) an exposure; refuse a port another service uses."""
+        exposure.check()
+        for other in self.exposures.values():
+            if other.port == exposure.port and other.name != exposure.name:
+                raise ServiceError(
+                    f"overlay port {exposure.port} is {other.name!r}'s already; give this one another --port"
+                )
+        if exposure.name not in self.exposures and len(self.exposures) >= MAX_ENTRIES:
+            raise ServiceError(f"at most {MAX_ENTRIES} services")
+        self.exposures[exposure.name] = exposure
+
+    def unexpose(self, name: str) -> Exposure:
+        """Remove an exposure by name."""
+        try:
+            return self.exposures.pop(name)
+        except KeyError:
+            raise ServiceError(f"no exposed service named {name!r}") from None
+
+    def forward(self, forward: Forward) -> None:
+        """Add (or replace, by local endpoint) a forward."""
+        forward.check()
+        if forward.bind not in self.forwards and len(self.forwards) >= MAX_ENTRIES:
+            raise ServiceError(f"at most {MAX_ENTRIES} forwards")
+        self.forwards[forward.bind] = forward
+
+    def unforward(self, bind: str) -> Forward:
+        """Remove a forward by its local endpoint."""
+        try:
+            return self.forwards.pop(bind)
+        except KeyError:
+            raise ServiceError(f"no forward on {bind}") from None
