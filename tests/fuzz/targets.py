@@ -48,6 +48,8 @@ from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.rendezvous.presence import Agent
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.session import control as session
+from peerpath.tunnels.registry import parse_bind
+from peerpath.tunnels.services import Destination, service_port, split_target
 from peerpath.wire import portmap, punch, stun
 from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import format_endpoint, parse_endpoint
@@ -1474,6 +1476,9 @@ def _control_seeds() -> list[bytes]:
         {"op": "trust-approve", "address": alice},
         {"op": "trust-deny", "address": alice},
         {"op": "trust-pending"},
+        {"op": "tunnels-reload"},
+        {"op": "connect", "address": alice, "service": "ssh"},
+        {"op": "connect", "address": alice, "service": "50051"},
         {"op": "nonsense"},
     ]
     return [msgspec.json.encode(r) for r in requests]
@@ -1567,6 +1572,10 @@ def _run_text(data: bytes, rng: random.Random) -> None:
         RendezvousUrl.parse,
         parse_endpoint,
         functools.partial(parse_endpoint, default_port=3478),
+        service_port,
+        split_target,
+        parse_bind,
+        Destination.parse,
     ):
         with contextlib.suppress(ValueError):
             parse(text)
@@ -1579,7 +1588,8 @@ register(
         _run_text,
         (),
         dialect="text",
-        doc="addresses, rendezvous URLs and endpoints that arrive in messages or are typed (Address.parse, "
-        "RendezvousUrl.parse, parse_endpoint strict and with a default port, the client's _pick_udp_endpoint)",
+        doc="addresses, rendezvous URLs, endpoints and tunnel arguments that arrive in messages or are typed "
+        "(Address.parse, RendezvousUrl.parse, parse_endpoint strict and with a default port, service names, "
+        "PEER[:SERVICE], [BIND:]PORT, tunnel targets, the client's _pick_udp_endpoint)",
     )
 )
