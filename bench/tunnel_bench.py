@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Tunnel benchmark on loopback, printing JSON: a TCP service reached through
+``peerpath forward`` -> session -> ``peerpath expose``, next to the same service reached
+directly, and the session's raw stream throughput, all measured in the same run.
+
+- bulk throughput (one connection), and 1 KiB request/response latency, to a TCP server;
+- HTTP/1.1 with keep-alive (httpx; 1 KiB request and response bodies): requests per
+  second and latency, to uvicorn;
+- the ratios: forwarded / direct, and forwarded / the session's raw stream rate.
+
+Two nodes run as daemons (``peerpath up``, each in its own process, sharing this
+machine's local rendezvous), the servers in a third process, the clients here.
+
+    python bench/tunnel_bench.py [--mbytes 128] [--requests 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import session_bench
+
+PEERPATH = [sys.executable, "-m", "peerpath"]
+BODY = os.urandom(1024)
+
+
+async def _http_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    """1 KiB back for whatever comes in."""
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1024")]})
+    await send({"type": "http.response.body", "body": BODY})
+
+
+async def _http_requests(port: int, count: int) -> list[float]:
+    samples = []
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        await client.post("/", content=BODY)  # the connection is made and kept
+        for _ in range(count):
+            start = time.perf_counter()
+            reply = await client.post("/", content=BODY)
+            samples.append(time.perf_counter() - start)
+            assert len(reply.content) == 1024
+    return samples
+
+
+def _cli(*args: str) -> str:
+    return subprocess.run([*PEERPATH, *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _wait_direct(state: Path, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads(_cli("status", "--state-dir", str(state), "--json"))
+        paths = [s["path"] or "" for s in status["sessions"]]
+        if any(p.startswith("direct") for p in paths):
+            return next(p for p in paths if p.startswith("direct"))
+        time.sleep(0.2)
+    return "relay"
+
+
+def _http_stats(samples: list[float]) -> dict[str, float]:
+    return {
+        "requests_per_s": round(len(samples) / sum(samples), 1),
+        "median_us": round(statistics.median(samples) * 1e6, 1),
+    }
+
+
+def main() -> None:
+    """Run every measurement and print one JSON object."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mbytes", type=int, default=128, help="bytes per throughput run (MiB)")
+    parser.add_argument("--requests", type=int, default=1000, help="request/response round trips")
+    args = parser.parse_args()
+    total = args.mbytes << 20
+    results: dict[str, object] = {
+        "benchmark": "tunnel",
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "bytes": total,
+        "requests": args.requests,
+    }
+    procs: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        try:
+            tcp_port, http_port = session_bench._free_port(), session_bench._free_port()
+            procs.append(session_bench._spawn("_serve", "tcp", str(tcp_port), tmp))
+            procs.append(_spawn_http(http_port))
+            alice, bob = root / "alice", root / "bob"
+            addresses = {name: _cli("address", "--state-dir", str(d)) for name, d in (("a", alice), ("b", bob))}
+            _cli("trust", "add", addresses["b"], "--state-dir", str(alice))
+            _cli("trust", "add", addresses["a"], "--state-dir", str(bob))
+            for state in (alice, bob):
+                log = (root / f"{state.name}.log").open("w")
+                procs.append(subprocess.Popen([*PEERPATH, "up", "--state-dir", str(state)], stderr=log, text=True))
+            time.sleep(2.0)
+            _cli("expose", f"127.0.0.1:{tcp_port}", "--name", "bench", "--state-dir", str(bob))
+            _cli("expose", f"127.0.0.1:{http_port}", "--name", "web", "--state-dir", str(bob))
+            fwd_tcp, fwd_http = session_bench._free_port(), session_bench._free_port()
+            _cli("forward", str(fwd_tcp), f"{addresses['b']}:bench", "--state-dir", str(alice))
+            _cli("forward", str(fwd_http), f"{addresses['b']}:web", "--state-dir", str(alice))
+            asyncio.run(_http_requests(fwd_http, 5))  # the session is made
+            results["path"] = _wait_direct(alice)
+            for name, tcp, http in (("direct_tcp", tcp_port, http_port), ("forwarded", fwd_tcp, fwd_http)):
+                gbits = asyncio.run(session_bench._tcp_throughput(tcp, total, None))
+                latency = asyncio.run(session_bench._tcp_latency(tcp, args.requests, None))
+                requests = asyncio.run(_http_requests(http, args.requests))
+                results[name] = {
+                    "gbit_s": round(gbits, 3),
+                    "req_resp_1k": session_bench._latency_stats(latency),
+                    "http_keepalive_1k": _http_stats(requests),
+                }
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait()
+        results["session_raw_stream_gbit_s"] = round(_raw_stream(root, total), 3)
+    forwarded, direct = results["forwarded"], results["direct_tcp"]
+    assert isinstance(forwarded, dict) and isinstance(direct, dict)
+    raw = float(results["session_raw_stream_gbit_s"])  # type: ignore[arg-type]
+    results["ratios"] = {
+        "forwarded_vs_direct_throughput": round(forwarded["gbit_s"] / direct["gbit_s"], 3),
+        "forwarded_vs_session_raw_stream": round(forwarded["gbit_s"] / raw, 3),
+        "forwarded_vs_direct_http_requests_per_s": round(
+            forwarded["http_keepalive_1k"]["requests_per_s"] / direct["http_keepalive_1k"]["requests_per_s"], 3
+        ),
+    }
+    print(json.dumps(results, indent=2))
+
+
+def _raw_stream(root: Path, total: int) -> float:
+    """One session stream's throughput between two nodes (server in its own process)."""
+    server_dir, client_dir = root / "raw-server", root / "raw-client"
+    server_address = _cli("address", "--state-dir", str(server_dir))
+    client_address = _cli("address", "--state-dir", str(client_dir))
+    _cli("trust", "add", server_address, "--state-dir", str(client_dir))
+    _cli("trust", "add", client_address, "--state-dir", str(server_dir))
+    port = session_bench._free_port()
+    server = session_bench._spawn("_serve", "peerpath", str(port), str(server_dir))
+    try:
+        measured = session_bench._run(session_bench._peerpath_client(str(client_dir), server_address, port, total, 1))
+    finally:
+        server.kill()
+        server.wait()
+    return float(measured["gbit_s"])  # type: ignore[arg-type]
+
+
+def _spawn_http(port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, __file__, "_http", str(port)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if not proc.stdout.readline().startswith("ready"):
+        proc.kill()
+        raise RuntimeError("the HTTP server did not start")
+    return proc
+
+
+def _serve_http(port: int) -> None:
+    import uvicorn  # noqa: PLC0415
+
+    server = uvicorn.Server(uvicorn.Config(_http_app, host="127.0.0.1", port=port, log_level="warning"))
+
+    async def run() -> None:
+        task = asyncio.ensure_future(server.serve())
+        for _ in range(1000):  # uvicorn offers a flag, not an event
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        print("ready", flush=True)
+        await task
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_http"]:
+        _serve_http(int(sys.argv[2]))
+    else:
+        main()
