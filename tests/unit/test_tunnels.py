@@ -309,3 +309,55 @@ def test_bad_tunnel_arguments_get_a_clear_message_and_exit_2(tmp_path: Path, arg
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert proc.stderr.startswith("peerpath: ") and message in proc.stderr, proc.stderr
     assert not (tmp_path / "tunnels.json").exists()
+
+
+async def test_the_gateway_puts_each_trusted_peer_at_its_own_loopback_address(sides) -> None:
+    from peerpath.tunnels.gateway import GatewayConfig, derived_address, hosts_fragment
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    client, service = sides
+    server, port = await tcp_server(echo)
+    async with server:
+        service.registry.expose(Exposure("echo", 7005, f"127.0.0.1:{port}"))
+        await service.apply()
+        config = GatewayConfig.load(client.state)
+        config.enabled, config.ports = True, (7005, 7006)
+        config.save()
+        assert await client.tunnels.reload() == {}
+        ip = GatewayConfig.load(client.state).addresses[str(service.node.address)]
+        assert ip == derived_address(service.node.address) and ip.startswith("127.") and not ip.startswith("127.0.0.")
+        reader, writer = await asyncio.open_connection(ip, 7005)  # an unmodified client
+        writer.write(b"through the gateway")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 20) == b"through the gateway"
+        writer.close()
+        reader, writer = await asyncio.open_connection(ip, 7006)  # a port the peer does not serve: reset
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 10)
+        writer.close()
+        fragment = hosts_fragment({str(service.node.address): ip}, {str(service.node.address): "Planner"})
+        assert f"{ip}\t{service.node.address} planner\n" in fragment
+        config = GatewayConfig.load(client.state)
+        config.enabled = False
+        config.save()
+        await client.tunnels.reload()
+        with pytest.raises(OSError):
+            await asyncio.open_connection(ip, 7005)
+
+
+def test_gateway_addresses_stay_put_and_collisions_take_the_next_one(tmp_path: Path) -> None:
+    from peerpath.tunnels.gateway import GatewayConfig, derived_address
+
+    one, two, earlier = (Identity.generate().address for _ in range(3))
+    config = GatewayConfig(tmp_path / "gateway.json")
+    config.addresses[str(earlier)] = derived_address(two)  # already given out
+    assigned = config.assign([one, two])
+    assert assigned[str(one)] == derived_address(one)
+    assert assigned[str(two)] == derived_address(two, 1)  # the next free one
+    config.save()
+    assert GatewayConfig.load(tmp_path).addresses == assigned

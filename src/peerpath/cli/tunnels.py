@@ -1,4 +1,4 @@
-"""``peerpath expose``, ``forward`` and ``connect``: TCP services through the overlay.
+"""``peerpath expose``, ``forward``, ``connect`` and ``gateway``: TCP services through the overlay.
 
 ``expose`` and ``forward`` edit the state directory's tunnels.json and tell a running node
 to follow it (``peerpath up`` starts from it too); ``connect`` joins standard input and
@@ -19,8 +19,9 @@ import typer
 
 from peerpath import errors
 from peerpath.cli.app import app
-from peerpath.cli.common import JsonOption, StateDir, fail, parse_peer, resolve_state_dir, run_command
+from peerpath.cli.common import JsonOption, StateDir, fail, open_trust_store, parse_peer, resolve_state_dir, run_command
 from peerpath.node import control
+from peerpath.tunnels.gateway import DEFAULT_PORTS, GatewayConfig, check_ports, hosts_fragment
 from peerpath.tunnels.registry import Exposure, Forward, Registry, parse_bind
 from peerpath.tunnels.services import ServiceError, check_name, service_port, split_target
 
@@ -240,3 +241,88 @@ async def _pipe_stdio(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         with contextlib.suppress(BaseException):
             await up
         writer.close()
+
+
+gateway_app = typer.Typer(
+    help="Every trusted peer at a loopback address of its own (127.x.y.z), on its service ports.",
+    no_args_is_help=True,
+)
+app.add_typer(gateway_app, name="gateway")
+
+
+def _gateway_config(state_dir: Path) -> GatewayConfig:
+    try:
+        return GatewayConfig.load(state_dir)
+    except ServiceError as exc:
+        fail(str(exc))
+
+
+def _peers_and_notes(state_dir: Path) -> tuple[list[Any], dict[str, str]]:
+    entries = open_trust_store(state_dir).entries()
+    return [e.address for e in entries], {str(e.address): e.note for e in entries}
+
+
+@gateway_app.command("on")
+def gateway_on(
+    port: Annotated[
+        list[int],
+        typer.Option("--port", min=1, max=65535, help="A port to listen on for every peer; repeatable."),
+    ] = [],  # noqa: B006  (typer reads the default, never mutates it)
+    state_dir: StateDir = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Listen for every trusted peer at its own loopback address, on its service ports
+    (the well-known ones unless --port says otherwise)."""
+    directory = resolve_state_dir(state_dir)
+    config = _gateway_config(directory)
+    peers, notes = _peers_and_notes(directory)
+    try:
+        config.ports = check_ports(port) if port else DEFAULT_PORTS
+    except ServiceError as exc:
+        fail(str(exc), 2)
+    config.enabled = True
+    addresses = config.assign(peers)
+    _save_gateway(config)
+    failures = _reload(directory)
+    if json_out:
+        typer.echo(json.dumps({"addresses": addresses, "ports": list(config.ports), "errors": failures}))
+        return
+    for peer in peers:
+        note = f"  ({notes[str(peer)]})" if notes.get(str(peer)) else ""
+        typer.echo(f"{addresses[str(peer)]:<16} {peer}{note}")
+    typer.echo(f"ports {', '.join(map(str, config.ports))}")
+    if failures is None:
+        typer.echo("(saved: the gateway starts with peerpath up)")
+    for where, why in sorted((failures or {}).items()):
+        typer.echo(f"not listening on {where}: {why}")
+    if sys.platform == "darwin":
+        typer.echo("macOS: add each address first, e.g. sudo ifconfig lo0 alias 127.1.2.3")
+
+
+@gateway_app.command("off")
+def gateway_off(state_dir: StateDir = None) -> None:
+    """Stop the gateway (the addresses given out are kept for next time)."""
+    directory = resolve_state_dir(state_dir)
+    config = _gateway_config(directory)
+    config.enabled = False
+    _save_gateway(config)
+    _reload(directory)
+    typer.echo("gateway off")
+
+
+@gateway_app.command("hosts")
+def gateway_hosts(state_dir: StateDir = None) -> None:
+    """Print a hosts-file fragment naming each peer's gateway address (append it to /etc/hosts)."""
+    directory = resolve_state_dir(state_dir)
+    config = _gateway_config(directory)
+    peers, notes = _peers_and_notes(directory)
+    addresses = {p: ip for p, ip in config.assign(peers).items() if p in notes}
+    _save_gateway(config)
+    typer.echo(hosts_fragment(addresses, notes), nl=False)
+
+
+def _save_gateway(config: GatewayConfig) -> None:
+    try:
+        config.save()
+    except OSError as exc:
+        fail(f"cannot write {config.path}: {exc.strerror or exc}")

@@ -19,8 +19,9 @@ from peerpath.net import TcpListener, open_stream, serve_streams
 from peerpath.node.node import Node
 from peerpath.session.splice import abort, splice
 from peerpath.session.streams import StreamWriter
+from peerpath.tunnels.gateway import Gateway, GatewayConfig
 from peerpath.tunnels.registry import Exposure, Forward, Registry
-from peerpath.tunnels.services import Destination, service_port
+from peerpath.tunnels.services import Destination, ServiceError, service_port
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 OPEN_TIMEOUT = 20.0
 #: Seconds an exposed service waits to connect to its target.
 TARGET_TIMEOUT = 10.0
+#: Seconds between the gateway's looks at the trust store (a newly trusted peer gets its address).
+GATEWAY_REFRESH = 5.0
 
 
 class Tunnels:
@@ -43,6 +46,10 @@ class Tunnels:
         self.errors: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = {"streams_served": 0, "streams_forwarded": 0, "target_unreachable": 0, "open_failed": 0}
+        #: Every trusted peer at a loopback address of its own (when on).
+        self.gateway = Gateway(node.net, self._gateway_connect)
+        self.gateway_config = GatewayConfig(state_dir / "gateway.json")
+        self._refresher: asyncio.Task[None] | None = None
 
     async def reload(self) -> dict[str, str]:
         """Read the registry again and make the running tunnels match it; what failed, by
@@ -72,10 +79,49 @@ class Tunnels:
                 continue
             self._listeners[bind] = (forward, listener)
             log.info("forwarding %s to %s:%s", bind, forward.peer, forward.service)
-        return dict(self.errors)
+        self.gateway_config = GatewayConfig.load(self.state_dir)
+        await self._refresh_gateway()
+        if self.gateway_config.enabled and self._refresher is None:
+            self._refresher = asyncio.ensure_future(self._keep_gateway())
+        return dict(self.errors) | self.gateway.errors
+
+    async def _refresh_gateway(self) -> None:
+        """Listen for the peers trusted now (a peer trusted since gets its address)."""
+        known = dict(self.gateway_config.addresses)
+        trusted = [entry.address for entry in self.node.trust.entries()]
+        await self.gateway.update(self.gateway_config, trusted)
+        if self.gateway_config.addresses != known:
+            self.gateway_config.save()
+
+    async def _keep_gateway(self) -> None:
+        while self.gateway_config.enabled:
+            await asyncio.sleep(GATEWAY_REFRESH)
+            try:
+                await self._refresh_gateway()
+            except (OSError, ServiceError) as exc:
+                log.warning("gateway: %s", exc)
+        self._refresher = None
+
+    async def _gateway_connect(
+        self, peer: Address, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            conn = await self.node.connect(peer, timeout=OPEN_TIMEOUT)
+            stream_reader, stream_writer = await conn.open_stream(port, timeout=OPEN_TIMEOUT)
+        except (errors.PeerpathError, OSError) as exc:
+            self.counters["open_failed"] += 1
+            log.info("gateway %s port %d: %s", peer, port, exc)
+            abort(writer)
+            return
+        self.counters["streams_forwarded"] += 1
+        await splice(reader, writer, stream_reader, stream_writer)
 
     async def close(self) -> None:
         """Stop serving and forwarding (open tunnels end)."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            self._refresher = None
+        self.gateway.close()
         for exposure in self._served.values():
             self.node.unserve(exposure.port)
         self._served.clear()
@@ -98,6 +144,13 @@ class Tunnels:
                 for b, f in self.registry.forwards.items()
             ],
             "errors": dict(self.errors),
+            "gateway": {
+                "enabled": self.gateway_config.enabled,
+                "ports": list(self.gateway_config.ports),
+                "addresses": dict(self.gateway_config.addresses),
+                "listening": len(self.gateway.listening()),
+                "errors": dict(self.gateway.errors),
+            },
             "counters": dict(self.counters),
         }
 
