@@ -29,6 +29,9 @@ ProtocolFactory = Callable[[], asyncio.Protocol]
 
 #: Datagrams read per socket wakeup (see :class:`KernelUdp`).
 RECV_BATCH = 64
+#: Connections a TCP listener queues before they are accepted (a forward may get hundreds
+#: at once; the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 1024
 
 
 class BoundUdp(Protocol):
@@ -252,9 +255,11 @@ class KernelNet:
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-            sock.listen(128)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-            server = await asyncio.get_running_loop().create_server(factory, sock=sock, ssl=tls)
+            server = await asyncio.get_running_loop().create_server(
+                factory, sock=sock, ssl=tls, backlog=LISTEN_BACKLOG
+            )
         except BaseException:
             sock.close()
             raise

@@ -594,7 +594,13 @@ class Connection:
     def _send_stream(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         if self.closed.done():
             raise errors.SessionClosedError(f"session with {self.peer} is closed: {self.close_reason}")
-        self.quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        try:
+            self.quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        except ValueError as exc:
+            if "finished stream" not in str(exc):
+                raise
+            # aioquic: the sending side is over, the peer stopped it (or we reset it).
+            raise errors.StreamResetError(f"{self.peer} reset the stream") from exc
         self._schedule_transmit()
 
     def _cancel_stream(self, stream: _Stream) -> None:
@@ -605,8 +611,14 @@ class Connection:
         self._schedule_transmit()
 
     def _abort_stream(self, stream_id: int) -> None:
-        """Reset our stream both ways (the peer's reader fails with StreamResetError)."""
-        self._streams.pop(stream_id, None)
+        """Reset a stream both ways (the peer's reader fails with StreamResetError). A stream
+        the peer opened stays known, as discarded, until the peer's reset or end arrives:
+        what it sent meanwhile is dropped, never taken for a new stream's header."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.local:
+            stream.kind, stream.reader, stream.payload = "discard", None, None
+        else:
+            self._streams.pop(stream_id, None)
         if self.closed.done():
             return
         with contextlib.suppress(Exception):
