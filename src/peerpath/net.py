@@ -257,9 +257,7 @@ class KernelNet:
             sock.bind((host, port))
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
-            server = await asyncio.get_running_loop().create_server(
-                factory, sock=sock, ssl=tls, backlog=LISTEN_BACKLOG
-            )
+            server = await asyncio.get_running_loop().create_server(factory, sock=sock, ssl=tls, backlog=LISTEN_BACKLOG)
         except BaseException:
             sock.close()
             raise

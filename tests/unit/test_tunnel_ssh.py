@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,60 +18,30 @@ from pathlib import Path
 import pytest
 
 from peerpath.node import control
+from peerpath.testing.sshd import Sshd
+from peerpath.testing.sshd import available as sshd_available
+from peerpath.testing.sshd import prepare as prepare_sshd
 from peerpath.tunnels.registry import Exposure
 
 from .test_tunnels import free_port, sides  # noqa: F401  (the fixture is shared)
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not Path(SSHD).exists() or shutil.which("ssh") is None,
-    reason="needs root and OpenSSH (openssh-server, openssh-client)",
-)
-
-
-def prepare(tmp_path: Path) -> tuple[int, Path, Path]:
-    """Keys, an authorized key and an sshd config; (port, client key, config)."""
-    keys = tmp_path / "ssh"
-    keys.mkdir(mode=0o700)
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
-    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
-    port = free_port()
-    config = keys / "sshd_config"
-    settings = [
-        f"Port {port}",
-        "ListenAddress 127.0.0.1",
-        f"HostKey {keys / 'host'}",
-        f"PidFile {keys / 'sshd.pid'}",
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}",
-        "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no",
-        "PubkeyAuthentication yes",
-        "PermitRootLogin prohibit-password",
-        "UsePAM no",
-        "StrictModes no",
-        "Subsystem sftp internal-sftp",  # scp speaks SFTP
-    ]
-    config.write_text("\n".join(settings) + "\n")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
-    return port, keys / "client", config
+pytestmark = pytest.mark.skipif(sshd_available() is not None, reason=str(sshd_available()))
 
 
 @pytest.fixture
-async def sshd(tmp_path: Path) -> AsyncIterator[tuple[int, Path]]:
-    """sshd on a loopback port, accepting only a key made here; yields (port, client key)."""
-    port, key, config = prepare(tmp_path)
-    proc = await asyncio.create_subprocess_exec(SSHD, "-D", "-e", "-f", str(config), stderr=subprocess.PIPE)
+async def sshd(tmp_path: Path) -> AsyncIterator[Sshd]:
+    """sshd on a loopback port, accepting only a key made here."""
+    server = prepare_sshd(tmp_path / "ssh", free_port())
+    proc = await asyncio.create_subprocess_exec(*server.command, stderr=subprocess.PIPE)
     try:
         for _ in range(100):
             try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                _, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 writer.close()
                 break
             except OSError:
                 await asyncio.sleep(0.05)
-        yield port, key
+        yield server
     finally:
         proc.terminate()
         await proc.wait()
@@ -88,19 +57,12 @@ async def run(*args: str, stdin: bytes = b"", timeout: float = 60) -> tuple[int,
 
 async def test_ssh_and_scp_through_a_proxy_command(sides, sshd, tmp_path: Path) -> None:  # noqa: F811
     client, service = sides
-    port, key = sshd
-    service.registry.expose(Exposure("ssh", 22, f"127.0.0.1:{port}"))
+    service.registry.expose(Exposure("ssh", 22, f"127.0.0.1:{sshd.port}"))
     await service.apply()
     daemon = control.ControlServer(client.node, control.socket_path(client.state), client.tunnels)
     await daemon.start()
     proxy = f"{sys.executable} -m peerpath connect %h:ssh --state-dir {client.state}"
-    options = [
-        "-o", f"ProxyCommand={proxy}",
-        "-o", "StrictHostKeyChecking=no",
-        "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}",
-        "-o", "BatchMode=yes",
-        "-i", str(key),
-    ]  # fmt: skip
+    options = sshd.client_options(proxy, tmp_path / "known_hosts")
     peer = str(service.node.address)
     try:
         # A command that reads its standard input to the end: the half-close must pass through.
