@@ -11,7 +11,7 @@ directly, and the session's raw stream throughput, all measured in the same run.
 Two nodes run as daemons (``peerpath up``, each in its own process, sharing this
 machine's local rendezvous), the servers in a third process, the clients here.
 
-    python bench/tunnel_bench.py [--mbytes 128] [--requests 1000]
+    python bench/tunnel_bench.py [--mbytes 128] [--requests 1000] [--relay-only]
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mbytes", type=int, default=128, help="bytes per throughput run (MiB)")
     parser.add_argument("--requests", type=int, default=1000, help="request/response round trips")
+    parser.add_argument("--relay-only", action="store_true", help="keep the session on the relay")
     args = parser.parse_args()
     total = args.mbytes << 20
     results: dict[str, object] = {
@@ -106,7 +107,9 @@ def main() -> None:
             _cli("trust", "add", addresses["a"], "--state-dir", str(bob))
             for state in (alice, bob):
                 log = (root / f"{state.name}.log").open("w")
-                procs.append(subprocess.Popen([*PEERPATH, "up", "--state-dir", str(state)], stderr=log, text=True))
+                mode = ["--relay-only"] if args.relay_only else []
+                up = [*PEERPATH, "up", "--state-dir", str(state), *mode]
+                procs.append(subprocess.Popen(up, stderr=log, text=True))
             time.sleep(2.0)
             _cli("expose", f"127.0.0.1:{tcp_port}", "--name", "bench", "--state-dir", str(bob))
             _cli("expose", f"127.0.0.1:{http_port}", "--name", "web", "--state-dir", str(bob))
@@ -114,7 +117,7 @@ def main() -> None:
             _cli("forward", str(fwd_tcp), f"{addresses['b']}:bench", "--state-dir", str(alice))
             _cli("forward", str(fwd_http), f"{addresses['b']}:web", "--state-dir", str(alice))
             asyncio.run(_http_requests(fwd_http, 5))  # the session is made
-            results["path"] = _wait_direct(alice)
+            results["path"] = "relay" if args.relay_only else _wait_direct(alice)
             for name, tcp, http in (("direct_tcp", tcp_port, http_port), ("forwarded", fwd_tcp, fwd_http)):
                 gbits = asyncio.run(session_bench._tcp_throughput(tcp, total, None))
                 latency = asyncio.run(session_bench._tcp_latency(tcp, args.requests, None))

@@ -76,6 +76,9 @@ def up_command(
             "'local' (the default) shares one with the other nodes on this machine; 'none' runs without.",
         ),
     ] = "local",
+    direct: Annotated[
+        bool, typer.Option("--direct/--relay-only", help="Move sessions to direct paths where NATs allow.")
+    ] = True,
 ) -> None:
     """Run this machine's agent node in the foreground (Ctrl-C stops it)."""
     local = rendezvous in (None, "", "local")
@@ -98,6 +101,7 @@ def up_command(
             port=port,
             config=config,
             rendezvous=embedded.url if embedded is not None else url,
+            direct=direct,
         )
         tunnels = Tunnels(node, directory)
         server = control.ControlServer(node, control.socket_path(directory), tunnels)
