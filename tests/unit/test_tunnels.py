@@ -383,3 +383,42 @@ async def test_a_stream_reset_while_the_peer_still_sends_leaves_the_session_aliv
         await asyncio.wait_for(reader.read(), 10)
     assert not conn.closed.done()
     assert await conn.ping() > 0  # the session carries on
+
+
+async def test_a_reader_that_does_not_read_holds_the_writer_and_bounds_its_memory(sides) -> None:
+    """Receive credit follows what the application has read: while the service's handler
+    does not read, the opener's writes stop at the stream's window, the service holds at
+    most that much, and everything arrives once it reads."""
+    from peerpath.session.connection import SessionConfig
+
+    window = SessionConfig.max_stream_data
+    seen: dict[str, object] = {}
+    release = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer) -> None:
+        seen["reader"] = reader
+        await release.wait()
+        data = await reader.read()
+        writer.write(hashlib.sha256(data).hexdigest().encode())
+        writer.close()
+
+    client, service = sides
+    service.node.serve(7031, slow)
+    conn = await client.node.connect(service.node.address)
+    reader, writer = await conn.open_stream(7031)
+    payload = os.urandom(6 * window)
+
+    async def send() -> None:
+        for i in range(0, len(payload), 1 << 16):
+            writer.write(payload[i : i + (1 << 16)])
+            await writer.drain()
+        writer.write_eof()
+
+    sending = asyncio.ensure_future(send())
+    await asyncio.sleep(3.0)
+    held = len(seen["reader"]._buffer)  # type: ignore[attr-defined]
+    assert not sending.done()  # the writer is held
+    assert 0 < held <= window + 65536  # at most the window (and a packet)
+    release.set()
+    await asyncio.wait_for(sending, 60)
+    assert (await asyncio.wait_for(reader.read(), 60)).decode() == hashlib.sha256(payload).hexdigest()

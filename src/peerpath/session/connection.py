@@ -19,13 +19,14 @@ import enum
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, SupportsIndex
 
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.packet import QuicFrameType
 
 from peerpath import errors
 from peerpath.certs import certificate_address, self_signed_certificate
@@ -114,6 +115,11 @@ class _Quic(QuicConnection):
 
     authentic_packets = 0
     windows_open = False
+    #: Streams whose receive credit follows what the application has read: stream id ->
+    #: the bytes it has consumed so far (a byte stream's reader); and the credit it gets
+    #: beyond that. Other streams (messages) keep aioquic's credit, bounded by the message size.
+    consumed: dict[int, Callable[[], int]]
+    stream_window = 8 * 1024 * 1024
 
     def hold_windows(self) -> None:
         """Before the handshake: no stream but one unidirectional (control) stream."""
@@ -134,6 +140,63 @@ class _Quic(QuicConnection):
     def _write_connection_limits(self, *args: Any, **kwargs: Any) -> None:
         if self.windows_open:
             super()._write_connection_limits(*args, **kwargs)
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        """A byte stream's credit is what its reader consumed plus :attr:`stream_window`,
+        raised in steps of a quarter window: a peer that does not read holds the sender at
+        the window, and its memory with it (aioquic doubles the credit as data arrives)."""
+        consumed = self.consumed.get(stream.stream_id)
+        if consumed is None or not stream.max_stream_data_local:
+            super()._write_stream_limits(builder, space, stream)
+            return
+        credit = consumed() + self.stream_window
+        if credit - stream.max_stream_data_local >= self.stream_window // 4:
+            stream.max_stream_data_local = credit
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+class _CreditedReader(asyncio.StreamReader):
+    """A stream's reader that knows how much the application has consumed, and says when
+    it has drained after filling up (so the session sends new credit at once)."""
+
+    def __init__(self, window: int, on_room: Callable[[], None]) -> None:
+        # Paused (for our purpose: noted) above a quarter window, resumed at an eighth.
+        super().__init__(limit=max(1, window // 8))
+        self.fed = 0
+        self.set_transport(_RoomSignal(on_room))  # type: ignore[arg-type]
+
+    def feed_data(self, data: Iterable[SupportsIndex]) -> None:
+        chunk = bytes(data)
+        self.fed += len(chunk)
+        super().feed_data(chunk)
+
+    @property
+    def consumed(self) -> int:
+        """Bytes the application has read (those fed, less those still buffered)."""
+        buffered: bytearray = getattr(self, "_buffer", bytearray())
+        return self.fed - len(buffered)
+
+
+class _RoomSignal:
+    """What asyncio's StreamReader pauses and resumes: here, resuming asks for a transmit."""
+
+    def __init__(self, on_room: Callable[[], None]) -> None:
+        self._on_room = on_room
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        self._on_room()
 
 
 @dataclass(eq=False)
@@ -204,6 +267,8 @@ class Connection:
             retry_source_connection_id=retry_source_connection_id,
         )
         self.quic.hold_windows()
+        self.quic.consumed = {}
+        self.quic.stream_window = config.max_stream_data
         self.established: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.close_reason = ""
@@ -610,10 +675,17 @@ class Connection:
             self.quic.stop_stream(stream.stream_id, _STREAM_CANCELLED)
         self._schedule_transmit()
 
+    def _new_reader(self, stream_id: int) -> _CreditedReader:
+        """A byte stream's reader, whose consumption gives the peer its credit."""
+        reader = _CreditedReader(self.config.max_stream_data, self._schedule_transmit)
+        self.quic.consumed[stream_id] = lambda: reader.consumed
+        return reader
+
     def _abort_stream(self, stream_id: int) -> None:
         """Reset a stream both ways (the peer's reader fails with StreamResetError). A stream
         the peer opened stays known, as discarded, until the peer's reset or end arrives:
         what it sent meanwhile is dropped, never taken for a new stream's header."""
+        self.quic.consumed.pop(stream_id, None)
         stream = self._streams.get(stream_id)
         if stream is not None and not stream.local:
             stream.kind, stream.reader, stream.payload = "discard", None, None
@@ -672,7 +744,7 @@ class Connection:
         if stream.local:
             if stream.kind == "await-accept" and isinstance(frame, control.Accept):
                 stream.kind = "open"
-                stream.reader = asyncio.StreamReader()
+                stream.reader = self._new_reader(stream.stream_id)
                 if stream.answer is not None and not stream.answer.done():
                     stream.answer.set_result(frame)
                 return
@@ -687,7 +759,7 @@ class Connection:
                 stream.kind = "refused"
                 return
             stream.kind = "open"
-            stream.reader = asyncio.StreamReader()
+            stream.reader = self._new_reader(stream.stream_id)
             self._send_stream(stream.stream_id, control.encode(control.Accept(True)))
             self._spawn(self._run_stream_handler(handler, stream.reader, StreamWriter(self, stream.stream_id)))
         elif isinstance(frame, control.Message):
@@ -706,6 +778,7 @@ class Connection:
                 stream.reader.feed_data(data)
             if fin:
                 stream.reader.feed_eof()
+                self.quic.consumed.pop(stream.stream_id, None)  # nothing more can come
             return
         if stream.payload is None:  # refused or discarded: drop what still arrives
             if fin:
@@ -742,6 +815,7 @@ class Connection:
 
     def _stream_reset(self, stream: _Stream, code: int) -> None:
         self._streams.pop(stream.stream_id, None)
+        self.quic.consumed.pop(stream.stream_id, None)
         exc: errors.PeerpathError = errors.SessionClosedError(f"{self.peer} reset the stream (code {code:#x})")
         if code == _STREAM_TOO_LARGE:
             exc = errors.MessageError(f"{self.peer} refused the message: larger than its max_message_size")
