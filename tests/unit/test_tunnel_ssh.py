@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -82,5 +84,20 @@ async def test_ssh_and_scp_through_a_proxy_command(sides, sshd, tmp_path: Path) 
         digest = hashlib.sha256(original.read_bytes()).hexdigest()
         assert hashlib.sha256(remote.read_bytes()).hexdigest() == digest
         assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+        if shutil.which("rsync"):  # rsync over the same ssh: a directory, then only what changed
+            tree = tmp_path / "tree"
+            (tree / "sub").mkdir(parents=True)
+            (tree / "a.txt").write_text("alpha\n")
+            (tree / "sub" / "b.bin").write_bytes(os.urandom(1 << 20))
+            remote_shell = "ssh " + " ".join(shlex.quote(option) for option in options)
+            mirror = tmp_path / "mirror"
+            code, _, err = await run("rsync", "-a", "-e", remote_shell, f"{tree}/", f"root@{peer}:{mirror}/")
+            assert code == 0, err
+            assert (mirror / "sub" / "b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
+            (tree / "a.txt").write_text("alpha, changed\n")
+            code, out, err = await run("rsync", "-ai", "-e", remote_shell, f"{tree}/", f"root@{peer}:{mirror}/")
+            assert code == 0, err
+            assert b"a.txt" in out and b"b.bin" not in out  # only the changed file went
+            assert (mirror / "a.txt").read_text() == "alpha, changed\n"
     finally:
         await daemon.close()

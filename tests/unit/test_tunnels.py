@@ -192,6 +192,10 @@ async def test_a_target_that_is_down_resets_the_forwarded_connection(sides) -> N
         await asyncio.wait_for(reader.readexactly(1), 10)
     writer.close()
     await eventually(lambda: service.tunnels.counters["target_unreachable"] == 1)
+    # Through the Python API the reset says why.
+    stream_reader, _ = await client.tunnels.open(str(service.node.address), "7002")
+    with pytest.raises(errors.StreamResetError, match="could not reach its target"):
+        await asyncio.wait_for(stream_reader.read(), 10)
 
 
 async def test_a_thousand_connections_share_one_session(sides) -> None:

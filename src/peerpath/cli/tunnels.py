@@ -300,24 +300,27 @@ def gateway_on(
 
 
 @gateway_app.command("off")
-def gateway_off(state_dir: StateDir = None) -> None:
+def gateway_off(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
     """Stop the gateway (the addresses given out are kept for next time)."""
     directory = resolve_state_dir(state_dir)
     config = _gateway_config(directory)
     config.enabled = False
     _save_gateway(config)
-    _reload(directory)
-    typer.echo("gateway off")
+    running = _reload(directory) is not None
+    typer.echo(json.dumps({"enabled": False, "running": running}) if json_out else "gateway off")
 
 
 @gateway_app.command("hosts")
-def gateway_hosts(state_dir: StateDir = None) -> None:
+def gateway_hosts(state_dir: StateDir = None, json_out: JsonOption = False) -> None:
     """Print a hosts-file fragment naming each peer's gateway address (append it to /etc/hosts)."""
     directory = resolve_state_dir(state_dir)
     config = _gateway_config(directory)
     peers, notes = _peers_and_notes(directory)
     addresses = {p: ip for p, ip in config.assign(peers).items() if p in notes}
     _save_gateway(config)
+    if json_out:
+        typer.echo(json.dumps([{"ip": ip, "address": p, "note": notes[p]} for p, ip in addresses.items()]))
+        return
     typer.echo(hosts_fragment(addresses, notes), nl=False)
 
 

@@ -34,7 +34,7 @@ from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity, verify
 from peerpath.session import control
 from peerpath.session.pathset import HOLD_DOWN, VIRTUAL_PEER, Path, PathSet
-from peerpath.session.streams import StreamWriter
+from peerpath.session.streams import ResetReason, StreamWriter
 from peerpath.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,11 @@ _ERR_PROTOCOL = 0x102
 _ERR_AUTH = 0x103
 _STREAM_CANCELLED = 0x110
 _STREAM_TOO_LARGE = 0x111
-#: An application reset its stream (StreamWriter.abort): a tunnelled TCP connection reset.
-_STREAM_ABORTED = 0x112
+#: What the peer's reset of a stream means (StreamWriter.abort's reasons).
+_RESET_MESSAGES = {
+    ResetReason.RESET: "reset the stream (the connection behind it was reset)",
+    ResetReason.UNREACHABLE: "reset the stream: the service could not reach its target",
+}
 #: How often the session re-evaluates its paths (a silent direct path hands over to the relay).
 PATH_TICK = 1.0
 #: Until the peer is authenticated it may send this much stream data in all (gaps included)
@@ -681,7 +684,7 @@ class Connection:
         self.quic.consumed[stream_id] = lambda: reader.consumed
         return reader
 
-    def _abort_stream(self, stream_id: int) -> None:
+    def _abort_stream(self, stream_id: int, reason: ResetReason = ResetReason.RESET) -> None:
         """Reset a stream both ways (the peer's reader fails with StreamResetError). A stream
         the peer opened stays known, as discarded, until the peer's reset or end arrives:
         what it sent meanwhile is dropped, never taken for a new stream's header."""
@@ -694,8 +697,8 @@ class Connection:
         if self.closed.done():
             return
         with contextlib.suppress(Exception):
-            self.quic.reset_stream(stream_id, _STREAM_ABORTED)
-            self.quic.stop_stream(stream_id, _STREAM_ABORTED)
+            self.quic.reset_stream(stream_id, reason)
+            self.quic.stop_stream(stream_id, reason)
         self._schedule_transmit()
 
     def _unacked(self, stream_id: int) -> int:
@@ -819,8 +822,8 @@ class Connection:
         exc: errors.PeerpathError = errors.SessionClosedError(f"{self.peer} reset the stream (code {code:#x})")
         if code == _STREAM_TOO_LARGE:
             exc = errors.MessageError(f"{self.peer} refused the message: larger than its max_message_size")
-        elif code == _STREAM_ABORTED:
-            exc = errors.StreamResetError(f"{self.peer} reset the stream")
+        elif code in _RESET_MESSAGES:
+            exc = errors.StreamResetError(f"{self.peer} {_RESET_MESSAGES[ResetReason(code)]}")
         if stream.answer is not None and not stream.answer.done():
             stream.answer.set_exception(exc)
         if stream.reader is not None:

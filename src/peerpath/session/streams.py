@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,15 @@ if TYPE_CHECKING:
 
 #: drain() waits while more than this many bytes of a stream are unacknowledged.
 HIGH_WATER = 1 << 20
+
+
+class ResetReason(enum.IntEnum):
+    """Why a stream was reset (the QUIC error code the peer sees)."""
+
+    #: The connection behind it was reset (a TCP RST on a tunnel's far side).
+    RESET = 0x112
+    #: A service could not reach what it stands for (a tunnel's target is down).
+    UNREACHABLE = 0x113
 
 
 class StreamWriter:
@@ -50,12 +60,12 @@ class StreamWriter:
         """Finish the stream (a half-close; the peer may still send)."""
         self.write_eof()
 
-    def abort(self) -> None:
+    def abort(self, reason: ResetReason = ResetReason.RESET) -> None:
         """Reset the stream both ways at once (what a TCP reset is to a connection): the
-        peer's reader fails with :class:`~peerpath.errors.StreamResetError`, and what is
-        still queued is dropped."""
+        peer's reader fails with :class:`~peerpath.errors.StreamResetError` saying ``reason``,
+        and what is still queued is dropped."""
         self._eof = True
-        self._connection._abort_stream(self.stream_id)
+        self._connection._abort_stream(self.stream_id, reason)
 
     def is_closing(self) -> bool:
         """True after :meth:`close` or :meth:`write_eof`."""

@@ -18,7 +18,7 @@ from peerpath.identity import Address
 from peerpath.net import TcpListener, open_stream, serve_streams
 from peerpath.node.node import Node
 from peerpath.session.splice import abort, splice
-from peerpath.session.streams import StreamWriter
+from peerpath.session.streams import ResetReason, StreamWriter
 from peerpath.tunnels.gateway import Gateway, GatewayConfig
 from peerpath.tunnels.registry import Exposure, Forward, Registry
 from peerpath.tunnels.services import Destination, ServiceError, service_port
@@ -166,7 +166,7 @@ class Tunnels:
             except (OSError, TimeoutError) as exc:
                 self.counters["target_unreachable"] += 1
                 log.info("service %s: %s unreachable: %s", exposure.name, exposure.target, exc or "timed out")
-                writer.abort()  # the opener's connection is reset, as the target's would be
+                writer.abort(ResetReason.UNREACHABLE)  # the opener's connection is reset, with the reason
                 return
             await splice(reader, writer, target_reader, target_writer)
 
