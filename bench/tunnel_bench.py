@@ -12,6 +12,11 @@ Two nodes run as daemons (``peerpath up``, each in its own process, sharing this
 machine's local rendezvous), the servers in a third process, the clients here.
 
     python bench/tunnel_bench.py [--mbytes 128] [--requests 1000] [--relay-only]
+
+With ``--lab`` (root) the same runs across the NAT lab instead: the service behind a
+full-cone NAT, the client behind a port-restricted one, over the direct path and over the
+relay; the baseline there is the session's raw stream over the same path, in the same run
+(``sudo python3 bench/tunnel_bench.py --lab [--mbytes 32] [--requests 300]``).
 """
 
 from __future__ import annotations
@@ -85,7 +90,11 @@ def main() -> None:
     parser.add_argument("--mbytes", type=int, default=128, help="bytes per throughput run (MiB)")
     parser.add_argument("--requests", type=int, default=1000, help="request/response round trips")
     parser.add_argument("--relay-only", action="store_true", help="keep the session on the relay")
+    parser.add_argument("--lab", action="store_true", help="across the NAT lab (root), direct and relayed")
     args = parser.parse_args()
+    if args.lab:
+        print(json.dumps(_lab(args.mbytes, args.requests), indent=2))
+        return
     total = args.mbytes << 20
     results: dict[str, object] = {
         "benchmark": "tunnel",
@@ -189,8 +198,101 @@ def _serve_http(port: int) -> None:
     asyncio.run(run())
 
 
+# -- across the NAT lab ---------------------------------------------------------------------
+
+
+def _lab(mbytes: int, requests: int) -> dict[str, object]:
+    """Forwarded vs the session's raw stream, over the lab's direct path and over the relay."""
+    from peerpath.testing.netlab import Lab, NatKind, available  # noqa: PLC0415
+
+    reason = available()
+    if reason:
+        raise SystemExit(f"tunnel_bench --lab: {reason}")
+    results: dict[str, object] = {"benchmark": "tunnel-lab", "bytes": mbytes << 20, "requests": requests}
+    with tempfile.TemporaryDirectory() as tmp_dir, Lab() as lab:
+        tmp = Path(tmp_dir)
+        server = lab.public_host("server", ["203.0.113.10", "203.0.113.11"])
+        ips = ["--public-ip", "203.0.113.10", "--public-ip", "203.0.113.11"]
+        server.start([*PEERPATH, "server", "--state-dir", str(tmp / "server"), *ips], ready="STUN server")
+        url = (tmp / "server" / "rendezvous.url").read_text().strip()
+        far = lab.host("far", behind=lab.router("r-far", NatKind.FULL_CONE))
+        near = lab.host("near", behind=lab.router("r-near", NatKind.PORT_RESTRICTED))
+        far.start([sys.executable, session_bench.__file__, "_serve", "tcp", "9100", tmp_dir], ready="^ready")
+        far.start([sys.executable, __file__, "_http", "9101"], ready="^ready")
+        for i, mode in enumerate(("direct", "relay")):
+            states = {name: tmp / f"{name}-{mode}" for name in ("near", "far", "raw-near", "raw-far")}
+            addresses = {name: _cli("address", "--state-dir", str(state)) for name, state in states.items()}
+            for a, b in (("near", "far"), ("far", "near"), ("raw-near", "raw-far"), ("raw-far", "raw-near")):
+                _cli("trust", "add", addresses[b], "--state-dir", str(states[a]))
+            flags = ["--rendezvous", url, *(["--relay-only"] if mode == "relay" else [])]
+            far.start([*PEERPATH, "up", "--state-dir", str(states["far"]), *flags], ready="up on udp")
+            near.start([*PEERPATH, "up", "--state-dir", str(states["near"]), *flags], ready="up on udp")
+            _cli("expose", "127.0.0.1:9100", "--name", "bench", "--state-dir", str(states["far"]))
+            _cli("expose", "127.0.0.1:9101", "--name", "web", "--state-dir", str(states["far"]))
+            tcp_port, http_port = 9200 + 10 * i, 9201 + 10 * i  # each mode's near node forwards its own
+            _cli("forward", str(tcp_port), f"{addresses['far']}:bench", "--state-dir", str(states["near"]))
+            _cli("forward", str(http_port), f"{addresses['far']}:web", "--state-dir", str(states["near"]))
+            client = [sys.executable, __file__, "_lab_client", str(tcp_port), str(http_port)]
+            forwarded = json.loads(near.run([*client, str(mbytes << 20), str(requests)], timeout=600))
+            status = json.loads(_cli("status", "--state-dir", str(states["near"]), "--json"))
+            direct_bench = str(Path(__file__).with_name("direct_bench.py"))
+            far.start([sys.executable, direct_bench, "_serve", str(states["raw-far"]), url], ready="^ready")
+            raw = [sys.executable, __file__, "_lab_raw", str(states["raw-near"]), url, addresses["raw-far"]]
+            raw_gbit = float(near.run([*raw, str(mbytes << 20), mode], timeout=600))
+            results[mode] = forwarded | {
+                "paths": [session["path"] for session in status["sessions"]],
+                "session_raw_stream_gbit_s": round(raw_gbit, 3),
+                "forwarded_vs_session_raw_stream": round(forwarded["gbit_s"] / raw_gbit, 3),
+            }
+    return results
+
+
+def _lab_client(tcp_port: int, http_port: int, total: int, requests: int) -> dict[str, object]:
+    """In the near host's namespace: through its node's forwards (TCP and HTTP)."""
+    asyncio.run(_http_requests(http_port, 5))  # the session is made
+    time.sleep(3.0)  # and goes direct where it can
+    gbits = asyncio.run(session_bench._tcp_throughput(tcp_port, total, None))
+    latency = asyncio.run(session_bench._tcp_latency(tcp_port, requests, None))
+    http = asyncio.run(_http_requests(http_port, requests))
+    return {
+        "gbit_s": round(gbits, 3),
+        "req_resp_1k": session_bench._latency_stats(latency),
+        "http_keepalive_1k": _http_stats(http),
+    }
+
+
+async def _lab_raw(state: str, url: str, peer: str, total: int, relay_only: bool) -> float:
+    """In the near host's namespace: one session stream's rate to the far node, over the
+    same kind of path."""
+    from peerpath.node.node import Node  # noqa: PLC0415
+    from peerpath.session.pathset import PathKind  # noqa: PLC0415
+
+    async with Node.start(state, rendezvous=url, direct=not relay_only) as node:
+        assert node.rendezvous is not None
+        await node.rendezvous.wait_registered(20)
+        conn = await node.connect(peer, timeout=20)
+        for _ in range(300):
+            if relay_only or (conn.path is not None and conn.path.kind is not PathKind.RELAY):
+                break
+            await asyncio.sleep(0.01)
+        reader, writer = await conn.open_stream(9)
+        chunk = os.urandom(256 * 1024)
+        start = time.perf_counter()
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        await reader.read()
+        return total * 8 / (time.perf_counter() - start) / 1e9
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["_http"]:
         _serve_http(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["_lab_client"]:
+        print(json.dumps(_lab_client(*(int(a) for a in sys.argv[2:6]))))
+    elif sys.argv[1:2] == ["_lab_raw"]:
+        state, url, peer, total, mode = sys.argv[2:7]
+        print(asyncio.run(_lab_raw(state, url, peer, int(total), mode == "relay")))
     else:
         main()
