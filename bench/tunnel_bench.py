@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+import direct_bench
 import session_bench
 
 PEERPATH = [sys.executable, "-m", "peerpath"]
@@ -275,15 +276,7 @@ async def _lab_raw(state: str, url: str, peer: str, total: int, relay_only: bool
             if relay_only or (conn.path is not None and conn.path.kind is not PathKind.RELAY):
                 break
             await asyncio.sleep(0.01)
-        reader, writer = await conn.open_stream(9)
-        chunk = os.urandom(256 * 1024)
-        start = time.perf_counter()
-        for _ in range(total // len(chunk)):
-            writer.write(chunk)
-            await writer.drain()
-        writer.write_eof()
-        await reader.read()
-        return total * 8 / (time.perf_counter() - start) / 1e9
+        return float((await direct_bench._measure_path(conn, total))["gbit_s"])
 
 
 if __name__ == "__main__":

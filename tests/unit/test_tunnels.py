@@ -139,6 +139,13 @@ async def test_curl_reaches_an_http_server_through_expose_and_forward(sides, web
     assert service.tunnels.counters["streams_served"] >= 3
 
 
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
 async def tcp_server(handler) -> tuple[asyncio.AbstractServer, int]:
     server = await asyncio.start_server(handler, "127.0.0.1", 0, backlog=2048)
     return server, int(server.sockets[0].getsockname()[1])
@@ -199,12 +206,6 @@ async def test_a_target_that_is_down_resets_the_forwarded_connection(sides) -> N
 
 
 async def test_a_thousand_connections_share_one_session(sides) -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
     client, service = sides
     server, port = await tcp_server(echo)
     async with server:
@@ -317,12 +318,6 @@ def test_bad_tunnel_arguments_get_a_clear_message_and_exit_2(tmp_path: Path, arg
 
 async def test_the_gateway_puts_each_trusted_peer_at_its_own_loopback_address(sides) -> None:
     from peerpath.tunnels.gateway import GatewayConfig, derived_address, hosts_fragment
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
 
     client, service = sides
     server, port = await tcp_server(echo)

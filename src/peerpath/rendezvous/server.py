@@ -112,6 +112,7 @@ class RendezvousServer:
         self.wss_port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._pinger: asyncio.Task[None] | None = None
+        self._status_error: str | None = None
         self._ping_ids = 0
         self.port = DEFAULT_PORT
         self.hosts: list[str] = []
@@ -155,6 +156,7 @@ class RendezvousServer:
         # Opened only once the ports are ours: a second server on the same state directory
         # fails to bind above instead of contending for the database.
         self.mailbox = Mailbox(self.state_dir / "rendezvous.db")
+        self._write_status_logged()  # at once: an operator (or a test) finds one from the start
         self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
 
     async def close(self) -> None:
@@ -199,6 +201,18 @@ class RendezvousServer:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**self.status(), "updated": time.time()}, indent=2) + "\n")
         os.replace(tmp, path)
+
+    def _write_status_logged(self) -> None:
+        """:meth:`write_status`; a failure is logged (once per distinct error), never raised."""
+        try:
+            self.write_status()
+        except OSError as exc:
+            message = f"cannot write {self.state_dir / STATUS_FILE}: {exc.strerror or exc}"
+            if message != self._status_error:
+                log.warning("%s", message)
+            self._status_error = message
+        else:
+            self._status_error = None
 
     # -- one agent ------------------------------------------------------------------------
 
@@ -496,8 +510,7 @@ class RendezvousServer:
             await asyncio.sleep(STATUS_INTERVAL)
             ticks += 1
             try:
-                with contextlib.suppress(OSError):
-                    self.write_status()
+                self._write_status_logged()
                 if ticks % round(PING_INTERVAL / STATUS_INTERVAL) == 0:
                     for agent in list(self.agents.values()):
                         self._ping(agent)

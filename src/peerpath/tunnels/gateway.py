@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from typing import Any
 
 from peerpath.identity import Address
 from peerpath.net import Net, TcpListener, serve_streams
+from peerpath.tunnels.registry import read_json, write_json
 from peerpath.tunnels.services import WELL_KNOWN, ServiceError
 
 log = logging.getLogger(__name__)
@@ -63,12 +62,9 @@ class GatewayConfig:
     def load(cls, state_dir: Path) -> GatewayConfig:
         """The gateway settings of ``state_dir`` (off, if there are none)."""
         config = cls(state_dir / FILE)
-        try:
-            raw = json.loads(config.path.read_text())
-        except FileNotFoundError:
+        raw = read_json(config.path)
+        if raw is None:
             return config
-        except (OSError, ValueError) as exc:
-            raise ServiceError(f"cannot read {config.path}: {exc}") from None
         try:
             config.enabled = bool(raw.get("enabled", False))
             config.ports = check_ports(int(p) for p in raw.get("ports", DEFAULT_PORTS))
@@ -83,13 +79,7 @@ class GatewayConfig:
 
     def save(self) -> None:
         """Write atomically, readable by the owner only."""
-        data = {"enabled": self.enabled, "ports": list(self.ports), "addresses": self.addresses}
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=2)
-            out.write("\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, {"enabled": self.enabled, "ports": list(self.ports), "addresses": self.addresses})
 
     def assign(self, peers: Iterable[Address]) -> dict[str, str]:
         """Every peer's address, giving new peers theirs (kept from then on)."""

@@ -19,6 +19,26 @@ FILE = "tunnels.json"
 MAX_ENTRIES = 256
 
 
+def read_json(path: Path) -> Any:
+    """A state file's JSON (None if there is none); ServiceError if it cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"cannot read {path}: {exc}") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write a state file atomically, readable by the owner only."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out, indent=2)
+        out.write("\n")
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Exposure:
     """A service this node exposes: streams to overlay ``port`` go to ``target``."""
@@ -94,12 +114,9 @@ class Registry:
     def load(cls, state_dir: Path) -> Registry:
         """The registry of ``state_dir`` (empty if there is none yet)."""
         registry = cls(state_dir / FILE)
-        try:
-            raw = json.loads(registry.path.read_text())
-        except FileNotFoundError:
+        raw = read_json(registry.path)
+        if raw is None:
             return registry
-        except (OSError, ValueError) as exc:
-            raise ServiceError(f"cannot read {registry.path}: {exc}") from None
         try:
             for item in raw.get("expose", [])[:MAX_ENTRIES]:
                 allow = item.get("allow")
@@ -120,12 +137,7 @@ class Registry:
             "expose": [asdict(e) | {"allow": list(e.allow) if e.allow else None} for e in self.exposures.values()],
             "forward": [asdict(f) for f in self.forwards.values()],
         }
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=2)
-            out.write("\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, data)
 
     def expose(self, exposure: Exposure) -> None:
         """Add (or replace, by name) an exposure; refuse a port another service uses."""
