@@ -200,8 +200,10 @@ def relay_command(
     max_agents: MaxAgents = ServerLimits.max_agents,
     max_per_ip: MaxPerIp = ServerLimits.max_connections_per_ip,
 ) -> None:
-    """Run a relay alone. Give its URL to the server (peerpath server --relay URL); agents near it
-    pick it as their home relay."""
+    """Run a relay alone; agents near it pick it as their home relay.
+
+    Give its URL to the server: peerpath server --relay URL.
+    """
     for ip in public_ip:
         try:
             Address(ip, 0)

@@ -185,8 +185,10 @@ def connect_command(
     target: Annotated[str, typer.Argument(metavar="PEER[:SERVICE]", help="The peer and its service [default: web].")],
     state_dir: StateDir = None,
 ) -> None:
-    """Join standard input and output to a peer's service, netcat style (an OpenSSH
-    ProxyCommand: ssh -o ProxyCommand='peerpath connect %h:ssh' PEER)."""
+    """Join standard input and output to a peer's service, netcat style.
+
+    For OpenSSH: ssh -o ProxyCommand='peerpath connect %h:ssh' PEER (scp and rsync -e ssh too).
+    """
     try:
         peer, service = split_target(target)
         service_port(service)
@@ -271,8 +273,10 @@ def gateway_on(
     state_dir: StateDir = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Listen for every trusted peer at its own loopback address, on its service ports
-    (the well-known ones unless --port says otherwise)."""
+    """Listen for every trusted peer at its own loopback address, on its service ports.
+
+    The well-known service ports unless --port says otherwise.
+    """
     directory = resolve_state_dir(state_dir)
     config = _gateway_config(directory)
     peers, notes = _peers_and_notes(directory)
