@@ -105,16 +105,7 @@ class Tunnels:
     async def _gateway_connect(
         self, peer: Address, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        try:
-            conn = await self.node.connect(peer, timeout=OPEN_TIMEOUT)
-            stream_reader, stream_writer = await conn.open_stream(port, timeout=OPEN_TIMEOUT)
-        except (errors.PeerpathError, OSError) as exc:
-            self.counters["open_failed"] += 1
-            log.info("gateway %s port %d: %s", peer, port, exc)
-            abort(writer)
-            return
-        self.counters["streams_forwarded"] += 1
-        await splice(reader, writer, stream_reader, stream_writer)
+        await self._join(peer, port, f"gateway {peer} port {port}", reader, writer)
 
     async def close(self) -> None:
         """Stop serving and forwarding (open tunnels end)."""
@@ -181,29 +172,41 @@ class Tunnels:
 
     async def open(self, peer: str, service: str) -> tuple[asyncio.StreamReader, StreamWriter]:
         """A stream to ``peer``'s ``service`` (a session is made if there is none)."""
-        address = Address.parse(peer)
-        conn = await self.node.connect(address, timeout=OPEN_TIMEOUT)
-        return await conn.open_stream(service_port(service), timeout=OPEN_TIMEOUT)
+        return await self._open_stream(Address.parse(peer), service_port(service))
+
+    async def _open_stream(self, peer: Address, port: int) -> tuple[asyncio.StreamReader, StreamWriter]:
+        conn = await self.node.connect(peer, timeout=OPEN_TIMEOUT)
+        return await conn.open_stream(port, timeout=OPEN_TIMEOUT)
+
+    async def _join(
+        self, peer: Address, port: int, what: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A local TCP connection (a forward's, the gateway's) joined to a stream to ``peer``'s
+        ``port``; if none can be opened, the local client sees a reset at once, not a hang."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            try:
+                stream_reader, stream_writer = await self._open_stream(peer, port)
+            except (errors.PeerpathError, OSError) as exc:
+                self.counters["open_failed"] += 1
+                log.info("%s: %s", what, exc)
+                abort(writer)
+                return
+            self.counters["streams_forwarded"] += 1
+            await splice(reader, writer, stream_reader, stream_writer)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
 
     def _forwarding(self, forward: Forward) -> Any:
+        peer, port = Address.parse(forward.peer), service_port(forward.service)
+        what = f"forward {forward.bind} -> {forward.peer}:{forward.service}"
+
         async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.add(task)
-            try:
-                try:
-                    stream_reader, stream_writer = await self.open(forward.peer, forward.service)
-                except (errors.PeerpathError, ValueError, OSError) as exc:
-                    self.counters["open_failed"] += 1
-                    log.info("forward %s: %s:%s: %s", forward.bind, forward.peer, forward.service, exc)
-                    abort(writer)  # the local client sees a reset at once, not a hang
-                    return
-                self.counters["streams_forwarded"] += 1
-                await splice(reader, writer, stream_reader, stream_writer)
-            finally:
-                if task is not None:
-                    self._tasks.discard(task)
-                with contextlib.suppress(Exception):
-                    writer.close()
+            await self._join(peer, port, what, reader, writer)
 
         return accepted
