@@ -160,6 +160,10 @@ class Identity:
         """An Ed25519 signature over ``data``."""
         return self.private_key.sign(data)
 
+    def private_seed(self) -> bytes:
+        """The raw 32-byte private seed (what sealed boxes to this identity are opened with)."""
+        return self.private_key.private_bytes_raw()
+
     @classmethod
     def load_or_create(cls, state_dir: Path) -> Identity:
         """Load ``state_dir/identity.key``, creating it (mode 0600) on first start.

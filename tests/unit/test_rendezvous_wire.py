@@ -73,6 +73,7 @@ def _largest_letter() -> rv.Letter:
         note="\U0001f600" * rv.MAX_NOTE,
         reply_to=bytes(64),
         signature=bytes(64),
+        sealed=bytes(rv.MAX_SEALED),
     )
 
 

@@ -14,9 +14,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Protocol, get_args
+from typing import Annotated, Any, Protocol, Union, get_args
 
 import msgspec
 
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
 #: Longest request line the daemon reads (bytes, newline included); a longer one is answered with an error.
-MAX_REQUEST_LINE = 64 * 1024
+#: A message sent with ``peerpath send`` travels in one (as JSON: up to 6 bytes a byte in the worst case).
+MAX_REQUEST_LINE = 8 * 1024 * 1024
 #: Longest answer line the client reads (bytes): a status with many sessions is long, and the daemon is ours.
 MAX_ANSWER_LINE = 16 * 1024 * 1024
 #: Longest address or endpoint text in a request (an address is 40 characters; an endpoint a host and port).
@@ -45,16 +46,17 @@ MAX_PING_WAIT = 3600.0
 _Text = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_TEXT)]
 
 
-class _Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
+class Op(msgspec.Struct, tag_field="op", forbid_unknown_fields=True, frozen=True):
     """A request; its ``op`` names its type. Unknown fields are refused rather than skipped (skipping a
-    deeply nested value would recurse)."""
+    deeply nested value would recurse). Services define ops of their own as subclasses
+    (``class SendOp(Op, tag="send", frozen=True)``) and hand them to :class:`ControlServer`."""
 
 
-class StatusOp(_Op, tag="status", frozen=True):
+class StatusOp(Op, tag="status", frozen=True):
     """The node's status."""
 
 
-class PingOp(_Op, tag="ping", frozen=True):
+class PingOp(Op, tag="ping", frozen=True):
     """Ping a peer ``count`` times, over ``via`` if given."""
 
     address: _Text
@@ -64,34 +66,34 @@ class PingOp(_Op, tag="ping", frozen=True):
     via: _Text | None = None
 
 
-class TrustRequestOp(_Op, tag="trust-request", frozen=True):
+class TrustRequestOp(Op, tag="trust-request", frozen=True):
     """Ask a peer to trust this node."""
 
     address: _Text
     note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] = ""
 
 
-class TrustApproveOp(_Op, tag="trust-approve", frozen=True):
+class TrustApproveOp(Op, tag="trust-approve", frozen=True):
     """Approve a pending trust request."""
 
     address: _Text
 
 
-class TrustDenyOp(_Op, tag="trust-deny", frozen=True):
+class TrustDenyOp(Op, tag="trust-deny", frozen=True):
     """Drop a pending trust request."""
 
     address: _Text
 
 
-class TrustPendingOp(_Op, tag="trust-pending", frozen=True):
+class TrustPendingOp(Op, tag="trust-pending", frozen=True):
     """List pending trust requests."""
 
 
-class TunnelsReloadOp(_Op, tag="tunnels-reload", frozen=True):
+class TunnelsReloadOp(Op, tag="tunnels-reload", frozen=True):
     """Make the running tunnels match the state directory's tunnels.json again."""
 
 
-class ConnectOp(_Op, tag="connect", frozen=True):
+class ConnectOp(Op, tag="connect", frozen=True):
     """Open a stream to a peer's service; after the answer, the control connection carries
     the stream's bytes both ways (``peerpath connect``)."""
 
@@ -102,9 +104,45 @@ class ConnectOp(_Op, tag="connect", frozen=True):
 ControlRequest = (
     StatusOp | PingOp | TrustRequestOp | TrustApproveOp | TrustDenyOp | TrustPendingOp | TunnelsReloadOp | ConnectOp
 )
-_OPS = ", ".join(sorted(str(op.__struct_config__.tag) for op in get_args(ControlRequest)))
-_request_decoder = msgspec.json.Decoder(ControlRequest)
 _answer_decoder = msgspec.json.Decoder(dict[str, Any])
+#: What answers an op of a service's: an async iterator of answer objects (the last one is
+#: followed by ``{"done": true}``); errors of peerpath's own, and ValueError, become ``{"error": ...}``.
+OpHandler = Callable[[Any], AsyncIterator[dict[str, Any]]]
+
+
+class RequestParser:
+    """Parses request lines into the built-in ops and those of ``extra`` (strictly typed)."""
+
+    def __init__(self, extra: Iterable[type[Op]] = ()) -> None:
+        kinds = [*get_args(ControlRequest), *extra]
+        self._decoder: msgspec.json.Decoder[Op] = msgspec.json.Decoder(Union[tuple(kinds)])  # noqa: UP007
+        self.ops = ", ".join(sorted(str(op.__struct_config__.tag) for op in kinds))
+
+    def parse(self, line: bytes) -> Op:
+        """One request line; raise :class:`RequestError` for anything but a well-formed op."""
+        try:
+            return self._decoder.decode(line)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            if message.startswith("Invalid value") and message.endswith("at `$.op`"):
+                raise RequestError(f"unknown op (the ops are: {self.ops})") from None
+            raise RequestError(f"malformed request: {message}") from None
+        except msgspec.DecodeError as exc:
+            raise RequestError(f"malformed request: {exc}") from None
+        except RecursionError:  # msgspec recurses into nested values before it sees they are unwanted
+            raise RequestError("malformed request: nested too deeply") from None
+
+
+class ControlExtension(Protocol):
+    """A service's part of the control API: its ops and what answers each."""
+
+    def control_ops(self) -> Mapping[type[Op], OpHandler]:
+        """The ops, each with its handler."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What ``status`` shows of the service."""
+        ...
 
 
 class TunnelOps(Protocol):
@@ -131,19 +169,12 @@ class RequestError(ControlError):
     """A request the daemon cannot parse; the message says what is wrong with it."""
 
 
-def parse_request(line: bytes) -> ControlRequest:
-    """One request line, strictly typed; raise :class:`RequestError` for anything else."""
-    try:
-        return _request_decoder.decode(line)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        if message.startswith("Invalid value") and message.endswith("at `$.op`"):
-            raise RequestError(f"unknown op (the ops are: {_OPS})") from None
-        raise RequestError(f"malformed request: {message}") from None
-    except msgspec.DecodeError as exc:
-        raise RequestError(f"malformed request: {exc}") from None
-    except RecursionError:  # msgspec recurses into nested values before it sees they are unwanted
-        raise RequestError("malformed request: nested too deeply") from None
+_builtin = RequestParser()
+
+
+def parse_request(line: bytes) -> Op:
+    """One request line of the built-in ops, strictly typed; raise :class:`RequestError` for anything else."""
+    return _builtin.parse(line)
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -185,10 +216,22 @@ async def _skip_line(reader: asyncio.StreamReader) -> None:
 class ControlServer:
     """Serves the control API of one node."""
 
-    def __init__(self, node: Node, path: Path, tunnels: TunnelOps | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        path: Path,
+        tunnels: TunnelOps | None = None,
+        extensions: Mapping[str, ControlExtension] | None = None,
+    ) -> None:
         self.node = node
         self.path = path
         self.tunnels = tunnels
+        #: The services' parts of the API, by the name their status goes under.
+        self.extensions = dict(extensions or {})
+        self._handlers: dict[type[Op], OpHandler] = {}
+        for extension in self.extensions.values():
+            self._handlers.update(extension.control_ops())
+        self._parser = RequestParser(self._handlers)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -248,11 +291,12 @@ class ControlServer:
     async def _answer_request(self, line: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; True if the connection was handed to a stream (and is over)."""
         try:
-            request = parse_request(line)
+            request = self._parser.parse(line)
             if isinstance(request, ConnectOp):
                 await self._connect(request, reader, writer)
                 return True
-            async for answer in self._handle(request):
+            handler: OpHandler = self._handlers.get(type(request), self._handle)
+            async for answer in handler(request):
                 await self._answer(writer, answer)
             await self._answer(writer, {"done": True})
         except _ClientGone:
@@ -284,10 +328,11 @@ class ControlServer:
         except ConnectionError as exc:
             raise _ClientGone from exc
 
-    async def _handle(self, request: ControlRequest) -> AsyncIterator[dict[str, Any]]:
+    async def _handle(self, request: Op) -> AsyncIterator[dict[str, Any]]:
         match request:
             case StatusOp():
-                yield self.node.status() | ({"tunnels": self.tunnels.describe()} if self.tunnels else {})
+                status = self.node.status() | ({"tunnels": self.tunnels.describe()} if self.tunnels else {})
+                yield status | {name: extension.describe() for name, extension in self.extensions.items()}
             case TunnelsReloadOp():
                 yield {"errors": await self._tunnels().reload()}
             case PingOp():

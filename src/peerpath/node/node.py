@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from peerpath import errors
 from peerpath.clock import Clock, monotonic
@@ -37,6 +37,18 @@ from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.punch import is_check
 
 log = logging.getLogger(__name__)
+
+
+class Attached(Protocol):
+    """A service that runs with a node (:meth:`Node.attach`)."""
+
+    async def start(self) -> None:
+        """Start, once the node is up."""
+        ...
+
+    async def close(self) -> None:
+        """Stop, before the node's sessions close."""
+        ...
 
 
 class Node:
@@ -85,6 +97,9 @@ class Node:
         self.sessions = SessionTable(identity, self, self.config, self.admission, self.counters, clock, self._accepted)
         self._services: dict[int, tuple[StreamHandler, Callable[[Address], bool] | None]] = {}
         self._message_handler: MessageHandler | None = None
+        self._letter_handlers: dict[str, Callable[[rv.Letter], None]] = {}
+        self._attached: list[Attached] = []
+        self._running = False
         self._connecting: dict[Address, asyncio.Task[Connection]] = {}
         self._closed = False
         #: The rendezvous server's client and the other relays this node uses.
@@ -144,6 +159,10 @@ class Node:
         self.reachability.registered(registered)
 
     def _letter_received(self, letter: rv.Letter) -> None:
+        handler = self._letter_handlers.get(letter.kind)
+        if handler is not None:
+            handler(letter)  # raising leaves the letter in the server's mailbox, for another try
+            return
         outcome = self.broker.receive(letter)
         log.debug("letter %s from the rendezvous: %s", letter.kind, outcome)
 
@@ -167,6 +186,11 @@ class Node:
         if self._closed:
             return
         self._closed = True
+        for service in reversed(self._attached):
+            try:
+                await service.close()
+            except Exception:
+                log.exception("closing %r failed", service)
         for task in self._connecting.values():
             task.cancel()
         self.sessions.closing = True
@@ -226,6 +250,28 @@ class Node:
     def on_message(self, handler: MessageHandler | None) -> None:
         """Handle incoming messages: ``await handler(connection, data)`` returns the reply (requests)."""
         self._message_handler = handler
+
+    def on_letter(self, kind: str, handler: Callable[[rv.Letter], None] | None) -> None:
+        """Handle letters of ``kind`` from the rendezvous mailbox (sealed messages, say):
+        ``handler(letter)``, unchecked. A handler that raises leaves the letter in the
+        mailbox, and the server delivers it again later."""
+        if handler is None:
+            self._letter_handlers.pop(kind, None)
+        else:
+            self._letter_handlers[kind] = handler
+
+    def attach(self, service: Attached) -> None:
+        """Run ``service`` with this node: started (in order) once the node is bound and
+        registered, and closed (in reverse order) first when the node closes. Attach before
+        the node starts (a subclass's ``__init__`` does)."""
+        if self._running or self._closed:
+            raise errors.LocalError("attach services before the node starts")
+        self._attached.append(service)
+
+    async def _start_attached(self) -> None:
+        self._running = True
+        for service in self._attached:
+            await service.start()
 
     # -- trust requests -------------------------------------------------------------------
 
@@ -460,6 +506,11 @@ class _Starting:
             if node.direct_paths:
                 node.portmap.start(node.local_endpoint[1], node.tcp.port, node.net.default_gateway())
             await node._register(self._rendezvous)
+        try:
+            await node._start_attached()
+        except BaseException:
+            await node.close()
+            raise
         self._node = node
         return node
 

@@ -391,7 +391,9 @@ class RendezvousClient:
                 try:
                     self.on_letter(message.letter)
                 except Exception:
-                    log.exception("handling a letter failed")
+                    # Not acknowledged: the server keeps it and delivers it again at the next registration.
+                    log.exception("handling a letter failed; it stays in the server's mailbox")
+                    return
             self._send(rv.encode_control(rv.Received(message.letter_id)))
         elif isinstance(message, rv.Ping):
             self._send(rv.encode_control(rv.Pong(message.id)))

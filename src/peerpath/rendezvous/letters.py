@@ -1,4 +1,4 @@
-"""Signed letters between agents (trust requests and approvals): making and checking them.
+"""Signed letters between agents (trust requests and approvals, sealed messages): making and checking them.
 
 Both the server (before it stores a letter) and the recipient (before it acts on one)
 check letters; the recipient never takes the server's word for anything.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import time
+
+import msgspec
 
 from peerpath.identity import Address, Identity, verify
 from peerpath.wire import rendezvous as rv
@@ -23,7 +25,13 @@ class LetterError(ValueError):
 
 
 def make_letter(
-    identity: Identity, kind: str, recipient: Address, note: str = "", reply_to: bytes = b"", now: float | None = None
+    identity: Identity,
+    kind: str,
+    recipient: Address,
+    note: str = "",
+    reply_to: bytes = b"",
+    now: float | None = None,
+    sealed: bytes = b"",
 ) -> rv.Letter:
     """A signed letter from ``identity`` to ``recipient``."""
     unsigned = rv.Letter(
@@ -34,17 +42,9 @@ def make_letter(
         nonce=os.urandom(16),
         note=note,
         reply_to=reply_to,
+        sealed=sealed,
     )
-    return rv.Letter(
-        kind=unsigned.kind,
-        sender_key=unsigned.sender_key,
-        recipient=unsigned.recipient,
-        created=unsigned.created,
-        nonce=unsigned.nonce,
-        note=unsigned.note,
-        reply_to=unsigned.reply_to,
-        signature=identity.sign(rv.letter_payload(unsigned)),
-    )
+    return msgspec.structs.replace(unsigned, signature=identity.sign(rv.letter_payload(unsigned)))
 
 
 def check_letter(letter: rv.Letter, now: float | None = None) -> tuple[Address, Address]:
@@ -58,6 +58,10 @@ def check_letter(letter: rv.Letter, now: float | None = None) -> tuple[Address, 
         raise LetterError("a letter's nonce is 16 bytes")
     if letter.kind == "trust-approval" and len(letter.reply_to) != 16:
         raise LetterError("an approval names the request it answers")
+    if (letter.kind == "sealed") != bool(letter.sealed):
+        raise LetterError("a sealed letter, and only a sealed letter, carries a box")
+    if letter.kind == "sealed" and (letter.note or letter.reply_to):
+        raise LetterError("a sealed letter says everything inside its box")
     if letter.created > now + CLOCK_SKEW:
         raise LetterError("letter dated in the future")
     if letter.created < now - MAX_AGE:

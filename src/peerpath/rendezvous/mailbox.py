@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sqlite3
 from pathlib import Path
 
 import msgspec
 
 from peerpath.rendezvous.letters import MAX_AGE, LetterError
+from peerpath.storage import open_database
 from peerpath.wire import rendezvous as rv
 
 log = logging.getLogger(__name__)
@@ -22,6 +21,10 @@ MAX_PER_SENDER = 100
 MAX_PER_PAIR = 4
 #: Letters one recipient may have waiting, from all its senders together.
 MAX_PER_RECIPIENT = 1000
+#: Sealed letters (messages for an agent that is offline) have quotas of their own, so that
+#: they never crowd out a trust request: per sender and recipient, and per recipient.
+MAX_SEALED_PER_PAIR = 64
+MAX_SEALED_PER_RECIPIENT = 1000
 #: Letters one sender may post in a letter's lifetime (its nonces are kept that long to
 #: refuse replays, delivered or not), and nonces kept in all: the database's bound.
 MAX_POSTED_PER_SENDER = 1000
@@ -30,8 +33,6 @@ MAX_SEEN = 1_000_000
 MAX_WAITING_BATCH = MAX_PER_RECIPIENT
 #: Letter ids are SQLite integers: 64-bit signed, and AUTOINCREMENT starts at 1.
 MAX_LETTER_ID = 2**63 - 1
-#: The database and its -wal and -shm files hold who writes to whom: the server's user alone reads them.
-DB_MODE = 0o600
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS letters (
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS letters (
     recipient BLOB NOT NULL,
     sender BLOB NOT NULL,
     created INTEGER NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    sealed INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS letters_recipient ON letters (recipient);
 CREATE INDEX IF NOT EXISTS letters_sender ON letters (sender, recipient);
@@ -61,25 +63,15 @@ def _valid_id(letter_id: object) -> bool:
     return type(letter_id) is int and 1 <= letter_id <= MAX_LETTER_ID
 
 
-def _private_database(path: Path) -> None:
-    """Create the database file 0600 before SQLite opens it (SQLite gives its -wal and -shm files the
-    database's mode), and make an existing database and its companions 0600."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, DB_MODE)
-    os.close(fd)
-    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(name, DB_MODE)
-
-
 class Mailbox:
     """Letters by recipient, with replay protection by (sender, nonce)."""
 
     def __init__(self, path: Path | str) -> None:
-        if str(path) not in ("", ":memory:") and not str(path).startswith("file:"):  # a file, not a URI
-            _private_database(Path(path))
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_database(path)
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(letters)")}
+        if "sealed" not in columns:  # a mailbox from before sealed letters
+            self._db.execute("ALTER TABLE letters ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0")
         (self._seen,) = self._db.execute("SELECT COUNT(*) FROM seen").fetchone()
 
     def close(self) -> None:
@@ -92,13 +84,14 @@ class Mailbox:
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")  # the counts and the insert are one step
-                self._check_room(sender, recipient)
+                sealed = int(bool(letter.sealed))
+                self._check_room(sender, recipient, sealed)
                 self._db.execute(
                     "INSERT INTO seen (sender, nonce, created) VALUES (?, ?, ?)", (sender, letter.nonce, letter.created)
                 )
                 cursor = self._db.execute(
-                    "INSERT INTO letters (recipient, sender, created, body) VALUES (?, ?, ?, ?)",
-                    (recipient, sender, int(now), _encoder.encode(letter)),
+                    "INSERT INTO letters (recipient, sender, created, body, sealed) VALUES (?, ?, ?, ?, ?)",
+                    (recipient, sender, int(now), _encoder.encode(letter), sealed),
                 )
             self._seen += 1
         except sqlite3.IntegrityError:
@@ -106,7 +99,7 @@ class Mailbox:
         self.prune(now)
         return int(cursor.lastrowid or 0)
 
-    def _check_room(self, sender: bytes, recipient: bytes) -> None:
+    def _check_room(self, sender: bytes, recipient: bytes, sealed: int) -> None:
         if self._seen >= MAX_SEEN:
             raise LetterError("the server keeps too many letters; try again later")
         (posted,) = self._db.execute("SELECT COUNT(*) FROM seen WHERE sender = ?", (sender,)).fetchone()
@@ -116,12 +109,15 @@ class Mailbox:
         if waiting >= MAX_PER_SENDER:
             raise LetterError(f"you have {waiting} letters waiting already")
         (to_them,) = self._db.execute(
-            "SELECT COUNT(*) FROM letters WHERE sender = ? AND recipient = ?", (sender, recipient)
+            "SELECT COUNT(*) FROM letters WHERE sender = ? AND recipient = ? AND sealed = ?",
+            (sender, recipient, sealed),
         ).fetchone()
-        if to_them >= MAX_PER_PAIR:
+        if to_them >= (MAX_SEALED_PER_PAIR if sealed else MAX_PER_PAIR):
             raise LetterError(f"you have {to_them} letters waiting for this recipient already")
-        (queued,) = self._db.execute("SELECT COUNT(*) FROM letters WHERE recipient = ?", (recipient,)).fetchone()
-        if queued >= MAX_PER_RECIPIENT:
+        (queued,) = self._db.execute(
+            "SELECT COUNT(*) FROM letters WHERE recipient = ? AND sealed = ?", (recipient, sealed)
+        ).fetchone()
+        if queued >= (MAX_SEALED_PER_RECIPIENT if sealed else MAX_PER_RECIPIENT):
             raise LetterError("the recipient's mailbox is full")
 
     def waiting_for(self, recipient: bytes, limit: int = MAX_WAITING_BATCH) -> list[tuple[int, rv.Letter]]:

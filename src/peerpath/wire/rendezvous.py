@@ -27,6 +27,8 @@ MAX_CONTROL = 64 * 1024
 MAX_DATAGRAM = 2048
 #: Longest letter note (characters).
 MAX_NOTE = 1000
+#: Largest sealed box a letter carries (a message to an agent that is offline, which only it can open).
+MAX_SEALED = 48 * 1024
 #: Relays, UDP relay endpoints or STUN servers a server may offer.
 MAX_ENDPOINTS = 16
 
@@ -133,8 +135,9 @@ class Pong(msgspec.Struct, tag="pong", frozen=True):
 class Letter(msgspec.Struct, frozen=True):
     """A signed note from one agent to another, kept by the server until delivered.
 
-    ``kind`` is ``trust-request`` or ``trust-approval`` (whose ``reply_to`` is the
-    request's nonce). The signature covers every other field (:func:`letter_payload`), so
+    ``kind`` is ``trust-request``, ``trust-approval`` (whose ``reply_to`` is the
+    request's nonce) or ``sealed`` (whose ``sealed`` box only the recipient can open: a
+    message waiting for it). The signature covers every other field (:func:`letter_payload`), so
     the server can neither forge nor alter one; ``nonce`` makes each one unique (replays
     are refused by the server and ignored by the recipient).
     """
@@ -147,6 +150,7 @@ class Letter(msgspec.Struct, frozen=True):
     note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] = ""
     reply_to: Blob = b""
     signature: Blob = b""
+    sealed: Annotated[bytes, msgspec.Meta(max_length=MAX_SEALED)] = b""
 
 
 class Post(msgspec.Struct, tag="post", frozen=True):
@@ -275,7 +279,7 @@ class FrameDecoder:
 
 
 LETTER_CONTEXT = b"peerpath-letter-v1\x00"
-LETTER_KINDS = ("trust-request", "trust-approval")
+LETTER_KINDS = ("trust-request", "trust-approval", "sealed")
 
 
 def letter_payload(letter: Letter) -> bytes:
@@ -289,6 +293,8 @@ def letter_payload(letter: Letter) -> bytes:
         letter.note.encode(),
         letter.reply_to,
     ]
+    if letter.sealed:  # absent from letters without a box, so their payload is what it always was
+        fields.append(letter.sealed)
     return LETTER_CONTEXT + b"".join(struct.pack("!I", len(f)) + f for f in fields)
 
 

@@ -1,0 +1,55 @@
+"""The agent node: a :class:`~peerpath.node.node.Node` with the agent services running on it
+(messages and the inbox), and names accepted wherever an address is.
+
+This is what ``peerpath.Node`` is, and what ``peerpath up`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from peerpath.identity import Address, Identity
+from peerpath.node.control import ControlExtension
+from peerpath.node.node import Node
+from peerpath.node.trust import TrustStore
+from peerpath.services.mailstore import Message
+from peerpath.services.messages import Messages, MessagesControl
+from peerpath.services.names import Names
+from peerpath.session.connection import Connection
+from peerpath.wire.endpoint import Endpoint
+
+
+class AgentNode(Node):
+    """A node with the agent services: ``node.messages`` and ``node.inbox()``; peers by name.
+
+    Its services keep their state next to the trust store (the state directory).
+    """
+
+    def __init__(self, identity: Identity, trust: TrustStore, **kwargs: Any) -> None:
+        super().__init__(identity, trust, **kwargs)
+        state_dir = trust.path.parent
+        #: Names users type for peers.
+        self.names = Names(trust)
+        #: Messages: ``await node.messages.send(peer, data)``.
+        self.messages = Messages(self, state_dir / "messages.db", self.names)
+        self.attach(self.messages)
+
+    def inbox(self, *, follow: bool = True) -> AsyncIterator[Message]:
+        """Unacknowledged messages, oldest first, then (``follow``) each new one as it arrives.
+        Acknowledge one with ``node.messages.ack(message)`` once it is handled."""
+        return self.messages.inbox(follow=follow)
+
+    async def resolve(self, peer: Address | str) -> Address:
+        """The address ``peer`` stands for: an address, or the name of a trusted peer."""
+        return await self.names.resolve(peer)
+
+    async def connect(
+        self, address: Address | str, via: Endpoint | None = None, *, timeout: float | None = None
+    ) -> Connection:
+        """A session with a peer given by address or by name (see :meth:`Node.connect`)."""
+        return await super().connect(await self.resolve(address), via, timeout=timeout)
+
+    def control_extensions(self) -> dict[str, ControlExtension]:
+        """The services' parts of the daemon's control API, by the name their status goes under."""
+        return {"messages": MessagesControl(self.messages)}

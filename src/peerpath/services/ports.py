@@ -1,0 +1,18 @@
+"""The overlay ports of peerpath's own services: a peer opens a stream there to reach one.
+
+They lie below the ports that service names derive to (49152-65535), and ``expose``
+refuses them, so that a user's tunnel never shadows a built-in service.
+"""
+
+from __future__ import annotations
+
+#: Messages to the inbox, and receipts back.
+MESSAGES = 1001
+
+#: Every port a built-in service uses, by name.
+BUILT_IN = {"messages": MESSAGES}
+
+
+def is_built_in(port: int) -> bool:
+    """Whether ``port`` belongs to a built-in service."""
+    return port in BUILT_IN.values()

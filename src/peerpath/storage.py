@@ -1,0 +1,41 @@
+"""SQLite databases in a state directory: private to their owner, in WAL mode, and with the
+errors of a full disk told apart from bugs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from pathlib import Path
+
+from peerpath.errors import LocalError
+
+#: A database and its -wal and -shm files say who talks to whom: their owner alone reads them.
+DB_MODE = 0o600
+
+
+class StorageError(LocalError):
+    """A database could not be written: the disk is full, or the file is unusable."""
+
+
+def open_database(path: Path | str) -> sqlite3.Connection:
+    """Open (or create) the database at ``path`` in autocommit mode with WAL; ``:memory:``
+    for one that lives in memory. The file is created 0600 before SQLite opens it (SQLite
+    gives its -wal and -shm files the database's mode), and an existing one is made 0600."""
+    text = str(path)
+    if text not in ("", ":memory:") and not text.startswith("file:"):  # a file, not a URI
+        file = Path(text)
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, DB_MODE)
+        os.close(fd)
+        for name in (file, file.with_name(file.name + "-wal"), file.with_name(file.name + "-shm")):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(name, DB_MODE)
+    db = sqlite3.connect(text, isolation_level=None, timeout=10)
+    db.execute("PRAGMA journal_mode=WAL")
+    return db
+
+
+def is_disk_full(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLite saying the disk (or the database's size limit) is full."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or "disk I/O error" in str(exc)
