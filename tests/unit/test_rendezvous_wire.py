@@ -88,7 +88,7 @@ def test_the_largest_messages_the_server_builds_fit_a_frame() -> None:
 @pytest.mark.parametrize(
     "message",
     [
-        rv.Post(1, msgspec.structs.replace(_largest_letter(), reply_to=bytes(60_000))),
+        rv.Post(1, msgspec.structs.replace(_largest_letter(), sealed=b"", reply_to=bytes(60_000))),
         rv.Post(1, msgspec.structs.replace(_largest_letter(), note="x" * (rv.MAX_NOTE + 1))),
         rv.Received((1 << 64) - 1),
         rv.Lookup(-1, "pp1x"),
