@@ -1,7 +1,8 @@
 """peerpath: a secure peer-to-peer overlay network for software agents.
 
-The public API is a few names: :class:`Node`, :class:`Connection`, :class:`Address`
-and the exceptions in :mod:`peerpath.errors`. They are imported on first use, so that
+The public API is a few names: :class:`Node` (a node with the agent services: messages,
+the inbox, names), :class:`Connection`, :class:`Address` and the exceptions in
+:mod:`peerpath.errors`. They are imported on first use, so that
 ``import peerpath.wire`` stays light.
 """
 
@@ -16,11 +17,11 @@ __all__ = ["Address", "Connection", "Node", "__version__", "errors"]
 if TYPE_CHECKING:
     from peerpath import errors
     from peerpath.identity import Address
-    from peerpath.node.node import Node
+    from peerpath.services.agent import AgentNode as Node
     from peerpath.session.connection import Connection
 
 _LAZY = {
-    "Node": ("peerpath.node.node", "Node"),
+    "Node": ("peerpath.services.agent", "AgentNode"),
     "Connection": ("peerpath.session.connection", "Connection"),
     "Address": ("peerpath.identity", "Address"),
     "errors": ("peerpath.errors", None),

@@ -88,8 +88,10 @@ def test_mistyped_address_is_a_usage_error_that_says_typo(tmp_path: Path) -> Non
     proc = run("trust", "add", typo, "--state-dir", str(tmp_path))
     assert proc.returncode == 2
     assert "a typo?" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run("ping", "not-an-address", "--state-dir", str(tmp_path))
-    assert proc.returncode == 2 and "not a peerpath address" in proc.stderr
+    proc = run("ping", typo, "--state-dir", str(tmp_path))
+    assert proc.returncode == 2 and "a typo?" in proc.stderr
+    proc = run("ping", "no name\x1b[2J", "--state-dir", str(tmp_path))
+    assert proc.returncode == 2 and "neither an address nor a peer's name" in proc.stderr
     proc = run("ping", f"{good}@nohost", "--state-dir", str(tmp_path))
     assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
 

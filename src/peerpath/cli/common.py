@@ -15,8 +15,8 @@ import typer
 from rich.console import Console
 
 from peerpath import errors
+from peerpath.identity import ADDRESS_PREFIX, Identity
 from peerpath.identity import Address as PeerAddress
-from peerpath.identity import Identity
 from peerpath.node import control
 from peerpath.node.state import default_state_dir
 from peerpath.node.trust import TrustStore
@@ -99,6 +99,17 @@ def parse_peer(text: str) -> PeerAddress:
         return PeerAddress.parse(text)
     except ValueError as exc:
         fail(str(exc), 2)
+
+
+def peer_argument(text: str) -> str:
+    """A PEER argument as the daemon takes it: an address (checked here, so a typo is a usage
+    error) or a peer's name (the node resolves it)."""
+    text = text.strip()
+    if text.lower().startswith(ADDRESS_PREFIX + "1") and len(text) > len(ADDRESS_PREFIX) + 10:
+        return str(parse_peer(text))
+    if not text or len(text) > 64 or any(c.isspace() or not c.isprintable() for c in text):
+        fail(f"{printable(text)!r} is neither an address nor a peer's name", 2)
+    return text
 
 
 def parse_rendezvous(value: str, option: str = "--rendezvous") -> RendezvousUrl:

@@ -27,8 +27,8 @@ from peerpath.cli.common import (
     log,
     open_trust_store,
     options,
-    parse_peer,
     parse_rendezvous,
+    peer_argument,
     resolve_state_dir,
     run_command,
     until_signalled,
@@ -36,6 +36,7 @@ from peerpath.cli.common import (
 from peerpath.node import control
 from peerpath.node.local import LocalRendezvous
 from peerpath.node.node import Node
+from peerpath.services.agent import AgentNode
 from peerpath.session.connection import SessionConfig
 from peerpath.session.pathset import PathKind
 from peerpath.tunnels.runtime import Tunnels
@@ -94,7 +95,7 @@ def up_command(
         embedded = LocalRendezvous() if local else None
         if embedded is not None:
             await embedded.start()
-        node = await Node.start(
+        node = await AgentNode.start(
             identity=identity,
             trust=trust,
             host=host,
@@ -104,7 +105,7 @@ def up_command(
             direct=direct,
         )
         tunnels = Tunnels(node, directory)
-        server = control.ControlServer(node, control.socket_path(directory), tunnels)
+        server = control.ControlServer(node, control.socket_path(directory), tunnels, node.control_extensions())
         try:
             await server.start()
             endpoint = node.local_endpoint
@@ -127,7 +128,9 @@ def up_command(
 
 @app.command("ping")
 def ping_command(
-    target: Annotated[str, typer.Argument(metavar="ADDR[@HOST:PORT]", help="The peer, and where to reach it.")],
+    target: Annotated[
+        str, typer.Argument(metavar="PEER[@HOST:PORT]", help="The peer (address or name), and where to reach it.")
+    ],
     count: Annotated[int, typer.Option("--count", "-c", min=1, max=100000, help="How many pings.")] = 4,
     interval: Annotated[float, typer.Option("--interval", "-i", min=0.0, help="Seconds between pings.")] = 1.0,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for each pong.")] = 5.0,
@@ -136,13 +139,13 @@ def ping_command(
 ) -> None:
     """Round trips to a peer through the overlay, with the path each took."""
     text, _, via = target.partition("@")
-    address = parse_peer(text)
+    address = peer_argument(text)
     if via:
         try:
             parse_endpoint(via)
         except ValueError as exc:
             fail(str(exc), 2)
-    request: dict[str, Any] = {"op": "ping", "address": str(address), "via": via or None, "count": count}
+    request: dict[str, Any] = {"op": "ping", "address": address, "via": via or None, "count": count}
     request |= {"interval": interval, "timeout": timeout}
     replies: list[dict[str, Any]] = []
 
@@ -154,12 +157,19 @@ def ping_command(
                     typer.echo(f"seq={answer['seq']} timeout")
                 else:
                     typer.echo(
-                        f"pong from {address} via {answer['path']}: seq={answer['seq']} time={answer['rtt_ms']} ms"
+                        f"pong from {answer['peer']} via {answer['path']}: seq={answer['seq']} "
+                        f"time={answer['rtt_ms']} ms"
                     )
 
     run_command(run())
     rtts = [r["rtt_ms"] for r in replies if "rtt_ms" in r]
-    summary = {"address": str(address), "sent": len(replies), "received": len(rtts), "replies": replies}
+    peers = {r["peer"] for r in replies if "peer" in r}
+    summary = {
+        "address": peers.pop() if peers else address,
+        "sent": len(replies),
+        "received": len(rtts),
+        "replies": replies,
+    }
     if rtts:
         summary |= {"rtt_min_ms": min(rtts), "rtt_avg_ms": round(sum(rtts) / len(rtts), 3), "rtt_max_ms": max(rtts)}
     if json_out:

@@ -352,9 +352,8 @@ class ControlServer:
                     yield {"address": pending.address, "note": pending.note, "created": pending.created}
 
     async def _ping(self, request: PingOp) -> AsyncIterator[dict[str, Any]]:
-        address = Address.parse(request.address)
         via = parse_endpoint(request.via) if request.via else None
-        conn = await self.node.connect(address, via, timeout=request.timeout)
+        conn = await self.node.connect(request.address, via, timeout=request.timeout)  # an agent node takes names
         for seq in range(1, request.count + 1):
             if seq > 1:
                 await asyncio.sleep(request.interval)
@@ -364,7 +363,8 @@ class ControlServer:
                 yield {"seq": seq, "timeout": True}
                 continue
             path = conn.path
-            yield {"seq": seq, "rtt_ms": round(rtt * 1000, 3), "path": path.describe() if path else None}
+            path_text = path.describe() if path else None
+            yield {"seq": seq, "peer": str(conn.peer), "rtt_ms": round(rtt * 1000, 3), "path": path_text}
 
 
 async def call(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

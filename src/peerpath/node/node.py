@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from peerpath import errors
 from peerpath.clock import Clock, monotonic
@@ -37,6 +37,9 @@ from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.punch import is_check
 
 log = logging.getLogger(__name__)
+
+
+N = TypeVar("N", bound="Node")
 
 
 class Attached(Protocol):
@@ -111,7 +114,7 @@ class Node:
 
     @classmethod
     def start(
-        cls,
+        cls: type[N],
         state_dir: str | Path | None = None,
         *,
         host: str = "0.0.0.0",
@@ -123,7 +126,7 @@ class Node:
         direct: bool = True,
         net: Net | None = None,
         clock: Clock = monotonic,
-    ) -> _Starting:
+    ) -> _Starting[N]:
         """Start a node: load (or create) the identity in ``state_dir`` and bind one UDP socket.
 
         With ``rendezvous`` (a ``pp://ADDRESS@HOST:PORT`` URL) the node registers there, can
@@ -470,12 +473,12 @@ class Node:
         }
 
 
-class _Starting:
+class _Starting(Generic[N]):
     """What :meth:`Node.start` returns: await it, or use it with ``async with``."""
 
     def __init__(
         self,
-        cls: type[Node],
+        cls: type[N],
         state_dir: str | Path | None,
         host: str,
         port: int,
@@ -487,9 +490,9 @@ class _Starting:
         self._args = (cls, state_dir, host, port, identity, trust)
         self._rendezvous = rendezvous
         self._node_args = node_args
-        self._node: Node | None = None
+        self._node: N | None = None
 
-    async def _start(self) -> Node:
+    async def _start(self) -> N:
         cls, state_dir, host, port, identity, trust = self._args
         if identity is None or trust is None:
             if state_dir is None:
@@ -514,10 +517,10 @@ class _Starting:
         self._node = node
         return node
 
-    def __await__(self) -> Generator[Any, None, Node]:
+    def __await__(self) -> Generator[Any, None, N]:
         return self._start().__await__()
 
-    async def __aenter__(self) -> Node:
+    async def __aenter__(self) -> N:
         return await self._start()
 
     async def __aexit__(

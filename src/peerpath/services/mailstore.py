@@ -144,7 +144,7 @@ class Outgoing:
             "state": self.state.value,
             "via_mailbox": self.posted,
             "attempts": self.attempts,
-            "error": self.error or None,
+            "last_error": self.error or None,
             "bytes": len(self.body),
         }
 
