@@ -63,7 +63,7 @@ def test_inbox_follow_prints_messages_as_they_arrive(pair) -> None:
 
 
 def test_send_errors_are_one_clear_line(pair, tmp_path) -> None:
-    (one, _, _), (two, two_address, _) = pair[0]
+    (one, _, _), (_, two_address, _) = pair[0]
     stranger = run("address", "--state-dir", str(tmp_path / "stranger")).stdout.strip()
     cases = [
         (["send", "nobody", "hi"], 1, "neither an address nor the name of a trusted peer"),
