@@ -1593,3 +1593,7 @@ register(
         "PEER[:SERVICE], [BIND:]PORT, tunnel targets, the client's _pick_udp_endpoint)",
     )
 )
+
+
+# The agent services' targets register themselves on import.
+from . import service_targets  # noqa: E402, F401

@@ -120,7 +120,7 @@ class Messages:
         self._couriers: dict[Address, asyncio.Task[None]] = {}
         self._wake: dict[Address, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._arrived = asyncio.Condition()
+        self._arrivals: set[asyncio.Future[None]] = set()
         self._finished: dict[bytes, list[asyncio.Future[Outgoing]]] = {}
         self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.counters = {
@@ -374,12 +374,11 @@ class Messages:
             return Stored(item.id)
         self.counters["received"] += 1
         self._event("message", {"id": item.id.hex(), "from": str(sender), "via": via, "bytes": len(item.body)})
-        spawn(self._announce(), "announcing a message", self._tasks)
+        for waiting in self._arrivals:
+            if not waiting.done():
+                waiting.set_result(None)
+        self._arrivals.clear()
         return Stored(item.id)
-
-    async def _announce(self) -> None:
-        async with self._arrived:
-            self._arrived.notify_all()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: StreamWriter) -> None:
         """A peer's stream to the messages port: its items, each answered."""
@@ -453,9 +452,12 @@ class Messages:
                 continue
             if not follow:
                 return
-            async with self._arrived:
-                if not self._db().messages(after=after, limit=1):
-                    await self._arrived.wait()
+            arrival: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._arrivals.add(arrival)
+            try:
+                await arrival
+            finally:
+                self._arrivals.discard(arrival)
 
     def find(self, message_id: str) -> Message:
         """The inbox message with this id (or a unique prefix of it, 6 hex digits at least)."""

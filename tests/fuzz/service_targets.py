@@ -1,0 +1,189 @@
+"""Fuzz targets of the agent services: what a peer sends on a service's stream, and the sealed
+letters that reach the messages service through the mailbox. Each runs the real service
+code against an in-memory store, behind a fake node."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+from typing import Any
+
+import msgspec
+
+from peerpath import errors
+from peerpath.identity import Address
+from peerpath.node.trust import TrustStore
+from peerpath.rendezvous.letters import make_letter
+from peerpath.seal import seal
+from peerpath.services import messages as svc_messages
+from peerpath.services.frames import FrameError, encode
+from peerpath.wire import rendezvous as rv
+
+from .harness import Target
+from .targets import ALICE, BOB, CAROL, _loop, _run_catching, _tmpdir, register
+
+
+class _ServiceNode:
+    """What a service asks of its node, minus the network: BOB, who trusts ALICE."""
+
+    def __init__(self) -> None:
+        self.identity = BOB
+        self.address = BOB.address
+        self.trust = TrustStore(_tmpdir() / "trust.json")
+        self.trust.add(ALICE.address, "alice")
+        self.rendezvous = None
+
+    def is_trusted(self, address: Address) -> bool:
+        return self.trust.is_trusted(address)
+
+    def serve(self, port: int, handler: Any, *, allow: Any = None) -> None:
+        pass
+
+    def unserve(self, port: int) -> None:
+        pass
+
+    def on_letter(self, kind: str, handler: Any) -> None:
+        pass
+
+    async def connect(self, address: Address, *args: Any, **kwargs: Any) -> Any:
+        raise errors.NetworkError("the fuzz node has no network")
+
+
+class _StreamWriter:
+    """A service stream's writer, from ALICE: collects what the service answers."""
+
+    def __init__(self) -> None:
+        self.written = 0
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+
+    async def drain(self) -> None:
+        pass
+
+    def write_eof(self) -> None:
+        pass
+
+    def abort(self, reason: object = None) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ALICE.address if name == "peer_address" else default
+
+
+@functools.cache
+def _messages() -> svc_messages.Messages:
+    service = svc_messages.Messages(_ServiceNode(), ":memory:")  # type: ignore[arg-type]
+    _loop().run_until_complete(service.start())
+    # A courier "on its way" to ALICE: receipts queue up without a task that would dial out.
+    service._couriers[ALICE.address] = _loop().create_future()  # type: ignore[assignment]
+    return service
+
+
+def _items() -> list[svc_messages.Item]:
+    return [
+        svc_messages.Item(bytes(range(16)), "message", 1_800_000_000.5, msgspec.msgpack.encode({"task": "x", "n": 1})),
+        svc_messages.Item(bytes(range(1, 17)), "message", 0.0, b""),
+        svc_messages.Item(bytes(range(2, 18)), "receipt", 1.0),
+    ]
+
+
+_HELLO = encode(svc_messages.Hello(ALICE.public_key))
+
+
+def _stream_seeds() -> list[bytes]:
+    items = b"".join(encode(item) for item in _items())
+    return [
+        _HELLO + items,
+        _HELLO + encode(svc_messages.Stored(bytes(16))),
+        _HELLO + encode(svc_messages.Refused(bytes(16), "full", retry=True)),
+        encode(svc_messages.Hello(CAROL.public_key)) + items,
+    ]
+
+
+def _stream_fixup(data: bytes, rng: random.Random) -> bytes:
+    """Mostly keep a valid hello in front, so that mutations reach the items behind it."""
+    if rng.random() < 0.3 or data.startswith(_HELLO):
+        return data
+    return _HELLO + data[len(_HELLO) :]
+
+
+def _run_messages_stream(data: bytes, rng: random.Random) -> None:
+    service = _messages()
+    writer = _StreamWriter()
+
+    async def serve() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        await service._serve(reader, writer)  # type: ignore[arg-type]
+
+    _run_catching(svc_messages.__name__, serve)
+    _trim(service)
+
+
+def _trim(service: svc_messages.Messages) -> None:
+    """Keep the in-memory store small across a long run."""
+    store = service.store
+    assert store is not None
+    store._db.execute("DELETE FROM inbox WHERE seq < (SELECT MAX(seq) - 100 FROM inbox)")
+    store._db.execute("DELETE FROM outbox WHERE seq < (SELECT MAX(seq) - 100 FROM outbox)")
+
+
+register(
+    Target(
+        "messages-stream",
+        _stream_seeds,
+        _run_messages_stream,
+        (),
+        fixup=_stream_fixup,
+        doc="services/messages.py Messages._serve on a peer's stream to the messages port (hello, items), "
+        "with a real in-memory store; anything but closing the stream is a foreign exception",
+    )
+)
+
+
+def _sealed_letters() -> list[rv.Letter]:
+    now = time.time()
+    context = svc_messages._SEAL_CONTEXT
+    letters = []
+    for sender in (ALICE, CAROL):
+        for item in _items():
+            box = seal(BOB.public_key, msgspec.msgpack.encode(item), context + sender.public_key)
+            letters.append(make_letter(sender, "sealed", BOB.address, now=now - 60, sealed=box))
+    letters.append(make_letter(ALICE, "sealed", BOB.address, now=now - 60, sealed=b"not a box" * 10))
+    return letters
+
+
+def _letter_seeds() -> list[bytes]:
+    return [msgspec.msgpack.encode(letter) for letter in _sealed_letters()]
+
+
+def _run_sealed_letter(data: bytes, rng: random.Random) -> None:
+    try:
+        letter = msgspec.msgpack.decode(data, type=rv.Letter)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise FrameError(str(exc)) from None
+    service = _messages()
+
+    async def receive() -> None:
+        service._letter(letter)  # drops what is wrong; raises only to leave a letter in the mailbox
+
+    _run_catching(svc_messages.__name__, receive)
+    _trim(service)
+
+
+register(
+    Target(
+        "messages-sealed",
+        _letter_seeds,
+        _run_sealed_letter,
+        (FrameError,),
+        dialect="msgpack",
+        doc="services/messages.py Messages._letter on sealed letters from the mailbox (checked, opened, "
+        "stored, a receipt queued); mutations mostly fail the signature, the seeds reach the store",
+    )
+)
