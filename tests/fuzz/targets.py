@@ -1417,9 +1417,10 @@ register(
 
 
 class _FakeConn:
-    def __init__(self) -> None:
+    def __init__(self, peer: Address) -> None:
         self.pings = 0
         self.path = None
+        self.peer = peer
 
     async def ping(self, timeout: float) -> float:
         self.pings += 1
@@ -1448,8 +1449,10 @@ class _FakeNode:
     def pending_trust(self) -> list[Request]:
         return [Request(str(ALICE.address), "hi", NOW, REQUEST_NONCE.hex())]
 
-    async def connect(self, address: Address, via: tuple[str, int] | None = None, *, timeout: float | None) -> Any:
-        return _FakeConn()
+    async def connect(
+        self, address: Address | str, via: tuple[str, int] | None = None, *, timeout: float | None
+    ) -> Any:
+        return _FakeConn(Address.parse(address) if isinstance(address, str) else address)
 
 
 class _FakeWriter:
