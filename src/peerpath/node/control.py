@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Protocol, Union, get_args
 
@@ -107,7 +107,7 @@ ControlRequest = (
 _answer_decoder = msgspec.json.Decoder(dict[str, Any])
 #: What answers an op of a service's: an async iterator of answer objects (the last one is
 #: followed by ``{"done": true}``); errors of peerpath's own, and ValueError, become ``{"error": ...}``.
-OpHandler = Callable[[Any], AsyncIterator[dict[str, Any]]]
+OpHandler = Callable[[Any], AsyncGenerator[dict[str, Any], None]]
 
 
 class RequestParser:
@@ -296,8 +296,9 @@ class ControlServer:
                 await self._connect(request, reader, writer)
                 return True
             handler: OpHandler = self._handlers.get(type(request), self._handle)
-            async for answer in handler(request):
-                await self._answer(writer, answer)
+            async with contextlib.aclosing(handler(request)) as answers:  # a client gone ends the op at once
+                async for answer in answers:
+                    await self._answer(writer, answer)
             await self._answer(writer, {"done": True})
         except _ClientGone:
             raise
@@ -328,7 +329,7 @@ class ControlServer:
         except ConnectionError as exc:
             raise _ClientGone from exc
 
-    async def _handle(self, request: Op) -> AsyncIterator[dict[str, Any]]:
+    async def _handle(self, request: Op) -> AsyncGenerator[dict[str, Any], None]:
         match request:
             case StatusOp():
                 status = self.node.status() | ({"tunnels": self.tunnels.describe()} if self.tunnels else {})

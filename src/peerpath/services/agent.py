@@ -1,12 +1,12 @@
 """The agent node: a :class:`~peerpath.node.node.Node` with the agent services running on it
-(messages and the inbox), and names accepted wherever an address is.
+(messages and the inbox, tasks), and names accepted wherever an address is.
 
 This is what ``peerpath.Node`` is, and what ``peerpath up`` runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from peerpath.identity import Address, Identity
@@ -16,6 +16,7 @@ from peerpath.node.trust import TrustStore
 from peerpath.services.mailstore import Message
 from peerpath.services.messages import Messages, MessagesControl
 from peerpath.services.names import Names
+from peerpath.services.tasks import DEFAULT_CONCURRENCY, TaskHandler, Tasks, TasksControl
 from peerpath.session.connection import Connection
 from peerpath.wire.endpoint import Endpoint
 
@@ -34,11 +35,20 @@ class AgentNode(Node):
         #: Messages: ``await node.messages.send(peer, data)``.
         self.messages = Messages(self, state_dir / "messages.db", self.names)
         self.attach(self.messages)
+        #: Tasks: ``await node.tasks.submit(peer, name, input)``; ``@node.task(name)`` to run them.
+        self.tasks = Tasks(self, state_dir / "tasks.db", self.names)
+        self.attach(self.tasks)
 
     def inbox(self, *, follow: bool = True) -> AsyncIterator[Message]:
         """Unacknowledged messages, oldest first, then (``follow``) each new one as it arrives.
         Acknowledge one with ``node.messages.ack(message)`` once it is handled."""
         return self.messages.inbox(follow=follow)
+
+    def task(self, name: str, *, concurrency: int = DEFAULT_CONCURRENCY) -> Callable[[TaskHandler], TaskHandler]:
+        """Register the decorated coroutine as this node's handler of tasks named ``name``:
+        ``await handler(input, context)`` returns the result; ``context.progress(0.5)``
+        reports progress. At most ``concurrency`` run at once."""
+        return self.tasks.handler(name, concurrency=concurrency)
 
     async def resolve(self, peer: Address | str) -> Address:
         """The address ``peer`` stands for: an address, or the name of a trusted peer."""
@@ -52,4 +62,4 @@ class AgentNode(Node):
 
     def control_extensions(self) -> dict[str, ControlExtension]:
         """The services' parts of the daemon's control API, by the name their status goes under."""
-        return {"messages": MessagesControl(self.messages)}
+        return {"messages": MessagesControl(self.messages), "tasks": TasksControl(self.tasks)}

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -534,12 +534,12 @@ class MessagesControl:
         """What status shows."""
         return self.messages.describe()
 
-    async def _send(self, op: SendOp) -> AsyncIterator[dict[str, Any]]:
+    async def _send(self, op: SendOp) -> AsyncGenerator[dict[str, Any], None]:
         peer = await self.messages.names.resolve(op.peer)
         message_id = await self.messages.send(peer, op.data, wait=op.wait, timeout=op.timeout)
         yield {"id": message_id, "to": str(peer), "state": "delivered" if op.wait else "queued"}
 
-    async def _inbox(self, op: InboxOp) -> AsyncIterator[dict[str, Any]]:
+    async def _inbox(self, op: InboxOp) -> AsyncGenerator[dict[str, Any], None]:
         listed = self.messages.messages(acked=op.all, limit=op.limit)
         for message in listed:
             yield message.describe()
@@ -548,9 +548,9 @@ class MessagesControl:
             async for message in self.messages.inbox(after=after):
                 yield message.describe()
 
-    async def _ack(self, op: AckOp) -> AsyncIterator[dict[str, Any]]:
+    async def _ack(self, op: AckOp) -> AsyncGenerator[dict[str, Any], None]:
         yield self.messages.ack(op.id).describe()
 
-    async def _outbox(self, op: OutboxOp) -> AsyncIterator[dict[str, Any]]:
+    async def _outbox(self, op: OutboxOp) -> AsyncGenerator[dict[str, Any], None]:
         for item in self.messages.outbox(op.limit):
             yield item.describe()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 #: Messages to the inbox, and receipts back.
 MESSAGES = 1001
+#: Tasks: submissions, and their progress and outcomes.
+TASKS = 1003
 
 #: Every port a built-in service uses, by name.
-BUILT_IN = {"messages": MESSAGES}
+BUILT_IN = {"messages": MESSAGES, "tasks": TASKS}
 
 
 def is_built_in(port: int) -> bool:
