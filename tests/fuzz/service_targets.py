@@ -5,6 +5,7 @@ code against an in-memory store, behind a fake node."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import random
 import time
@@ -18,6 +19,7 @@ from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.letters import make_letter
 from peerpath.seal import seal
 from peerpath.services import messages as svc_messages
+from peerpath.services import tasks as svc_tasks
 from peerpath.services.frames import FrameError, encode
 from peerpath.wire import rendezvous as rv
 
@@ -185,5 +187,64 @@ register(
         dialect="msgpack",
         doc="services/messages.py Messages._letter on sealed letters from the mailbox (checked, opened, "
         "stored, a receipt queued); mutations mostly fail the signature, the seeds reach the store",
+    )
+)
+
+
+# -- tasks ------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _tasks() -> svc_tasks.Tasks:
+    service = svc_tasks.Tasks(_ServiceNode(), ":memory:")  # type: ignore[arg-type]
+    _loop().run_until_complete(service.start())
+
+    async def echo(data: Any, context: svc_tasks.TaskContext) -> Any:
+        context.progress(0.5, "half")
+        return data
+
+    service.register("echo", echo)
+    return service
+
+
+def _task_seeds() -> list[bytes]:
+    frames: list[Any] = [
+        svc_tasks.Submit(bytes(range(16)), "echo", msgspec.msgpack.encode({"x": 1}), 5.0),
+        svc_tasks.Submit(bytes(range(1, 17)), "nothing", b"\xc0"),
+        svc_tasks.Watch(bytes(range(16))),
+        svc_tasks.Cancel(bytes(range(2, 18))),
+        svc_tasks.Update(bytes(16), "running", 0.5, "half"),
+        svc_tasks.Finished(bytes(16), "done", b"\xc0"),
+        svc_tasks.Rejected(bytes(16), "no", retry=True),
+    ]
+    return [encode(frame) for frame in frames]
+
+
+def _run_tasks_stream(data: bytes, rng: random.Random) -> None:
+    service = _tasks()
+    writer = _StreamWriter()
+
+    async def serve() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        # A watched task streams updates until it ends: give it a moment, then move on.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(service._serve(reader, writer), 0.2)  # type: ignore[arg-type]
+
+    _run_catching(svc_tasks.__name__, serve)
+    store = service.store
+    assert store is not None
+    store._db.execute("DELETE FROM tasks WHERE seq < (SELECT MAX(seq) - 100 FROM tasks)")
+
+
+register(
+    Target(
+        "tasks-stream",
+        _task_seeds,
+        _run_tasks_stream,
+        (),
+        doc="services/tasks.py Tasks._serve on a submitter's stream to the tasks port (submit, watch, "
+        "cancel), with a real in-memory store and an echo handler",
     )
 )
