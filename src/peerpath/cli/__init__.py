@@ -3,7 +3,8 @@
 One module per command group: :mod:`~peerpath.cli.daemon` (the node: up, address, ping,
 status, demo), :mod:`~peerpath.cli.trust`, :mod:`~peerpath.cli.netcheck` and
 :mod:`~peerpath.cli.server` (server and relay), :mod:`~peerpath.cli.tunnels` (expose,
-forward, connect), :mod:`~peerpath.cli.messages` (send, inbox, outbox), :mod:`~peerpath.cli.tasks`;
+forward, connect), :mod:`~peerpath.cli.messages` (send, inbox, outbox), :mod:`~peerpath.cli.tasks`,
+:mod:`~peerpath.cli.pubsub`;
 :mod:`~peerpath.cli.common` holds what they share.
 """
 
@@ -11,11 +12,23 @@ from __future__ import annotations
 
 import sys
 
-from peerpath.cli import daemon, messages, netcheck, server, tasks, trust, tunnels
+from peerpath.cli import daemon, messages, netcheck, pubsub, server, tasks, trust, tunnels
 from peerpath.cli.app import app
 from peerpath.cli.common import run_event_loop
 
-__all__ = ["app", "daemon", "main", "messages", "netcheck", "run_event_loop", "server", "tasks", "trust", "tunnels"]
+__all__ = [
+    "app",
+    "daemon",
+    "main",
+    "messages",
+    "netcheck",
+    "pubsub",
+    "run_event_loop",
+    "server",
+    "tasks",
+    "trust",
+    "tunnels",
+]
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """The agent node: a :class:`~peerpath.node.node.Node` with the agent services running on it
-(messages and the inbox, tasks), and names accepted wherever an address is.
+(messages and the inbox, tasks, pub/sub), and names accepted wherever an address is.
 
 This is what ``peerpath.Node`` is, and what ``peerpath up`` runs.
 """
@@ -16,6 +16,7 @@ from peerpath.node.trust import TrustStore
 from peerpath.services.mailstore import Message
 from peerpath.services.messages import Messages, MessagesControl
 from peerpath.services.names import Names
+from peerpath.services.pubsub import RULES_FILE, PubSub, PubSubControl
 from peerpath.services.tasks import DEFAULT_CONCURRENCY, TaskHandler, Tasks, TasksControl
 from peerpath.session.connection import Connection
 from peerpath.wire.endpoint import Endpoint
@@ -38,6 +39,9 @@ class AgentNode(Node):
         #: Tasks: ``await node.tasks.submit(peer, name, input)``; ``@node.task(name)`` to run them.
         self.tasks = Tasks(self, state_dir / "tasks.db", self.names)
         self.attach(self.tasks)
+        #: Pub/sub: ``await node.pubsub.publish("PEER/topic", data)``, ``node.pubsub.subscribe("PEER/jobs.>")``.
+        self.pubsub = PubSub(self, state_dir / RULES_FILE, self.names)
+        self.attach(self.pubsub)
 
     def inbox(self, *, follow: bool = True) -> AsyncIterator[Message]:
         """Unacknowledged messages, oldest first, then (``follow``) each new one as it arrives.
@@ -62,4 +66,8 @@ class AgentNode(Node):
 
     def control_extensions(self) -> dict[str, ControlExtension]:
         """The services' parts of the daemon's control API, by the name their status goes under."""
-        return {"messages": MessagesControl(self.messages), "tasks": TasksControl(self.tasks)}
+        return {
+            "messages": MessagesControl(self.messages),
+            "tasks": TasksControl(self.tasks),
+            "pubsub": PubSubControl(self.pubsub),
+        }

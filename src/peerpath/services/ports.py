@@ -8,11 +8,13 @@ from __future__ import annotations
 
 #: Messages to the inbox, and receipts back.
 MESSAGES = 1001
+#: Pub/sub: subscriptions and the events they get, and events published to the host.
+PUBSUB = 1002
 #: Tasks: submissions, and their progress and outcomes.
 TASKS = 1003
 
 #: Every port a built-in service uses, by name.
-BUILT_IN = {"messages": MESSAGES, "tasks": TASKS}
+BUILT_IN = {"messages": MESSAGES, "pubsub": PUBSUB, "tasks": TASKS}
 
 
 def is_built_in(port: int) -> bool:
