@@ -19,6 +19,7 @@ from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.letters import make_letter
 from peerpath.seal import seal
 from peerpath.services import messages as svc_messages
+from peerpath.services import pubsub as svc_pubsub
 from peerpath.services import tasks as svc_tasks
 from peerpath.services.frames import FrameError, encode
 from peerpath.wire import rendezvous as rv
@@ -246,5 +247,52 @@ register(
         (),
         doc="services/tasks.py Tasks._serve on a submitter's stream to the tasks port (submit, watch, "
         "cancel), with a real in-memory store and an echo handler",
+    )
+)
+
+
+# -- pub/sub ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _pubsub() -> svc_pubsub.PubSub:
+    service = svc_pubsub.PubSub(_ServiceNode())  # type: ignore[arg-type]
+    _loop().run_until_complete(service.start())
+    return service
+
+
+def _pubsub_seeds() -> list[bytes]:
+    frames: list[Any] = [
+        svc_pubsub.Subscribe(["sensors.*.temp", "jobs.>"]),
+        svc_pubsub.Publish("sensors.kitchen.temp", msgspec.msgpack.encode(21.5)),
+        svc_pubsub.Subscribed([">"]),
+        svc_pubsub.Published(3),
+        svc_pubsub.Refused("no"),
+        svc_pubsub.EventFrame("a.b", b"\xc0", bytes(16), 1.0, 7, 2),
+    ]
+    publishes = b"".join(encode(svc_pubsub.Publish(f"t.{i}", b"\xa1x")) for i in range(3))
+    return [encode(frame) for frame in frames] + [publishes]
+
+
+def _run_pubsub_stream(data: bytes, rng: random.Random) -> None:
+    service = _pubsub()
+    writer = _StreamWriter()
+
+    async def serve() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        await service._serve(reader, writer)  # type: ignore[arg-type]
+
+    _run_catching(svc_pubsub.__name__, serve)
+
+
+register(
+    Target(
+        "pubsub-stream",
+        _pubsub_seeds,
+        _run_pubsub_stream,
+        (),
+        doc="services/pubsub.py PubSub._serve on a peer's stream to the pubsub port (subscribe, publish)",
     )
 )
