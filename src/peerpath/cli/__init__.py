@@ -1,10 +1,10 @@
 """The ``peerpath`` command. Thin: it parses arguments and calls into the package.
 
 One module per command group: :mod:`~peerpath.cli.daemon` (the node: up, address, ping,
-status, demo), :mod:`~peerpath.cli.trust`, :mod:`~peerpath.cli.netcheck` and
+status, demo), :mod:`~peerpath.cli.trust`, :mod:`~peerpath.cli.netcheck`,
 :mod:`~peerpath.cli.server` (server and relay), :mod:`~peerpath.cli.tunnels` (expose,
-forward, connect), :mod:`~peerpath.cli.messages` (send, inbox, outbox), :mod:`~peerpath.cli.tasks`,
-:mod:`~peerpath.cli.pubsub`;
+forward, connect), and the agent services: :mod:`~peerpath.cli.messages` (send, inbox,
+outbox), :mod:`~peerpath.cli.files`, :mod:`~peerpath.cli.tasks`, :mod:`~peerpath.cli.pubsub`.
 :mod:`~peerpath.cli.common` holds what they share.
 """
 
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import sys
 
-from peerpath.cli import daemon, messages, netcheck, pubsub, server, tasks, trust, tunnels
+from peerpath.cli import daemon, files, messages, netcheck, pubsub, server, tasks, trust, tunnels
 from peerpath.cli.app import app
 from peerpath.cli.common import run_event_loop
 
 __all__ = [
     "app",
     "daemon",
+    "files",
     "main",
     "messages",
     "netcheck",

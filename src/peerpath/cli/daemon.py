@@ -37,6 +37,7 @@ from peerpath.node import control
 from peerpath.node.local import LocalRendezvous
 from peerpath.node.node import Node
 from peerpath.services.agent import AgentNode
+from peerpath.services.files import DEFAULT_MAX_SIZE
 from peerpath.session.connection import SessionConfig
 from peerpath.session.pathset import PathKind
 from peerpath.tunnels.runtime import Tunnels
@@ -80,6 +81,13 @@ def up_command(
     direct: Annotated[
         bool, typer.Option("--direct/--relay-only", help="Move sessions to direct paths where NATs allow.")
     ] = True,
+    files_dir: Annotated[
+        Path | None,
+        typer.Option("--files-to", metavar="DIR", help="Save received files here (default: STATE_DIR/files)."),
+    ] = None,
+    max_file_size: Annotated[
+        int, typer.Option("--max-file-size", min=0, metavar="BYTES", help="Refuse larger files from peers.")
+    ] = DEFAULT_MAX_SIZE,
 ) -> None:
     """Run this machine's agent node in the foreground (Ctrl-C stops it)."""
     local = rendezvous in (None, "", "local")
@@ -104,6 +112,9 @@ def up_command(
             rendezvous=embedded.url if embedded is not None else url,
             direct=direct,
         )
+        if files_dir is not None:
+            node.files.directory = files_dir.expanduser().resolve()
+        node.files.max_size = max_file_size
         tunnels = Tunnels(node, directory)
         server = control.ControlServer(node, control.socket_path(directory), tunnels, node.control_extensions())
         try:

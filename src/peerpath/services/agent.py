@@ -1,5 +1,5 @@
 """The agent node: a :class:`~peerpath.node.node.Node` with the agent services running on it
-(messages and the inbox, tasks, pub/sub), and names accepted wherever an address is.
+(messages and the inbox, files, tasks, pub/sub), and names accepted wherever an address is.
 
 This is what ``peerpath.Node`` is, and what ``peerpath up`` runs.
 """
@@ -13,6 +13,7 @@ from peerpath.identity import Address, Identity
 from peerpath.node.control import ControlExtension
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
+from peerpath.services.files import Files, FilesControl
 from peerpath.services.mailstore import Message
 from peerpath.services.messages import Messages, MessagesControl
 from peerpath.services.names import Names
@@ -42,6 +43,9 @@ class AgentNode(Node):
         #: Pub/sub: ``await node.pubsub.publish("PEER/topic", data)``, ``node.pubsub.subscribe("PEER/jobs.>")``.
         self.pubsub = PubSub(self, state_dir / RULES_FILE, self.names)
         self.attach(self.pubsub)
+        #: Files: ``await node.files.send(peer, path)``; received ones are listed in the inbox.
+        self.files = Files(self, state_dir, lambda: self.messages.store, self.names)
+        self.attach(self.files)
 
     def inbox(self, *, follow: bool = True) -> AsyncIterator[Message]:
         """Unacknowledged messages, oldest first, then (``follow``) each new one as it arrives.
@@ -70,4 +74,5 @@ class AgentNode(Node):
             "messages": MessagesControl(self.messages),
             "tasks": TasksControl(self.tasks),
             "pubsub": PubSubControl(self.pubsub),
+            "files": FilesControl(self.files),
         }

@@ -12,9 +12,11 @@ MESSAGES = 1001
 PUBSUB = 1002
 #: Tasks: submissions, and their progress and outcomes.
 TASKS = 1003
+#: Files: offers, and the bytes of the files.
+FILES = 1004
 
 #: Every port a built-in service uses, by name.
-BUILT_IN = {"messages": MESSAGES, "pubsub": PUBSUB, "tasks": TASKS}
+BUILT_IN = {"messages": MESSAGES, "pubsub": PUBSUB, "tasks": TASKS, "files": FILES}
 
 
 def is_built_in(port: int) -> bool:
