@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import random
 import time
 from typing import Any
@@ -18,6 +19,7 @@ from peerpath.identity import Address
 from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.letters import make_letter
 from peerpath.seal import seal
+from peerpath.services import files as svc_files
 from peerpath.services import messages as svc_messages
 from peerpath.services import pubsub as svc_pubsub
 from peerpath.services import tasks as svc_tasks
@@ -294,5 +296,60 @@ register(
         _run_pubsub_stream,
         (),
         doc="services/pubsub.py PubSub._serve on a peer's stream to the pubsub port (subscribe, publish)",
+    )
+)
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _files() -> svc_files.Files:
+    directory = _tmpdir()
+    service = svc_files.Files(_ServiceNode(), directory)  # type: ignore[arg-type]
+    service.max_size = 64 * 1024
+    _loop().run_until_complete(service.start())
+    return service
+
+
+def _files_seeds() -> list[bytes]:
+    body = b"hello, file"
+    offer = svc_files.Offer(bytes(range(16)), "../notes.txt", len(body), hashlib.sha256(body).digest())
+    return [
+        encode(offer) + body,
+        encode(svc_files.Offer(bytes(range(1, 17)), "x", 3, bytes(32))) + b"abc",  # a wrong digest
+        encode(svc_files.Offer(bytes(range(2, 18)), "big", 1 << 40, bytes(32))),
+        encode(svc_files.Accept(0)),
+        encode(svc_files.Saved("x")),
+    ]
+
+
+def _run_files_stream(data: bytes, rng: random.Random) -> None:
+    service = _files()
+    writer = _StreamWriter()
+
+    async def serve() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        await service._serve(reader, writer)  # type: ignore[arg-type]
+
+    _run_catching(svc_files.__name__, serve)
+    store = service.store
+    assert store is not None
+    store._db.execute("DELETE FROM transfers")  # every input is a new transfer
+    for saved in service.directory.rglob("*"):
+        if saved.is_file():
+            saved.unlink()
+
+
+register(
+    Target(
+        "files-stream",
+        _files_seeds,
+        _run_files_stream,
+        (),
+        doc="services/files.py Files._serve on a sender's stream to the files port (offer, then the bytes), "
+        "saving into a temporary directory",
     )
 )
