@@ -292,6 +292,12 @@ def test_the_registry_refuses_a_second_service_on_one_port_and_survives_a_reload
         Registry.load(tmp_path)
 
 
+def test_the_ports_of_built_in_services_cannot_be_exposed() -> None:
+    for port, service in [(1001, "messages"), (1002, "pubsub"), (1003, "tasks"), (1004, "files")]:
+        with pytest.raises(ServiceError, match=f"belongs to peerpath's own {service} service"):
+            Exposure("mine", port, "127.0.0.1:8000").check()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

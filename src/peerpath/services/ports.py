@@ -22,3 +22,8 @@ BUILT_IN = {"messages": MESSAGES, "pubsub": PUBSUB, "tasks": TASKS, "files": FIL
 def is_built_in(port: int) -> bool:
     """Whether ``port`` belongs to a built-in service."""
     return port in BUILT_IN.values()
+
+
+def name_of(port: int) -> str:
+    """The built-in service on ``port`` ("" if none)."""
+    return next((name for name, number in BUILT_IN.items() if number == port), "")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from peerpath.identity import Address
+from peerpath.services import ports
 from peerpath.tunnels.services import Destination, ServiceError, check_name, service_port
 from peerpath.wire.endpoint import format_endpoint, parse_endpoint
 
@@ -54,6 +55,8 @@ class Exposure:
         check_name(self.name)
         if not 1 <= self.port <= 0xFFFF:
             raise ServiceError(f"port {self.port} out of range 1-65535")
+        if ports.is_built_in(self.port):
+            raise ServiceError(f"overlay port {self.port} belongs to peerpath's own {ports.name_of(self.port)} service")
         Destination.parse(self.target)
         for text in self.allow or ():
             try:
