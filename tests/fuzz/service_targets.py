@@ -16,6 +16,7 @@ import msgspec
 
 from peerpath import errors
 from peerpath.identity import Address
+from peerpath.node.events import Events
 from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.letters import make_letter
 from peerpath.seal import seal
@@ -39,6 +40,7 @@ class _ServiceNode:
         self.trust = TrustStore(_tmpdir() / "trust.json")
         self.trust.add(ALICE.address, "alice")
         self.rendezvous = None
+        self.events = Events()
 
     def is_trusted(self, address: Address) -> bool:
         return self.trust.is_trusted(address)

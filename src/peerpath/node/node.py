@@ -18,6 +18,7 @@ from peerpath.nat.portmap import PortMappings
 from peerpath.net import KernelNet, Net
 from peerpath.node.admission import Admission, Source
 from peerpath.node.direct import DirectPaths
+from peerpath.node.events import Events
 from peerpath.node.reachability import Reachability
 from peerpath.node.relays import Relays
 from peerpath.node.requests import Request, TrustBroker
@@ -97,7 +98,11 @@ class Node:
         #: The node's UDP sockets: the main one, and extra ones that rounds open.
         self.udp = UdpSockets(self.net, self._datagram_received, self.counters, clock)
         #: Every session, by connection ID.
-        self.sessions = SessionTable(identity, self, self.config, self.admission, self.counters, clock, self._accepted)
+        #: What happens on this node, for whoever listens (``node.events.listen(...)``).
+        self.events = Events()
+        self.sessions = SessionTable(
+            identity, self, self.config, self.admission, self.counters, clock, self._accepted, self._session_event
+        )
         self._services: dict[int, tuple[StreamHandler, Callable[[Address], bool] | None]] = {}
         self._message_handler: MessageHandler | None = None
         self._letter_handlers: dict[str, Callable[[rv.Letter], None]] = {}
@@ -161,6 +166,9 @@ class Node:
         self.relays.choose_home(list(registered.relays))
         self.reachability.registered(registered)
 
+    def _session_event(self, conn: Connection, kind: str, details: dict[str, Any]) -> None:
+        self.events.emit(kind, peer=str(conn.peer), role=conn.role.value, **details)
+
     def _letter_received(self, letter: rv.Letter) -> None:
         handler = self._letter_handlers.get(letter.kind)
         if handler is not None:
@@ -168,6 +176,8 @@ class Node:
             return
         outcome = self.broker.receive(letter)
         log.debug("letter %s from the rendezvous: %s", letter.kind, outcome)
+        if not outcome.startswith("ignored"):  # checked and acted on: its sender is who it says
+            self.events.emit(letter.kind, outcome=outcome, peer=_sender(letter), note=letter.note)
 
     async def _bind(self, host: str, port: int) -> None:
         self.udp.bind(host, port)
@@ -528,3 +538,10 @@ class _Starting(Generic[N]):
     ) -> None:
         if self._node is not None:
             await self._node.close()
+
+
+def _sender(letter: rv.Letter) -> str | None:
+    try:
+        return str(Address.from_public_key(letter.sender_key))
+    except ValueError:
+        return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from aioquic.quic.packet import QuicHeader, QuicPacketType
 
@@ -38,6 +39,7 @@ class SessionTable:
         counters: dict[str, int],
         clock: Clock,
         on_accepted: Callable[[Connection], None],
+        on_event: Callable[[Connection, str, dict[str, Any]], None] | None = None,
     ) -> None:
         self._identity = identity
         self._services = services
@@ -46,6 +48,7 @@ class SessionTable:
         self._counters = counters
         self._clock = clock
         self._on_accepted = on_accepted
+        self._on_event = on_event
         self._by_cid: dict[bytes, Connection] = {}
         #: Every session, open or closing.
         self.all: set[Connection] = set()
@@ -95,6 +98,7 @@ class SessionTable:
             retry_source_connection_id=retry_scid,
             on_connection_id=self.register_cid,
             on_closed=self.forget,
+            on_event=self._on_event,
             clock=self._clock,
         )
         self.all.add(conn)

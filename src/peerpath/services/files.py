@@ -404,6 +404,7 @@ class Files:
                 return
             except FileError as exc:
                 self._update(Direction.OUT, key, state=TransferState.FAILED, error=str(exc))
+                self.node.events.emit("file-failed", id=transfer.id, to=str(transfer.peer), error=str(exc))
                 return
             except _Later as exc:
                 self._update(Direction.OUT, key, state=TransferState.QUEUED, error=str(exc))
@@ -447,6 +448,9 @@ class Files:
             raise
         self.counters["sent"] += 1
         self._update(Direction.OUT, key, state=TransferState.DONE, done_bytes=transfer.size, error="")
+        self.node.events.emit(
+            "file-sent", id=transfer.id, to=str(transfer.peer), name=transfer.name, size=transfer.size
+        )
 
     async def _stream_file(self, transfer: Transfer, offset: int, writer: StreamWriter) -> None:
         key = bytes.fromhex(transfer.id)
@@ -569,6 +573,9 @@ class Files:
         self.counters["received"] += 1
         self._update(Direction.IN, offer.id, state=TransferState.DONE, path=str(final), done_bytes=offer.size)
         self._announce(peer, offer, final)
+        self.node.events.emit(
+            "file-received", id=offer.id.hex(), **{"from": str(peer)}, path=str(final), size=offer.size
+        )
         return Saved(final.name)
 
     def _announce(self, peer: Address, offer: Offer, final: Path) -> None:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -122,7 +122,6 @@ class Messages:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._arrivals: set[asyncio.Future[None]] = set()
         self._finished: dict[bytes, list[asyncio.Future[Outgoing]]] = {}
-        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         self.counters = {
             "delivered": 0,
             "received": 0,
@@ -162,16 +161,8 @@ class Messages:
             raise errors.LocalError("the messages service is not running (start the node first)")
         return self.store
 
-    def on_event(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
-        """Call ``listener(kind, details)`` when a message arrives, is delivered, or fails."""
-        self._listeners.append(listener)
-
     def _event(self, kind: str, details: dict[str, Any]) -> None:
-        for listener in self._listeners:
-            try:
-                listener(kind, details)
-            except Exception:
-                log.exception("a message event listener failed")
+        self.node.events.emit(kind, **details)
 
     # -- sending --------------------------------------------------------------------------
 

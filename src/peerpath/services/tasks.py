@@ -212,7 +212,7 @@ class Tasks:
         return self.store
 
     def on_event(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
-        """Call ``listener(kind, details)`` when a task changes state."""
+        """Call ``listener(kind, details)`` when a task changes state (the node's events get them too)."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
@@ -227,12 +227,17 @@ class Tasks:
         for waiting in self._changed.pop(task_id, set()):
             if not waiting.done():
                 waiting.set_result(None)
+        kind = f"task-{record.state.value}"
+        details: dict[str, Any] = {"id": record.id, "name": record.name, "role": record.role.value}
+        details["peer"] = str(record.peer)
+        if record.progress is not None:
+            details["progress"] = record.progress
         for listener in self._listeners:
             try:
-                details = {"id": record.id, "name": record.name, "role": record.role.value, "peer": str(record.peer)}
-                listener(f"task-{record.state.value}", details)
+                listener(kind, details)
             except Exception:
                 log.exception("a task event listener failed")
+        self.node.events.emit(kind, **details)
 
     def _change(self, role: Role, task_id: bytes) -> asyncio.Future[None]:
         """A future that is done when the task changes next."""

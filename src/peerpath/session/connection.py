@@ -235,6 +235,7 @@ class Connection:
         retry_source_connection_id: bytes | None = None,
         on_connection_id: Callable[[Connection, bytes, bool], None] | None = None,
         on_closed: Callable[[Connection], None] | None = None,
+        on_event: Callable[[Connection, str, dict[str, Any]], None] | None = None,
         clock: Clock = monotonic,
     ) -> None:
         if role is Role.INITIATOR and expected_peer is None:
@@ -249,6 +250,8 @@ class Connection:
         self._services = services
         self._on_connection_id = on_connection_id
         self._on_closed = on_closed
+        #: Told ``session-up``, ``path-changed`` and ``session-down``, with details.
+        self._on_event = on_event
         self._loop = asyncio.get_running_loop()
         #: The session's clock (its node's).
         self.clock = clock
@@ -464,6 +467,8 @@ class Connection:
         if old is not None:
             why = f" ({old.describe()} {old.degraded})" if old.degraded else ""
             log.info("path to %s: %s -> %s%s", self.peer, old.describe(), new.describe(), why)
+            if self.peer is not None:
+                self._tell("path-changed", old=old.describe(), new=new.describe(), reason=old.degraded or "better")
         # Datagrams queued for the old path are resent by QUIC's loss recovery; poke it so
         # the first of them goes out on the new path now rather than at the next timer.
         self._schedule_transmit()
@@ -630,6 +635,7 @@ class Connection:
             early, self._early = self._early, []
             for event in early:
                 self._on_stream_event(event)
+            self._tell("session-up", path=self.path.describe() if self.path else None)
 
     def _fail_establish(self, exc: BaseException) -> None:
         if not self.established.done():
@@ -900,3 +906,9 @@ class Connection:
         self.closed.set_result(None)
         if self._on_closed is not None:
             self._on_closed(self)
+        if self.established.done() and not self.established.exception():
+            self._tell("session-down", reason=self.close_reason)
+
+    def _tell(self, kind: str, **details: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(self, kind, details)
