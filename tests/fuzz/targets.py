@@ -44,6 +44,7 @@ from peerpath.rendezvous import client as rv_client
 from peerpath.rendezvous import limits as rv_limits
 from peerpath.rendezvous import mailbox as rv_mailbox
 from peerpath.rendezvous import server as rv_server
+from peerpath.rendezvous.directory import make_claim
 from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.rendezvous.presence import Agent
 from peerpath.rendezvous.url import RendezvousUrl
@@ -451,6 +452,37 @@ def _rendezvous_messages(letters: list[rv.Letter] | None = None) -> list[rv.Mess
         rv.UdpReady(True),
         rv.UdpReady(False),
         rv.HomeRelay(SERVER_URL),
+        *_directory_messages(),
+    ]
+
+
+#: Ids of the directory requests the seeds answer (the client target has them waiting).
+DIRECTORY_IDS = (11, 12, 13, 14, 15, 16, 17, 18)
+
+
+def _directory_messages() -> list[rv.Message]:
+    """Names and tags: requests (claims signed for SERVER) and the server's answers."""
+    claim = make_claim(ALICE, "planner", SERVER.address)
+    longest = make_claim(ALICE, "p" + "x" * (rv.MAX_NAME - 1), SERVER.address)
+    tags = ["gpu", "region=eu", "k" * rv.MAX_TAG_KEY + "=" + "v" * (rv.MAX_TAG - rv.MAX_TAG_KEY - 1)]
+    return [
+        rv.ClaimName(11, claim),
+        rv.ClaimName(12, longest),
+        rv.ClaimName(12, make_claim(BOB, "planner", SERVER.address)),  # not the sender's own claim
+        rv.ReleaseName(13),
+        rv.ResolveName(14, "planner"),
+        rv.NameResolved(14, "planner", claim),
+        rv.NameResolved(15, "nobody"),
+        rv.SetProfile(16, tags, True),
+        rv.SetProfile(16, ["gpu"] * rv.MAX_TAGS, False),
+        rv.SetProfile(17),
+        rv.Find(18, ["gpu"]),
+        rv.Find(18, tags),
+        rv.Found(18, [rv.Listing(ALICE.public_key, tags, True, claim), rv.Listing(BOB.public_key, ["gpu"], False)]),
+        rv.Found(18, [rv.Listing(BOB.public_key, ["gpu"], True, claim)], True),  # another agent's claim
+        rv.Outcome(11, True),
+        rv.Outcome(12, False, "name taken"),
+        rv.Outcome(13, False, "r" * 512),
     ]
 
 
@@ -502,7 +534,7 @@ register(
 
 
 def _resign_post(data: bytes, rng: random.Random) -> bytes:
-    """Re-sign a Post's letter so the server's checks get past the signature."""
+    """Re-sign a Post's letter, or a ClaimName's claim, so the server's checks get past the signature."""
     try:
         message = msgspec.msgpack.decode(data, type=rv.Message)
     except (msgspec.DecodeError, RecursionError):
@@ -511,6 +543,9 @@ def _resign_post(data: bytes, rng: random.Random) -> bytes:
         letter = _resign_letter(message.letter)
         if letter is not None:
             return msgspec.msgpack.encode(msgspec.structs.replace(message, letter=letter))
+    if isinstance(message, rv.ClaimName) and message.claim.public_key in SIGNERS:
+        claim = make_claim(SIGNERS[message.claim.public_key], message.claim.name, SERVER.address)
+        return msgspec.msgpack.encode(msgspec.structs.replace(message, claim=claim))
     return data
 
 
@@ -568,6 +603,7 @@ def _server(purpose: str) -> rv_server.RendezvousServer:
     )
     server = rv_server.RendezvousServer(SERVER, _tmpdir() / f"server-{purpose}", limits=limits)
     server.mailbox = rv_mailbox.Mailbox(":memory:")
+    server.directory.open(":memory:")
     server.hosts = [SERVER_UDP[0]]
     server.port = SERVER_UDP[1]
     _admit(server, BOB)
@@ -662,6 +698,10 @@ def _run_client(data: bytes, rng: random.Random) -> None:
             for request_id in (3, 4, 7, 8):
                 if pending.get(request_id) is None or pending[request_id].done():
                     pending[request_id] = loop.create_future()
+        for request_id in DIRECTORY_IDS:
+            answer = client._answers.get(request_id)
+            if answer is None or answer.done():
+                client._answers[request_id] = loop.create_future()
         for chunk in split(stream, rng):
             for message, datagram in decoder.feed(chunk):  # as RendezvousClient._connect_and_serve does
                 if datagram is None:
@@ -900,7 +940,10 @@ class _Stranger(_FakeLink):
 def _connection_seeds() -> list[bytes]:
     register = rv.encode_control(rv.Register(ALICE.public_key, bytes(64)))  # signed over the server's nonce
     messages = _rendezvous_messages(_letters(int(time.time())))
-    agents = (rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.UdpReady, rv.HomeRelay)
+    agents = (
+        *(rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.UdpReady, rv.HomeRelay),
+        *(rv.ClaimName, rv.ReleaseName, rv.ResolveName, rv.SetProfile, rv.Find),
+    )
     # What an agent sends, then what only a server sends (which ends the connection).
     ordered = [m for m in messages if isinstance(m, agents)] + [m for m in messages if not isinstance(m, agents)]
     relay = rv.encode_relay(BOB.address.digest, b"\x40" * 100)

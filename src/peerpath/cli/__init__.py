@@ -4,7 +4,8 @@ One module per command group: :mod:`~peerpath.cli.daemon` (the node: up, address
 status, demo), :mod:`~peerpath.cli.trust`, :mod:`~peerpath.cli.netcheck`,
 :mod:`~peerpath.cli.server` (server and relay), :mod:`~peerpath.cli.tunnels` (expose,
 forward, connect), and the agent services: :mod:`~peerpath.cli.messages` (send, inbox,
-outbox), :mod:`~peerpath.cli.files`, :mod:`~peerpath.cli.tasks`, :mod:`~peerpath.cli.pubsub`.
+outbox), :mod:`~peerpath.cli.files`, :mod:`~peerpath.cli.tasks`, :mod:`~peerpath.cli.pubsub`,
+:mod:`~peerpath.cli.events`, :mod:`~peerpath.cli.names` (names, tags, find).
 :mod:`~peerpath.cli.common` holds what they share.
 """
 
@@ -12,16 +13,18 @@ from __future__ import annotations
 
 import sys
 
-from peerpath.cli import daemon, files, messages, netcheck, pubsub, server, tasks, trust, tunnels
+from peerpath.cli import daemon, events, files, messages, names, netcheck, pubsub, server, tasks, trust, tunnels
 from peerpath.cli.app import app
 from peerpath.cli.common import run_event_loop
 
 __all__ = [
     "app",
     "daemon",
+    "events",
     "files",
     "main",
     "messages",
+    "names",
     "netcheck",
     "pubsub",
     "run_event_loop",

@@ -1,5 +1,5 @@
-"""An agent's long-lived connection to its rendezvous server: registration, lookups, and
-the relay transport. Reconnects with jittered exponential backoff when the server goes
+"""An agent's long-lived connection to its rendezvous server: registration, lookups, names
+and tags, and the relay transport. Reconnects with jittered exponential backoff when the server goes
 away; sessions riding on other paths are not affected by an outage.
 """
 
@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -22,6 +22,15 @@ from peerpath.certs import tls_client_context, tls_peer_address
 from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
 from peerpath.net import KernelNet, Net, open_stream
+from peerpath.rendezvous.directory import (
+    Claimed,
+    ClaimError,
+    Listed,
+    check_claim,
+    check_name,
+    check_tags,
+    make_claim,
+)
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.wire import rendezvous as rv
@@ -45,6 +54,8 @@ _CONNECTION_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, Connec
 
 RelayHandler = Callable[[bytes, bytes], None]
 LetterHandler = Callable[[rv.Letter], None]
+RegisteredListener = Callable[[rv.Registered], None]
+_Answer = TypeVar("_Answer", bound=rv.Message)
 
 
 class RendezvousError(errors.RemoteError):
@@ -107,6 +118,9 @@ class RendezvousClient:
         self._task: asyncio.Task[None] | None = None
         self._lookups: dict[int, asyncio.Future[rv.LookupResult]] = {}
         self._posts: dict[int, asyncio.Future[rv.PostResult]] = {}
+        #: Directory requests (names, tags, searches) waiting for their answer, by id.
+        self._answers: dict[int, asyncio.Future[rv.Message]] = {}
+        self._registered_listeners: list[RegisteredListener] = []
         self._ids = itertools.count(1)
         self._closed = False
 
@@ -175,6 +189,98 @@ class RendezvousClient:
             self._posts.pop(request_id, None)
         if not result.ok:
             raise RendezvousError(f"the server refused the letter: {result.error}")
+
+    def add_registered_listener(self, listener: RegisteredListener) -> Callable[[], None]:
+        """Call ``listener`` after every registration from now on (each reconnection is one), after
+        ``on_registered``; returns what removes it. A listener that raises is logged and skipped."""
+        self._registered_listeners.append(listener)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._registered_listeners.remove(listener)
+
+        return remove
+
+    async def _ask(
+        self, make: Callable[[int], rv.Message], expected: type[_Answer], what: str, timeout: float
+    ) -> _Answer:
+        """Send the directory request ``make(id)`` and return its answer; a refusal raises
+        :class:`RendezvousError` as "WHAT: the server's reason"."""
+        await self.wait_registered(timeout)
+        request_id = next(self._ids)
+        future: asyncio.Future[rv.Message] = asyncio.get_running_loop().create_future()
+        self._answers[request_id] = future
+        try:
+            self._send(rv.encode_control(make(request_id)))
+            answer = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise errors.NetworkError(f"{what}: {self.url.endpoint} did not answer within {timeout:g} s") from None
+        finally:
+            self._answers.pop(request_id, None)
+        if isinstance(answer, rv.Outcome) and not answer.ok:
+            raise RendezvousError(f"{what}: {answer.error}")
+        if not isinstance(answer, expected):
+            raise RendezvousError(f"{what}: the server answered with {type(answer).__name__}")
+        return answer
+
+    async def claim_name(self, name: str, timeout: float = 10.0) -> rv.NameClaim:
+        """Claim ``name`` at the server (first come, first served; it replaces this agent's
+        previous name), or renew it; the signed claim. Refused: :class:`RendezvousError`."""
+        name = check_name(name)
+        claim = make_claim(self.identity, name, self.url.address)
+        await self._ask(lambda i: rv.ClaimName(i, claim), rv.Outcome, f"cannot claim {name!r}", timeout)
+        return claim
+
+    async def release_name(self, timeout: float = 10.0) -> None:
+        """Give up this agent's name at the server (nothing happens if it has none)."""
+        await self._ask(rv.ReleaseName, rv.Outcome, "cannot release the name", timeout)
+
+    async def resolve_name(self, name: str, timeout: float = 5.0) -> Claimed | None:
+        """Who claims ``name`` at the server (None: nobody). The claim is checked here, and the
+        address derived from its key: the server cannot make a name stand for anyone else."""
+        name = check_name(name)
+        answer = await self._ask(
+            lambda i: rv.ResolveName(i, name), rv.NameResolved, f"cannot resolve {name!r}", timeout
+        )
+        if answer.claim is None:
+            return None
+        if answer.claim.name != name:
+            raise RendezvousError(f"asked for {name!r}, the server answered with the claim of {answer.claim.name!r}")
+        try:
+            return check_claim(answer.claim, self.url.address)
+        except ClaimError as exc:
+            raise RendezvousError(f"the server's answer for {name!r} does not hold up: {exc}") from None
+
+    async def set_profile(self, tags: list[str], public: bool, timeout: float = 10.0) -> None:
+        """Tell the server this agent's tags, and whether searches may list it."""
+        checked = check_tags(tags)
+        await self._ask(lambda i: rv.SetProfile(i, checked, public), rv.Outcome, "cannot set the tags", timeout)
+
+    async def find(self, tags: list[str], timeout: float = 10.0) -> tuple[list[Listed], bool]:
+        """The public agents with every one of ``tags``, and whether the server left some out.
+        Each address is derived from the agent's key, and a name shown only if its claim holds up."""
+        wanted = check_tags(tags)
+        answer = await self._ask(lambda i: rv.Find(i, wanted), rv.Found, "cannot search", timeout)
+        listed = []
+        for listing in answer.agents:
+            try:
+                address = Address.from_public_key(listing.public_key)
+            except ValueError:
+                log.info("ignoring a search result with a malformed key")
+                continue
+            if not set(wanted) <= set(listing.tags):
+                log.info("ignoring %s in the search results: it lacks a tag searched for", address)
+                continue
+            name = ""
+            if listing.claim is not None:
+                try:
+                    claimed = check_claim(listing.claim, self.url.address)
+                except ClaimError as exc:
+                    log.info("ignoring the name of %s: %s", address, exc)
+                else:
+                    name = claimed.name if claimed.address == address else ""
+            listed.append(Listed(address, name, list(listing.tags), listing.online))
+        return listed, answer.more
 
     def set_home_relay(self, url: str) -> None:
         """Tell the server which of its relays peers should use to reach us."""
@@ -373,6 +479,11 @@ class RendezvousClient:
             self.registered.set()
             if self.on_registered is not None:
                 self.on_registered(message)
+            for listener in list(self._registered_listeners):
+                try:
+                    listener(message)
+                except Exception:
+                    log.exception("a listener of registrations failed")
             log.info(
                 "registered with %s as %s (seen from %s)", self.url.endpoint, self.identity.address, message.observed
             )
@@ -386,6 +497,10 @@ class RendezvousClient:
             posted = self._posts.get(message.id)
             if posted is not None and not posted.done():
                 posted.set_result(message)
+        elif isinstance(message, rv.NameResolved | rv.Found | rv.Outcome):
+            answered = self._answers.get(message.id)
+            if answered is not None and not answered.done():
+                answered.set_result(message)
         elif isinstance(message, rv.Deliver):
             if self.on_letter is not None:
                 try:
@@ -417,7 +532,7 @@ class RendezvousClient:
         if self._link is not None:
             self._link.close()
             self._link = None
-        pending: list[asyncio.Future[Any]] = [*self._lookups.values(), *self._posts.values()]
+        pending: list[asyncio.Future[Any]] = [*self._lookups.values(), *self._posts.values(), *self._answers.values()]
         for future in pending:
             if not future.done():
                 future.set_exception(errors.NetworkError(f"rendezvous connection lost: {reason}"))

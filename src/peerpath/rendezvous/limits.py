@@ -31,6 +31,16 @@ class ServerLimits:
     #: cost nothing to make, so what one address may register is what bounds them.
     register_rate: float = 1.0
     register_burst: float = 64.0
+    #: Directory writes per agent (name claims and releases, tag profiles; one of each is sent at
+    #: every registration), and burst; searches per agent, and burst.
+    name_rate: float = 1 / 60
+    name_burst: float = 10.0
+    find_rate: float = 1.0
+    find_burst: float = 20.0
+    #: Names claimed in all, and public tag profiles kept in all (online agents' and those of
+    #: agents gone for less than ``directory.PROFILE_KEEP``).
+    max_names: int = 100_000
+    max_profiles: int = 20_000
 
 
 #: Client networks whose registration rate is tracked at once; beyond it, the least recently

@@ -1,6 +1,7 @@
 """The rendezvous server: agents register over TLS by signing a challenge; the server keeps
-their presence, answers lookups for agents that are online, and relays their end-to-end
-encrypted session datagrams (over the same connection) within per-agent quotas.
+their presence, answers lookups for agents that are online, keeps letters for them, keeps the
+names they claim and the tags of those that chose to be listed (:mod:`.directory`), and relays
+their end-to-end encrypted session datagrams (over the same connection) within per-agent quotas.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity, verify
 from peerpath.net import KernelNet, Net, TcpListener, serve_streams
 from peerpath.ratelimit import TokenBucket
+from peerpath.rendezvous.directory import QUOTAS, Directory, DirectoryRequest
 from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.rendezvous.limits import CutOff, ServerLimits, client_network, registration_rate
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
@@ -47,6 +49,10 @@ STATUS_INTERVAL = 5.0
 STATUS_FILE = "status.json"
 #: Letters handed to an agent at each registration (the rest wait for the next one).
 DELIVER_BATCH = 64
+#: The name claims' database, next to the mailbox's in the state directory.
+NAMES_FILE = "names.db"
+#: What an agent is told when a directory request is over its quota.
+_OVERQUOTA = {"names": "too many name and tag changes; try again later", "find": "too many searches; try again later"}
 
 
 class RendezvousServer:
@@ -62,11 +68,14 @@ class RendezvousServer:
         stun: list[str] | None = None,
         net: Net | None = None,
         clock: Clock = monotonic,
+        wall_clock: Clock = time.time,
     ) -> None:
         self.identity = identity
         #: The network the server listens on, and the clock of its quotas and presence.
         self.net = net or KernelNet()
         self.clock = clock
+        #: Seconds since the epoch: the clock of what outlives a restart (letters, names).
+        self.wall_clock = wall_clock
         #: STUN endpoints ("ip:port") agents can run netcheck against.
         self.stun = list(stun or [])
         #: Other relays (``peerpath relay``) agents may choose as their home relay.
@@ -100,6 +109,9 @@ class RendezvousServer:
             "udp_unauthentic": 0,
             "udp_unconfirmed": 0,
             "control_dropped_quota": 0,
+            "directory_requests": 0,
+            "directory_refused": 0,
+            "directory_dropped_quota": 0,
         }
         self._open = 0
         self._per_ip: dict[str, int] = {}
@@ -107,6 +119,8 @@ class RendezvousServer:
         self.udp_relay = UdpRelay(self.counters, self._relay, self._cut_off)
         self._udp: list[RelayUdp] = []
         self.mailbox: Mailbox | None = None
+        #: Names and tags (its names database opens with :meth:`start`).
+        self.directory = Directory(identity.address, self.limits)
         self._servers: list[TcpListener] = []
         self._ws_servers: list[WebSocketServer] = []
         self.wss_port: int | None = None
@@ -156,6 +170,7 @@ class RendezvousServer:
         # Opened only once the ports are ours: a second server on the same state directory
         # fails to bind above instead of contending for the database.
         self.mailbox = Mailbox(self.state_dir / "rendezvous.db")
+        self.directory.open(self.state_dir / NAMES_FILE)
         self._write_status_logged()  # at once: an operator (or a test) finds one from the start
         self._pinger = asyncio.get_running_loop().create_task(self._ping_loop())
 
@@ -180,6 +195,7 @@ class RendezvousServer:
         if self.mailbox is not None:
             self.mailbox.close()
             self.mailbox = None
+        self.directory.close()
         if self.hosts:
             with contextlib.suppress(OSError):
                 self.write_status()
@@ -192,6 +208,7 @@ class RendezvousServer:
             "agents_online": len(self.agents),
             "agents_on_udp": sum(1 for a in self.agents.values() if a.udp_ready),
             "relays": [str(r) for r in self.relays],
+            "directory": self.directory.describe(),
             "counters": dict(self.counters),
         }
 
@@ -294,6 +311,7 @@ class RendezvousServer:
             del tokens[agent.token]
         if self.agents.get(agent.address.digest) is agent:
             del self.agents[agent.address.digest]
+            self.directory.left(agent.address, self.wall_clock())
             log.info("%s offline", agent.address)
 
     async def _read_registration(
@@ -350,6 +368,7 @@ class RendezvousServer:
             previous.link.close()  # the same agent reconnected: the newest connection wins
             self._forget(previous)
         self.agents[claimed.digest] = agent
+        self.directory.arrived(claimed, register.public_key, now)
         self.udp_relay.tokens[agent.token] = agent
         self.counters["registered"] += 1
         registered = rv.Registered(
@@ -403,8 +422,28 @@ class RendezvousServer:
             if message.url not in self._relay_urls():
                 raise rv.FrameError(f"{message.url} is not one of this server's relays")
             agent.home_relay = message.url
+        elif isinstance(message, DirectoryRequest):
+            agent.send(rv.encode_control(self._ask_directory(agent, message)))
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
+
+    def _ask_directory(self, agent: Agent, request: DirectoryRequest) -> rv.Message:
+        """The directory's answer, within the agent's directory quotas (counted like its others:
+        an agent that keeps exceeding one is cut off)."""
+        spent = self.directory.take(agent.address, request, self.clock())
+        if spent is not None:
+            self.counters["directory_dropped_quota"] += 1
+            self._overquota(agent, spent)
+            return rv.Outcome(request.id, False, _OVERQUOTA[spent])
+        quota = QUOTAS.get(type(request))
+        if quota is not None:
+            agent.overquota[quota] = 0
+        self.counters["directory_requests"] += 1
+        answer = self.directory.answer(agent.address, request, self.wall_clock())
+        if isinstance(answer, rv.Outcome) and not answer.ok:
+            self.counters["directory_refused"] += 1
+            log.info("refused a %s of %s: %s", type(request).__name__, agent.address, answer.error)
+        return answer
 
     def _overquota(self, agent: Agent, quota: str) -> None:
         """One more message dropped for ``quota``; an agent that keeps at it is cut off."""
@@ -413,7 +452,7 @@ class RendezvousServer:
             raise CutOff(f"{quota} quota exceeded {run} times in a row")
 
     def _post(self, agent: Agent, request: rv.Post) -> rv.PostResult:
-        now = time.time()
+        now = self.wall_clock()
         try:
             if self.mailbox is None:
                 raise LetterError("the server is shutting down")

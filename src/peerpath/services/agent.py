@@ -13,10 +13,11 @@ from peerpath.identity import Address, Identity
 from peerpath.node.control import ControlExtension
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
+from peerpath.services.events import EventsControl, watch
 from peerpath.services.files import Files, FilesControl
 from peerpath.services.mailstore import Message
 from peerpath.services.messages import Messages, MessagesControl
-from peerpath.services.names import Names
+from peerpath.services.names import Names, NamesControl, ProfileService
 from peerpath.services.pubsub import RULES_FILE, PubSub, PubSubControl
 from peerpath.services.tasks import DEFAULT_CONCURRENCY, TaskHandler, Tasks, TasksControl
 from peerpath.session.connection import Connection
@@ -32,8 +33,11 @@ class AgentNode(Node):
     def __init__(self, identity: Identity, trust: TrustStore, **kwargs: Any) -> None:
         super().__init__(identity, trust, **kwargs)
         state_dir = trust.path.parent
-        #: Names users type for peers.
-        self.names = Names(trust)
+        #: Names users type for peers: pinned names, petnames, then the rendezvous's names.
+        self.names = Names(trust, lambda: self.rendezvous)
+        #: This node's name and tags at the rendezvous server (profile.json).
+        self.profile = ProfileService(self, state_dir / "profile.json", self.names)
+        self.attach(self.profile)
         #: Messages: ``await node.messages.send(peer, data)``.
         self.messages = Messages(self, state_dir / "messages.db", self.names)
         self.attach(self.messages)
@@ -58,6 +62,11 @@ class AgentNode(Node):
         reports progress. At most ``concurrency`` run at once."""
         return self.tasks.handler(name, concurrency=concurrency)
 
+    def watch_events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event from now on: sessions up and down, path changes, trust requests,
+        messages, files and tasks (``{"event": "session-up", "peer": ..., ...}``)."""
+        return watch(self.events)
+
     async def resolve(self, peer: Address | str) -> Address:
         """The address ``peer`` stands for: an address, or the name of a trusted peer."""
         return await self.names.resolve(peer)
@@ -75,4 +84,6 @@ class AgentNode(Node):
             "tasks": TasksControl(self.tasks),
             "pubsub": PubSubControl(self.pubsub),
             "files": FilesControl(self.files),
+            "events": EventsControl(self.events),
+            "names": NamesControl(self.profile),
         }

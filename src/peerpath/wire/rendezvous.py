@@ -43,6 +43,20 @@ Blob = Annotated[bytes, msgspec.Meta(max_length=64)]  # keys, signatures, nonces
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # SQLite's and msgpack's common range
 Endpoints = Annotated[list[Text], msgspec.Meta(max_length=MAX_ENDPOINTS)]
 Urls = Annotated[list[Url], msgspec.Meta(max_length=MAX_ENDPOINTS)]
+#: A name an agent claims: lower-case letters, digits and '-', starting with a letter, and never
+#: what looks like an address (addresses start with "pp1").
+MAX_NAME = 63
+NAME_PATTERN = r"^(?!pp1)[a-z][a-z0-9-]{0,62}\Z"
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME, pattern=NAME_PATTERN)]
+#: An agent's tags: ``key`` or ``key=value``, lower-case; at most MAX_TAGS of them.
+MAX_TAGS = 8
+MAX_TAG = 64
+MAX_TAG_KEY = 32
+TAG_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,31}(=[a-z0-9._:/+-]+)?\Z"
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TAG, pattern=TAG_PATTERN)]
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=MAX_TAGS)]
+#: Agents one :class:`Find` answers with (the largest answer fits MAX_CONTROL).
+MAX_FOUND = 50
 _HEADER = struct.Struct("!I")  # type in the top byte, length in the low 24 bits
 REGISTER_CONTEXT = b"peerpath-rendezvous-register-v1\x00"
 
@@ -197,6 +211,88 @@ class UdpReady(msgspec.Struct, tag="udp-ready", frozen=True):
     ready: bool
 
 
+class NameClaim(msgspec.Struct, frozen=True):
+    """A name an agent claims at one server, signed with the agent's key over
+    :func:`name_claim_payload` (which names the server too), so that whoever resolves the name
+    checks the claim itself instead of taking the server's word for it."""
+
+    name: Name
+    public_key: Blob
+    signature: Blob
+
+
+class ClaimName(msgspec.Struct, tag="claim-name", frozen=True):
+    """Agent -> server: this name is mine (first come, first served; it replaces the agent's
+    previous name). Sent again at every registration, which renews it."""
+
+    id: RequestId
+    claim: NameClaim
+
+
+class ReleaseName(msgspec.Struct, tag="release-name", frozen=True):
+    """Agent -> server: forget my name."""
+
+    id: RequestId
+
+
+class ResolveName(msgspec.Struct, tag="resolve-name", frozen=True):
+    """Agent -> server: who claims this name?"""
+
+    id: RequestId
+    name: Name
+
+
+class NameResolved(msgspec.Struct, tag="name-resolved", frozen=True):
+    """Server -> agent: the answer to :class:`ResolveName`: the claim, or None if nobody holds the name."""
+
+    id: RequestId
+    name: Name
+    claim: NameClaim | None = None
+
+
+class SetProfile(msgspec.Struct, tag="set-profile", frozen=True):
+    """Agent -> server: my tags, and whether searches may list me (``public``). Sent at every
+    registration; a private agent's tags are not kept."""
+
+    id: RequestId
+    tags: Tags = []
+    public: bool = False
+
+
+class Find(msgspec.Struct, tag="find", frozen=True):
+    """Agent -> server: the public agents that have every one of these tags."""
+
+    id: RequestId
+    tags: Annotated[list[Tag], msgspec.Meta(min_length=1, max_length=MAX_TAGS)]
+
+
+class Listing(msgspec.Struct, frozen=True):
+    """One agent a :class:`Find` found: its key (its address is derived from it), its tags,
+    whether it is online, and its signed name claim if it has one."""
+
+    public_key: Blob
+    tags: Tags
+    online: bool
+    claim: NameClaim | None = None
+
+
+class Found(msgspec.Struct, tag="found", frozen=True):
+    """Server -> agent: the answer to :class:`Find`; ``more`` if agents were left out."""
+
+    id: RequestId
+    agents: Annotated[list[Listing], msgspec.Meta(max_length=MAX_FOUND)] = []
+    more: bool = False
+
+
+class Outcome(msgspec.Struct, tag="outcome", frozen=True):
+    """Server -> agent: a :class:`ClaimName`, :class:`ReleaseName` or :class:`SetProfile` was done,
+    or why not; also the answer to any directory request the server refuses (a quota, say)."""
+
+    id: RequestId
+    ok: bool
+    error: Reason = ""
+
+
 Message = (
     Challenge
     | Register
@@ -213,6 +309,14 @@ Message = (
     | Received
     | UdpReady
     | HomeRelay
+    | ClaimName
+    | ReleaseName
+    | ResolveName
+    | NameResolved
+    | SetProfile
+    | Find
+    | Found
+    | Outcome
 )
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -296,6 +400,15 @@ def letter_payload(letter: Letter) -> bytes:
     if letter.sealed:  # absent from letters without a box, so their payload is what it always was
         fields.append(letter.sealed)
     return LETTER_CONTEXT + b"".join(struct.pack("!I", len(f)) + f for f in fields)
+
+
+NAME_CONTEXT = b"peerpath-name-claim-v1\x00"
+
+
+def name_claim_payload(name: str, public_key: bytes, server: bytes) -> bytes:
+    """What an agent signs to claim ``name`` at the server whose 16-byte address is ``server``."""
+    fields = [name.encode(), public_key, server]
+    return NAME_CONTEXT + b"".join(struct.pack("!I", len(f)) + f for f in fields)
 
 
 # -- the UDP relay transport -------------------------------------------------------------
