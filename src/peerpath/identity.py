@@ -9,6 +9,7 @@ rejected as a typo instead of being looked up as an unknown peer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -106,33 +107,46 @@ class Address:
     @classmethod
     def parse(cls, text: str) -> Address:
         """Parse the text form; raise :class:`AddressError` saying what is wrong."""
-        cleaned = text.strip()
-        if cleaned.lower() != cleaned and cleaned.upper() != cleaned:
-            raise AddressError(f"{text!r} mixes upper and lower case")
-        cleaned = cleaned.lower()
-        head = ADDRESS_PREFIX + "1"
-        if not cleaned.startswith(head):
-            raise AddressError(f"{text!r} is not a peerpath address (they start with {head!r})")
-        body = cleaned[len(head) :]
-        bad = sorted({c for c in body if c not in _CHARSET})
-        if bad:
-            raise AddressError(f"{text!r} has characters that no address contains: {''.join(bad)!r}")
-        expected_length = len(_to_5bit(bytes(ADDRESS_BYTES))) + 6
-        if len(body) != expected_length:
-            raise AddressError(f"{text!r} has {len(body)} characters after {head!r}, an address has {expected_length}")
-        groups = [_CHARSET.index(c) for c in body]
-        if _polymod(_expand_prefix(ADDRESS_PREFIX) + groups) != _BECH32M_CONST:
-            raise AddressError(f"{text!r} fails its checksum: a typo? check the address and paste it again")
-        return cls(_from_5bit(groups[:-6]))
+        return cls(_parse_digest(text))
 
     def __str__(self) -> str:
-        groups = _to_5bit(self.digest)
-        poly = _polymod([*_expand_prefix(ADDRESS_PREFIX), *groups, 0, 0, 0, 0, 0, 0]) ^ _BECH32M_CONST
-        checksum = [(poly >> 5 * (5 - i)) & 31 for i in range(6)]
-        return ADDRESS_PREFIX + "1" + "".join(_CHARSET[g] for g in groups + checksum)
+        return _text_form(self.digest)
 
     def __repr__(self) -> str:
         return f"Address({str(self)!r})"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_digest(text: str) -> bytes:
+    """The digest an address's text stands for (cached, like :func:`_text_form`; errors are not)."""
+    cleaned = text.strip()
+    if cleaned.lower() != cleaned and cleaned.upper() != cleaned:
+        raise AddressError(f"{text!r} mixes upper and lower case")
+    cleaned = cleaned.lower()
+    head = ADDRESS_PREFIX + "1"
+    if not cleaned.startswith(head):
+        raise AddressError(f"{text!r} is not a peerpath address (they start with {head!r})")
+    body = cleaned[len(head) :]
+    bad = sorted({c for c in body if c not in _CHARSET})
+    if bad:
+        raise AddressError(f"{text!r} has characters that no address contains: {''.join(bad)!r}")
+    expected_length = len(_to_5bit(bytes(ADDRESS_BYTES))) + 6
+    if len(body) != expected_length:
+        raise AddressError(f"{text!r} has {len(body)} characters after {head!r}, an address has {expected_length}")
+    groups = [_CHARSET.index(c) for c in body]
+    if _polymod(_expand_prefix(ADDRESS_PREFIX) + groups) != _BECH32M_CONST:
+        raise AddressError(f"{text!r} fails its checksum: a typo? check the address and paste it again")
+    return _from_5bit(groups[:-6])
+
+
+@functools.lru_cache(maxsize=4096)
+def _text_form(digest: bytes) -> str:
+    """The bech32m text of an address (cached: services turn the same few addresses into text
+    for every row they store or read)."""
+    groups = _to_5bit(digest)
+    poly = _polymod([*_expand_prefix(ADDRESS_PREFIX), *groups, 0, 0, 0, 0, 0, 0]) ^ _BECH32M_CONST
+    checksum = [(poly >> 5 * (5 - i)) & 31 for i in range(6)]
+    return ADDRESS_PREFIX + "1" + "".join(_CHARSET[g] for g in groups + checksum)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,8 @@ class StorageError(LocalError):
 
 
 def open_database(path: Path | str) -> sqlite3.Connection:
-    """Open (or create) the database at ``path`` in autocommit mode with WAL; ``:memory:``
+    """Open (or create) the database at ``path`` in autocommit mode with WAL (synchronous
+    NORMAL: commits survive the process, not a power cut); ``:memory:``
     for one that lives in memory. The file is created 0600 before SQLite opens it (SQLite
     gives its -wal and -shm files the database's mode), and an existing one is made 0600."""
     text = str(path)
@@ -32,6 +33,10 @@ def open_database(path: Path | str) -> sqlite3.Connection:
                 os.chmod(name, DB_MODE)
     db = sqlite3.connect(text, isolation_level=None, timeout=10)
     db.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL syncs at checkpoints, not at every commit: a commit survives the
+    # process (a crash, a kill, a restart) but the last ones may not survive the machine
+    # losing power. It makes a message's commit ~10x cheaper (bench/services_bench.py).
+    db.execute("PRAGMA synchronous=NORMAL")
     return db
 
 
