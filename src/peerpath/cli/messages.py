@@ -17,6 +17,7 @@ from peerpath.cli.common import (
     JsonOption,
     StateDir,
     fail,
+    human_bytes,
     open_trust_store,
     peer_argument,
     printable,
@@ -129,7 +130,13 @@ def inbox_command(
             typer.echo(json.dumps(message, ensure_ascii=False))
             return
         sender = printable(names.get(message["from"]) or "") or message["from"]
-        console.print(f"{message['id'][:12]}  {_when(message['received']):>16}  {sender}: {_preview(message['data'])}")
+        data = message["data"]
+        if message["via"] == "file" and isinstance(data, dict):
+            size = human_bytes(int(data.get("size", 0)))
+            shown = f"file {printable(str(data.get('file')))} ({size}), saved as {printable(str(data.get('path')))}"
+        else:
+            shown = _preview(data)
+        console.print(f"{message['id'][:12]}  {_when(message['received']):>16}  {sender}: {shown}")
 
     async def run() -> int:
         count = 0

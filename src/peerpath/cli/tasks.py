@@ -188,6 +188,9 @@ def serve_command(
             elif "serving" in answer:
                 typer.echo(f"serving task {name!r} with: {' '.join(command)} (Ctrl-C stops)", err=True)
             else:
-                typer.echo(f"{answer['id'][:12]}  {answer['event'].removeprefix('task-')}  from {answer['peer']}")
+                state = answer["event"].removeprefix("task-")
+                if answer.get("progress") is not None and state == "running":
+                    state += f" {answer['progress']:.0%}"
+                typer.echo(f"{answer['id'][:12]}  {state}  from {answer['peer']}")
 
     run_command(run())

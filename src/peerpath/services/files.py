@@ -323,7 +323,7 @@ class Files:
         self.state_dir = state_dir
         self.names = names or Names(node.trust)
         #: Where received files are saved (a folder per sender inside it), and the largest taken.
-        self.directory = state_dir / "files"
+        self.directory = (state_dir / "files").absolute()
         self.max_size = DEFAULT_MAX_SIZE
         self._inbox = inbox
         self.store: TransferStore | None = None

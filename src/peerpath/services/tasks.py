@@ -533,12 +533,16 @@ class Tasks:
         """The task as it is, then each time it changes, until it ends."""
         record = self.get(task_id)
         raw = bytes.fromhex(record.id)
+        shown: tuple[Any, ...] | None = None
         while True:
             changed = self._change(record.role, raw)
             current = self._db().get(record.role, raw)
             if current is None:
                 return
-            yield current
+            visible = (current.state, current.progress, current.note, current.error)
+            if visible != shown:  # not for changes of bookkeeping alone (that it was sent)
+                shown = visible
+                yield current
             if current.state.final:
                 return
             await changed
