@@ -34,6 +34,7 @@ def test_send_by_name_then_read_and_acknowledge_the_inbox(pair) -> None:
     assert [(m["from"], m["data"]) for m in listed] == [(one_address, "summarize the logs"), (one_address, payload)]
     human = run("inbox", "--state-dir", str(two)).stdout
     assert message_id[:12] in human and "summarize the logs" in human
+    assert "messages  2 in the inbox, 0 waiting in the outbox" in run("status", "--state-dir", str(two)).stdout
     acked = run("inbox", "--ack", message_id[:8], "--state-dir", str(two))
     assert acked.returncode == 0 and f"acknowledged {message_id}" in acked.stdout
     left = [json.loads(line)["id"] for line in run("inbox", "--json", "--state-dir", str(two)).stdout.splitlines()]

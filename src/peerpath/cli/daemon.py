@@ -224,6 +224,7 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
             state += f" ({rendezvous['last_error']})"
         console.print(f"rendezvous {rendezvous['url']}: {state}")
     _print_tunnels(console, status.get("tunnels") or {})
+    _print_services(console, status)
     if not status["sessions"]:
         console.print("no sessions")
         return
@@ -256,6 +257,20 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
             )
         if session.get("relay_reason"):
             console.print(f"{session['peer']} stays on the relay: {session['relay_reason']}")
+
+
+def _print_services(console: Console, status: dict[str, Any]) -> None:
+    """One line each for the agent services that have something to say."""
+    messages, tasks, files = status.get("messages") or {}, status.get("tasks") or {}, status.get("files") or {}
+    if messages.get("inbox_unacked") or messages.get("outbox_queued"):
+        console.print(
+            f"messages  {messages['inbox_unacked']} in the inbox, {messages['outbox_queued']} waiting in the outbox"
+        )
+    if tasks.get("serves") or tasks.get("running"):
+        serves = ", ".join(tasks["serves"]) or "nothing"
+        console.print(f"tasks     serving {serves}; {tasks['running']} running")
+    if files.get("sending") or files.get("receiving"):
+        console.print(f"files     {files['sending']} being sent, {files['receiving']} being received")
 
 
 def _print_tunnels(console: Console, tunnels: dict[str, Any]) -> None:
