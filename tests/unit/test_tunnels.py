@@ -427,3 +427,22 @@ async def test_a_reader_that_does_not_read_holds_the_writer_and_bounds_its_memor
     release.set()
     await asyncio.wait_for(sending, 60)
     assert (await asyncio.wait_for(reader.read(), 60)).decode() == hashlib.sha256(payload).hexdigest()
+
+
+def test_a_tunnels_file_written_before_exec_services_loads_and_is_written_back_the_same(tmp_path: Path) -> None:
+    peer = str(Identity.generate().address)
+    before = {
+        "expose": [
+            {"name": "web", "port": 80, "target": "127.0.0.1:8000", "allow": None},
+            {"name": "db", "port": 5432, "target": "/run/postgresql/.s.PGSQL.5432", "allow": [peer]},
+        ],
+        "forward": [{"bind": "127.0.0.1:9000", "peer": peer, "service": "web"}],
+    }
+    (tmp_path / "tunnels.json").write_text(json.dumps(before))
+    registry = Registry.load(tmp_path)
+    assert [(e.target, e.command, e.leads_to) for e in registry.exposures.values()] == [
+        ("127.0.0.1:8000", None, "127.0.0.1:8000"),
+        ("/run/postgresql/.s.PGSQL.5432", None, "/run/postgresql/.s.PGSQL.5432"),
+    ]
+    registry.save()
+    assert json.loads((tmp_path / "tunnels.json").read_text()) == before

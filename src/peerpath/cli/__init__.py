@@ -5,7 +5,8 @@ status, demo), :mod:`~peerpath.cli.trust`, :mod:`~peerpath.cli.netcheck`,
 :mod:`~peerpath.cli.server` (server and relay), :mod:`~peerpath.cli.tunnels` (expose,
 forward, connect), and the agent services: :mod:`~peerpath.cli.messages` (send, inbox,
 outbox), :mod:`~peerpath.cli.files`, :mod:`~peerpath.cli.tasks`, :mod:`~peerpath.cli.pubsub`,
-:mod:`~peerpath.cli.events`, :mod:`~peerpath.cli.names` (names, tags, find).
+:mod:`~peerpath.cli.events`, :mod:`~peerpath.cli.names` (names, tags, find),
+:mod:`~peerpath.cli.mcp` (the MCP server).
 :mod:`~peerpath.cli.common` holds what they share.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from peerpath.cli import daemon, events, files, messages, names, netcheck, pubsub, server, tasks, trust, tunnels
+from peerpath.cli import daemon, events, files, mcp, messages, names, netcheck, pubsub, server, tasks, trust, tunnels
 from peerpath.cli.app import app
 from peerpath.cli.common import run_event_loop
 
@@ -23,6 +24,7 @@ __all__ = [
     "events",
     "files",
     "main",
+    "mcp",
     "messages",
     "names",
     "netcheck",

@@ -18,6 +18,8 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
+    # Help texts are paragraphs: their single line breaks are the source's, not the reader's.
+    rich_markup_mode="markdown",
 )
 
 

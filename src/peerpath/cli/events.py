@@ -33,8 +33,11 @@ def events_command(
     state_dir: StateDir = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Print what happens on the node as it happens (Ctrl-C stops): sessions up and down, path
-    changes and why, trust requests, messages, files and tasks. With --json, one object a line."""
+    """Print what happens on the node as it happens (Ctrl-C stops).
+
+    Sessions up and down, path changes and why, trust requests, messages, files and tasks.
+    With --json, one object a line; with --webhook, each is also POSTed as JSON.
+    """
     if webhook is not None and not webhook.startswith(("http://", "https://")):
         fail("--webhook takes an http:// or https:// URL", 2)
 

@@ -1,4 +1,5 @@
-"""``peerpath expose``, ``forward``, ``connect`` and ``gateway``: TCP services through the overlay.
+"""``peerpath expose``, ``forward``, ``connect`` and ``gateway``: TCP services (and programs run
+per stream) through the overlay.
 
 ``expose`` and ``forward`` edit the state directory's tunnels.json and tell a running node
 to follow it (``peerpath up`` starts from it too); ``connect`` joins standard input and
@@ -11,6 +12,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
+import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,8 +26,8 @@ from peerpath.cli.app import app
 from peerpath.cli.common import JsonOption, StateDir, fail, open_trust_store, parse_peer, resolve_state_dir, run_command
 from peerpath.node import control
 from peerpath.tunnels.gateway import DEFAULT_PORTS, GatewayConfig, check_ports, hosts_fragment
-from peerpath.tunnels.registry import Exposure, Forward, Registry, parse_bind
-from peerpath.tunnels.services import ServiceError, check_name, service_port, split_target
+from peerpath.tunnels.registry import Exposure, Forward, Registry, check_command, parse_bind
+from peerpath.tunnels.services import Destination, ServiceError, check_name, service_port, split_target
 
 
 def _registry(state_dir: Path) -> Registry:
@@ -71,12 +75,24 @@ def _applied(state_dir: Path, what: str, json_out: bool, entry: dict[str, Any], 
 
 @app.command("expose")
 def expose_command(
-    target: Annotated[
-        str | None,
-        typer.Argument(metavar="TARGET", help="HOST:PORT or a Unix socket path the service's streams connect to."),
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="TARGET | COMMAND [ARGS]",
+            help="HOST:PORT or a Unix socket path the service's streams connect to; with --exec, the program to run.",
+            show_default=False,
+        ),
     ] = None,
     name: Annotated[
         str | None, typer.Option("--name", help="The name peers ask for (ssh, web, grpc...) [default: web].")
+    ] = None,
+    exec_name: Annotated[
+        str | None,
+        typer.Option(
+            "--exec",
+            metavar="NAME",
+            help="Serve NAME by running COMMAND (given after --) for each stream, joined to its stdin and stdout.",
+        ),
     ] = None,
     port: Annotated[
         int | None, typer.Option("--port", min=1, max=65535, help="Overlay port [default: the name's].")
@@ -90,18 +106,16 @@ def expose_command(
     state_dir: StateDir = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Expose a local TCP service (or Unix socket) to trusted peers under a name."""
+    """Expose a local TCP service (or Unix socket), or a program run per stream, to trusted peers under a name.
+
+    With --exec NAME -- COMMAND [ARGS], each stream a peer opens to NAME runs COMMAND (in this directory) with
+    its standard input and output joined to the stream, e.g. a stdio MCP server that peers reach with
+    peerpath connect PEER:NAME. Streams already open go on after --remove.
+    """
     directory = resolve_state_dir(state_dir)
     registry = _registry(directory)
     if list_:
-        items = [e.__dict__ | {"allow": list(e.allow) if e.allow else "trusted"} for e in registry.exposures.values()]
-        if json_out:
-            typer.echo(json.dumps(items))
-        elif not items:
-            typer.echo("no exposed services (expose one with: peerpath expose HOST:PORT --name NAME)")
-        for item in [] if json_out else items:
-            peers = "every trusted peer" if item["allow"] == "trusted" else ", ".join(item["allow"])
-            typer.echo(f"{item['name']:<12} port {item['port']:<5} -> {item['target']}  ({peers})")
+        _list_exposures(registry, json_out)
         return
     if remove is not None:
         try:
@@ -111,20 +125,80 @@ def expose_command(
         _save(registry)
         _applied(directory, f"no longer exposing {gone.name}", json_out, {"removed": gone.name}, gone.name)
         return
-    if target is None:
-        fail("give TARGET (HOST:PORT or a Unix socket path), or --list or --remove NAME", 2)
     try:
-        service = check_name(name or "web")
+        target, command, cwd = _what_to_expose(args or [], exec_name, name)
+        service = check_name(exec_name or name or "web")
         overlay_port = port if port is not None else service_port(service)
         allowed = None if not allow or "all" in allow else tuple(str(parse_peer(a)) for a in allow)
-        exposure = Exposure(service, overlay_port, target, allowed)
+        exposure = Exposure(service, overlay_port, target, allowed, command, cwd)
         registry.expose(exposure)
     except ServiceError as exc:
         fail(str(exc), 2)
     _save(registry)
     who = "every trusted peer" if allowed is None else ", ".join(allowed)
-    line = f"exposing {target} as {service} (overlay port {overlay_port}) to {who}"
-    _applied(directory, line, json_out, exposure.__dict__ | {"allow": list(allowed or []) or "trusted"}, service)
+    what = "running " + shlex.join(command) + " for each stream" if command else f"exposing {target}"
+    line = f"{what} as {service} (overlay port {overlay_port}) to {who}"
+    _applied(directory, line, json_out, _shown(exposure), service)
+
+
+def _what_to_expose(
+    args: list[str], exec_name: str | None, name: str | None
+) -> tuple[str | None, tuple[str, ...] | None, str | None]:
+    """The target, or the command (checked: it can be found) and the directory it runs in."""
+    if exec_name is None:
+        if len(args) != 1:
+            raise ServiceError(
+                "give one TARGET (HOST:PORT or a Unix socket path), or --exec NAME -- COMMAND [ARGS], "
+                "or --list or --remove NAME"
+            )
+        return args[0], None, None
+    if name is not None:
+        raise ServiceError("--exec NAME names the service already; leave out --name")
+    command = check_command(args)
+    if _looks_like_a_target(command[0]):
+        raise ServiceError(
+            f"give either a TARGET or --exec NAME -- COMMAND, not both ({command[0]!r} is a target, not a program)"
+        )
+    cwd = os.getcwd()
+    if not _runnable(command[0], cwd):
+        where = f"in {cwd}" if os.sep in command[0] else "on PATH"
+        raise ServiceError(f"no program {command[0]!r} {where}; give the command after --, e.g. -- python server.py")
+    return None, command, cwd
+
+
+def _runnable(program: str, cwd: str) -> bool:
+    """Whether ``program`` can be run from ``cwd``: a path (relative to it) or a name on PATH."""
+    if os.sep not in program:
+        return shutil.which(program) is not None
+    path = os.path.join(cwd, program)
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def _looks_like_a_target(text: str) -> bool:
+    """Whether a would-be program is rather a tunnel's TARGET: HOST:PORT, or a Unix socket."""
+    with contextlib.suppress(ServiceError):
+        if Destination.parse(text).endpoint is not None:
+            return True
+    with contextlib.suppress(OSError):
+        return stat.S_ISSOCK(os.stat(text).st_mode)
+    return False
+
+
+def _shown(exposure: Exposure) -> dict[str, Any]:
+    """An exposure as ``--json`` shows it (``allow`` is "trusted" for every trusted peer)."""
+    return exposure.describe() | {"allow": list(exposure.allow) if exposure.allow else "trusted"}
+
+
+def _list_exposures(registry: Registry, json_out: bool) -> None:
+    items = [_shown(e) for e in registry.exposures.values()]
+    if json_out:
+        typer.echo(json.dumps(items))
+        return
+    if not items:
+        typer.echo("no exposed services (expose one with: peerpath expose HOST:PORT --name NAME)")
+    for exposure in registry.exposures.values():
+        peers = "every trusted peer" if exposure.allow is None else ", ".join(exposure.allow)
+        typer.echo(f"{exposure.name:<12} port {exposure.port:<5} -> {exposure.leads_to}  ({peers})")
 
 
 @app.command("forward")

@@ -1,11 +1,13 @@
 """The tunnels a node keeps, saved in its state directory (``tunnels.json``, mode 0600), so
-a restarted node serves and forwards the same set: services it exposes to peers, and
-local ports it forwards to peers' services."""
+a restarted node serves and forwards the same set: services it exposes to peers (each leading
+to a TCP endpoint or Unix socket, or running a program per stream), and local ports it
+forwards to peers' services."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ from peerpath.wire.endpoint import format_endpoint, parse_endpoint
 FILE = "tunnels.json"
 #: What a node keeps at most (a file anyone could edit is input like any other).
 MAX_ENTRIES = 256
+#: A program an exposure runs: at most this many arguments (the program included), each this long.
+MAX_ARGS = 256
+MAX_ARG_LENGTH = 4096
 
 
 def read_json(path: Path) -> Any:
@@ -42,13 +47,19 @@ def write_json(path: Path, data: Any) -> None:
 
 @dataclass(frozen=True)
 class Exposure:
-    """A service this node exposes: streams to overlay ``port`` go to ``target``."""
+    """A service this node exposes: streams to overlay ``port`` go to ``target`` (a TCP
+    endpoint or a Unix socket), or each start ``command`` (run in ``cwd``) with its standard
+    input and output joined to the stream."""
 
     name: str
     port: int
-    target: str
+    target: str | None
     #: Peers allowed (their addresses); None: every trusted peer.
     allow: tuple[str, ...] | None = None
+    #: The program run per stream, and its arguments (instead of a ``target``).
+    command: tuple[str, ...] | None = None
+    #: Where ``command`` runs (an absolute path; None: where the node runs).
+    cwd: str | None = None
 
     def check(self) -> Exposure:
         """This exposure if every field is usable (ServiceError otherwise)."""
@@ -57,7 +68,16 @@ class Exposure:
             raise ServiceError(f"port {self.port} out of range 1-65535")
         if ports.is_built_in(self.port):
             raise ServiceError(f"overlay port {self.port} belongs to peerpath's own {ports.name_of(self.port)} service")
-        Destination.parse(self.target)
+        if (self.target is None) == (self.command is None):
+            raise ServiceError(f"service {self.name!r}: give a target or a command to run, not both or neither")
+        if self.target is not None:
+            Destination.parse(self.target)
+            if self.cwd is not None:
+                raise ServiceError(f"service {self.name!r}: a working directory goes with a command only")
+        if self.command is not None:
+            check_command(self.command)
+            if self.cwd is not None and not os.path.isabs(self.cwd):
+                raise ServiceError(f"service {self.name!r}: working directory {self.cwd!r} is not an absolute path")
         for text in self.allow or ():
             try:
                 Address.parse(text)
@@ -68,6 +88,50 @@ class Exposure:
     def allows(self, peer: Address) -> bool:
         """Whether ``peer`` may open a stream to this service (it must be trusted anyway)."""
         return self.allow is None or str(peer) in self.allow
+
+    @property
+    def leads_to(self) -> str:
+        """Where streams go, for people: the target, or ``exec: COMMAND ARGS...``."""
+        if self.command is not None:
+            return "exec: " + shlex.join(self.command)
+        return str(self.target)
+
+    def describe(self) -> dict[str, Any]:
+        """The exposure as JSON-ready values (as tunnels.json and ``expose --list --json`` show it)."""
+        shown: dict[str, Any] = {"name": self.name, "port": self.port, "target": self.target}
+        if self.command is not None:
+            shown |= {"exec": list(self.command), "cwd": self.cwd}
+        return shown | {"allow": list(self.allow) if self.allow else None}
+
+    @classmethod
+    def from_json(cls, item: Any) -> Exposure:
+        """An exposure as :meth:`describe` gives it (ServiceError if a field is unusable)."""
+        allow, command, target = item.get("allow"), item.get("exec"), item.get("target")
+        if command is not None and not (isinstance(command, list) and all(isinstance(a, str) for a in command)):
+            raise ServiceError(f"service {item.get('name')!r}: exec is a list of strings")
+        cwd = item.get("cwd")
+        return cls(
+            str(item["name"]),
+            int(item["port"]),
+            None if target is None else str(target),
+            tuple(str(a) for a in allow) if allow else None,
+            None if command is None else tuple(command),
+            None if cwd is None else str(cwd),
+        ).check()
+
+
+def check_command(command: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``command`` (a program and its arguments) if it can be run as given (ServiceError otherwise)."""
+    if not command or not command[0]:
+        raise ServiceError("no command to run: give it after --, e.g. peerpath expose --exec NAME -- COMMAND [ARGS]")
+    if len(command) > MAX_ARGS:
+        raise ServiceError(f"a command takes at most {MAX_ARGS} arguments")
+    for arg in command:
+        if len(arg) > MAX_ARG_LENGTH:
+            raise ServiceError(f"an argument of the command is longer than {MAX_ARG_LENGTH} characters")
+        if "\x00" in arg:
+            raise ServiceError("an argument of the command contains a NUL character")
+    return tuple(command)
 
 
 @dataclass(frozen=True)
@@ -122,11 +186,8 @@ class Registry:
             return registry
         try:
             for item in raw.get("expose", [])[:MAX_ENTRIES]:
-                allow = item.get("allow")
-                exposure = Exposure(
-                    str(item["name"]), int(item["port"]), str(item["target"]), tuple(allow) if allow else None
-                )
-                registry.exposures[exposure.name] = exposure.check()
+                exposure = Exposure.from_json(item)
+                registry.exposures[exposure.name] = exposure
             for item in raw.get("forward", [])[:MAX_ENTRIES]:
                 forward = Forward(str(item["bind"]), str(item["peer"]), str(item["service"])).check()
                 registry.forwards[forward.bind] = forward
@@ -137,7 +198,7 @@ class Registry:
     def save(self) -> None:
         """Write atomically, readable by the owner only."""
         data: dict[str, Any] = {
-            "expose": [asdict(e) | {"allow": list(e.allow) if e.allow else None} for e in self.exposures.values()],
+            "expose": [e.describe() for e in self.exposures.values()],
             "forward": [asdict(f) for f in self.forwards.values()],
         }
         write_json(self.path, data)

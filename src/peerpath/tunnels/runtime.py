@@ -1,5 +1,6 @@
-"""A running node's tunnels: its exposed services served on their overlay ports, its
-forwards listening on local ports, and streams opened on request (``peerpath connect``).
+"""A running node's tunnels: its exposed services served on their overlay ports (joined to
+their targets, or running a program per stream: :mod:`~peerpath.tunnels.exec`), its forwards
+listening on local ports, and streams opened on request (``peerpath connect``).
 
 Built on the node's public API only: ``Node.serve`` (with a per-service ``allow``),
 ``Node.connect`` and ``Connection.open_stream``, and the node's network for listeners.
@@ -19,6 +20,7 @@ from peerpath.net import TcpListener, open_stream, serve_streams
 from peerpath.node.node import Node
 from peerpath.session.splice import abort, splice
 from peerpath.session.streams import ResetReason, StreamWriter
+from peerpath.tunnels.exec import Programs
 from peerpath.tunnels.gateway import Gateway, GatewayConfig
 from peerpath.tunnels.registry import Exposure, Forward, Registry
 from peerpath.tunnels.services import Destination, ServiceError, service_port
@@ -46,6 +48,8 @@ class Tunnels:
         self.errors: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.counters = {"streams_served": 0, "streams_forwarded": 0, "target_unreachable": 0, "open_failed": 0}
+        #: The processes of the services that run a program per stream (their counters are ours).
+        self.programs = Programs(self.counters)
         #: Every trusted peer at a loopback address of its own (when on).
         self.gateway = Gateway(node.net, self._gateway_connect)
         self.gateway_config = GatewayConfig(state_dir / "gateway.json")
@@ -122,14 +126,12 @@ class Tunnels:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.programs.close()
 
     def describe(self) -> dict[str, Any]:
         """For status displays: what is exposed and forwarded, and what failed."""
         return {
-            "exposed": [
-                {"name": e.name, "port": e.port, "target": e.target, "allow": list(e.allow) if e.allow else "trusted"}
-                for e in self._served.values()
-            ],
+            "exposed": [self._describe(e) for e in self._served.values()],
             "forwards": [
                 {"bind": f.bind, "peer": f.peer, "service": f.service, "listening": b in self._listeners}
                 for b, f in self.registry.forwards.items()
@@ -145,10 +147,18 @@ class Tunnels:
             "counters": dict(self.counters),
         }
 
+    def _describe(self, exposure: Exposure) -> dict[str, Any]:
+        shown = {"name": exposure.name, "port": exposure.port, "target": exposure.leads_to}
+        if exposure.command is not None:
+            shown |= {"exec": list(exposure.command), "processes": self.programs.running(exposure.name)}
+        return shown | {"allow": list(exposure.allow) if exposure.allow else "trusted"}
+
     # -- exposed services ------------------------------------------------------------------------
 
     def _handler(self, exposure: Exposure) -> Any:
-        destination = Destination.parse(exposure.target)
+        if exposure.command is not None:
+            return self.programs.handler(exposure)
+        destination = Destination.parse(str(exposure.target))
 
         async def serve(reader: asyncio.StreamReader, writer: StreamWriter) -> None:
             self.counters["streams_served"] += 1
