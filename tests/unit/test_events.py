@@ -127,3 +127,19 @@ def test_events_prints_and_posts_to_a_webhook(pair) -> None:  # noqa: F811
     assert _Hook.got == printed
     bad = run("events", "--webhook", "ftp://x", "--state-dir", str(two))
     assert bad.returncode == 2 and "http:// or https://" in bad.stderr
+
+
+async def test_the_event_stream_outlives_quiet_periods(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keepalives while nothing happens, and events after them (the stream is not ended by them)."""
+    from peerpath.services import events as events_module
+
+    monkeypatch.setattr(events_module, "KEEPALIVE", 0.05)
+    bus = Events()
+    stream = events_module.EventsControl(bus)._stream(events_module.EventsOp())
+    assert await anext(stream) == {"watching": True}
+    assert await anext(stream) == {"keepalive": True}
+    assert await anext(stream) == {"keepalive": True}
+    bus.emit("session-up", peer="x")
+    seen = [await anext(stream) for _ in range(2)]
+    assert {"event": "session-up", "peer": "x"}.items() <= next(e for e in seen if "event" in e).items()
+    await stream.aclose()

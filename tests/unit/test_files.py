@@ -168,3 +168,37 @@ async def test_malformed_frames_close_the_stream_and_the_receiver_keeps_serving(
     assert isinstance(answer, Decline) and "takes files up to" in answer.reason
     make_file(tmp_path / "ok.txt", 10)
     await alice.files.wait(await alice.files.send(bob.address, tmp_path / "ok.txt"), timeout=30)
+
+
+async def test_a_file_that_changes_after_it_was_offered_fails_clearly(agents: Agents, tmp_path: Path) -> None:
+    alice, bob = await agents.pair()
+    path = tmp_path / "moving.txt"
+    path.write_text("first version")
+    bob_files = bob.files
+    original = files.Files._consider
+
+    def consider_then_change(self, peer, offer):
+        path.write_text("second version, longer")  # the file changes under the sender
+        return original(self, peer, offer)
+
+    bob_files._consider = consider_then_change.__get__(bob_files)  # type: ignore[method-assign]
+    transfer_id = await alice.files.send(bob.address, path)
+    with pytest.raises(FileError, match="changed since it was offered"):
+        await alice.files.wait(transfer_id, timeout=60)
+
+
+def test_a_peer_keeps_at_most_a_few_unfinished_files(tmp_path: Path) -> None:
+    service = files.Files.__new__(files.Files)
+    service.directory = tmp_path
+    partials = tmp_path / ".partial"
+    partials.mkdir()
+    peer = "pp1peer"
+    for i in range(files.MAX_PARTIAL_PER_PEER + 3):
+        stale = partials / f"{peer}-{i:032x}"
+        stale.write_bytes(b"x")
+        os.utime(stale, (1000 + i, 1000 + i))
+    (partials / "pp1other-00").write_bytes(b"x")
+    service._evict_partials(peer)  # type: ignore[arg-type]
+    left = sorted(p.name for p in partials.glob(f"{peer}-*"))
+    assert len(left) == files.MAX_PARTIAL_PER_PEER - 1 and left[-1].endswith("a")  # the newest kept
+    assert (partials / "pp1other-00").exists()

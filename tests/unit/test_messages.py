@@ -4,10 +4,12 @@ mailbox; restarts, a peer that is offline, a full disk and malformed frames."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from peerpath import errors
@@ -242,3 +244,31 @@ def test_an_id_prefix_must_be_long_and_unique(tmp_path: Path) -> None:
     with pytest.raises(LookupError, match="no message"):
         store.find("abcdef22")
     assert store.find("ABCDEF11").id == "abcdef" + "11" * 13
+
+
+async def test_a_peer_no_longer_trusted_is_refused_on_its_open_session(agents: Agents) -> None:
+    alice, bob = await agents.pair()
+    await alice.messages.send(bob.address, "while trusted", wait=True, timeout=10)
+    assert alice.connection_to(bob.address) is not None
+    bob.trust.remove(alice.address)
+    late = await alice.messages.send(bob.address, "after")
+    await eventually(lambda: "no longer trusted" in alice.messages.outbox()[0].error)
+    assert [m.data for m in bob.messages.messages()] == ["while trusted"]
+    assert alice.messages.outbox()[0].id == late
+
+
+async def test_content_that_does_not_decode_is_refused_and_the_inbox_stays_readable(agents: Agents) -> None:
+    alice, bob = await agents.pair()
+    conn = await alice.connect(bob.address)
+    reader, writer = await conn.open_stream(ports.MESSAGES)
+    writer.write(encode(Hello(alice.identity.public_key)))
+    assert isinstance(await codec.read(reader, 10), Hello)
+    ext = msgspec.msgpack.encode(msgspec.msgpack.Ext(1, b"x"))
+    for body in (ext, b"\xc1", b"\x81\x91\x01\x02"):  # an extension type, no value at all, a list as a key
+        writer.write(encode(Item(os.urandom(16), "message", 1.0, body)))
+        answer = await codec.read(reader, 10)
+        assert isinstance(answer, Refused) and not answer.retry and "does not decode" in answer.reason
+    writer.write_eof()
+    assert bob.messages.messages() == []
+    await alice.messages.send(bob.address, {"fine": True}, wait=True, timeout=10)
+    assert [m.describe()["data"] for m in bob.messages.messages()] == [{"fine": True}]

@@ -169,3 +169,19 @@ async def test_malformed_frames_close_the_stream_and_the_host_keeps_serving(agen
     answer = await codec.read(reader, 10)
     assert isinstance(answer, pubsub.Refused) and "bad topic" in answer.reason
     assert await other.pubsub.publish("alice/fine", "still here") == 0
+
+
+async def test_an_event_that_does_not_decode_is_refused_and_subscribers_go_on(agents: Agents) -> None:
+    host, other = await agents.pair()
+    subscription = other.pubsub.subscribe(f"{host.address}/news")
+    got = asyncio.ensure_future(_take(subscription, 1))
+    await eventually(lambda: host.pubsub.describe()["subscribers"] == 1)
+    conn = await other.connect(host.address)
+    reader, writer = await conn.open_stream(ports.PUBSUB)
+    writer.write(encode(Publish("news", b"\xd4\x01x")))  # a msgpack extension type
+    answer = await codec.read(reader, 10)
+    assert isinstance(answer, pubsub.Refused) and "does not decode" in answer.reason
+    writer.write_eof()
+    host.pubsub.publish_local("news", "fine")
+    assert [e.data for e in await got] == ["fine"]
+    await subscription.aclose()

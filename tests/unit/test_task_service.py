@@ -217,3 +217,33 @@ async def test_an_untrusted_peer_cannot_submit(agents: Agents, monkeypatch: pyte
     with pytest.raises(TaskError, match="no outcome"):
         await planner.tasks.result(task_id, timeout=30)
     assert worker.tasks.list() == []
+
+
+async def test_a_command_that_writes_its_result_in_pieces_and_a_long_stderr_line(agents: Agents) -> None:
+    planner, worker = await agents.pair()
+    script = (
+        "import sys, time\n"
+        "sys.stderr.write('x' * 200000 + '\\n'); sys.stderr.flush()\n"
+        "sys.stdout.write('[1,'); sys.stdout.flush(); time.sleep(0.2)\n"
+        "sys.stdout.write(' 2]\\n')\n"
+    )
+    worker.tasks.register("pieces", command_handler([sys.executable, "-c", script]))
+    task_id = await planner.tasks.submit(worker.address, "pieces")
+    assert await planner.tasks.result(task_id, timeout=30) == [1, 2]
+
+
+async def test_a_handler_that_raises_timeout_itself_fails_the_task(agents: Agents) -> None:
+    planner, worker = await agents.pair()
+
+    @worker.task("flaky")
+    async def flaky(data, task):
+        raise TimeoutError("the database did not answer")
+
+    @worker.task("unsendable")
+    async def unsendable(data, task):
+        return object()  # nothing msgpack can carry
+
+    for name, words in (("flaky", "TimeoutError: the database did not answer"), ("unsendable", "cannot be sent")):
+        task_id = await planner.tasks.submit(worker.address, name)
+        with pytest.raises(TaskError, match=words):
+            await planner.tasks.result(task_id, timeout=20)

@@ -21,7 +21,6 @@ from typing import Annotated, Any
 
 import typer
 
-from peerpath import errors
 from peerpath.cli.app import app
 from peerpath.cli.common import JsonOption, StateDir, fail, open_trust_store, parse_peer, resolve_state_dir, run_command
 from peerpath.node import control
@@ -273,21 +272,7 @@ def connect_command(
 
 
 async def _connect(state_dir: Path, address: str, service: str) -> None:
-    path = control.socket_path(state_dir)
-    try:
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=control.MAX_ANSWER_LINE)
-    except OSError as exc:
-        raise control.ControlError(f"no node is running for {state_dir}; start one with: peerpath up") from exc
-    writer.write(json.dumps({"op": "connect", "address": address, "service": service}).encode() + b"\n")
-    await writer.drain()
-    line = await reader.readline()
-    try:
-        answer = json.loads(line) if line else {"error": "the node closed the control connection"}
-    except ValueError:
-        answer = {"error": "the node sent an answer this client cannot read"}
-    if not answer.get("connected"):
-        writer.close()
-        raise errors.LocalError(str(answer.get("error") or "the node did not connect"))
+    reader, writer = await control.open_stream(state_dir, address, service)
     await _pipe_stdio(reader, writer)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, cast
@@ -66,31 +65,4 @@ class Daemon:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A stream to ``address``'s ``service`` (a name or an overlay port), through the node: once
         it answers that it is connected, the control connection carries the stream's bytes."""
-        path = control.socket_path(self.state_dir)
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=control.MAX_ANSWER_LINE)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise control.ControlError(f"no node is running for {self.state_dir}; start one with: peerpath up") from exc
-        except OSError as exc:
-            raise control.ControlError(f"cannot reach the node at {path}: {exc.strerror or exc}") from exc
-        try:
-            writer.write(json.dumps({"op": "connect", "address": address, "service": service}).encode() + b"\n")
-            async with asyncio.timeout(timeout):
-                await writer.drain()
-                line = await reader.readline()
-            answer = json.loads(line) if line else {"error": "the node closed the control connection"}
-            if not isinstance(answer, dict) or not answer.get("connected"):
-                raise control.ControlError(str(answer.get("error") if isinstance(answer, dict) else answer))
-        except TimeoutError:
-            writer.close()
-            raise errors.NetworkError(f"no stream to {address}:{service} within {timeout:g} s") from None
-        except ValueError as exc:
-            writer.close()
-            raise control.ControlError(f"the node sent an answer this client cannot read: {exc}") from None
-        except OSError as exc:
-            writer.close()
-            raise control.ControlError(f"the control connection to the node broke: {exc}") from None
-        except BaseException:
-            writer.close()
-            raise
-        return reader, writer
+        return await control.open_stream(self.state_dir, address, service, timeout)

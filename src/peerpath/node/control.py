@@ -397,3 +397,39 @@ async def call(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[dict[s
         raise ControlError(f"the control connection to the node broke: {exc}") from exc
     finally:
         writer.close()
+
+
+async def open_stream(
+    state_dir: Path, address: str, service: str, timeout: float = 30.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to ``address``'s ``service`` through the daemon of ``state_dir``: once the daemon
+    answers that it is connected, the control connection carries the stream's bytes both ways
+    (``peerpath connect``, and the MCP server's HTTP calls)."""
+    path = socket_path(state_dir)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_ANSWER_LINE)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise ControlError(f"no node is running for {state_dir}; start one with: peerpath up") from exc
+    except OSError as exc:
+        raise ControlError(f"cannot reach the node at {path}: {exc.strerror or exc}") from exc
+    try:
+        writer.write(msgspec.json.encode({"op": "connect", "address": address, "service": service}) + b"\n")
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+            line = await _read_line(reader)
+        answer = _answer_decoder.decode(line) if line else {"error": "the node closed the control connection"}
+        if not answer.get("connected"):
+            raise ControlError(str(answer.get("error") or "the node did not connect"))
+    except TimeoutError:
+        writer.close()
+        raise errors.NetworkError(f"no stream to {address}:{service} within {timeout:g} s") from None
+    except (msgspec.DecodeError, RecursionError, _LineTooLong) as exc:
+        writer.close()
+        raise ControlError(f"the node sent an answer this client cannot read: {exc}") from None
+    except OSError as exc:
+        writer.close()
+        raise ControlError(f"the control connection to the node broke: {exc}") from None
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer

@@ -38,6 +38,8 @@ from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.punch import is_check
 
 log = logging.getLogger(__name__)
+#: The letters the node itself acts on (the trust broker); services register the others.
+TRUST_LETTERS = ("trust-request", "trust-approval")
 
 
 N = TypeVar("N", bound="Node")
@@ -174,6 +176,9 @@ class Node:
         if handler is not None:
             handler(letter)  # raising leaves the letter in the server's mailbox, for another try
             return
+        if letter.kind not in TRUST_LETTERS:
+            # Its service is not running (yet, or any more): leave it in the mailbox for later.
+            raise errors.LocalError(f"no service takes {letter.kind!r} letters now")
         outcome = self.broker.receive(letter)
         log.debug("letter %s from the rendezvous: %s", letter.kind, outcome)
         if not outcome.startswith("ignored"):  # checked and acted on: its sender is who it says
@@ -231,7 +236,10 @@ class Node:
         return self.trust.is_trusted(address)
 
     def stream_handler(self, port: int, peer: Address) -> StreamHandler | str:
-        """The handler serving ``port`` for ``peer``, or why a stream there is refused."""
+        """The handler serving ``port`` for ``peer``, or why a stream there is refused (a peer
+        no longer trusted gets nothing more, even on a session opened while it was)."""
+        if not self.is_trusted(peer):
+            return f"{peer} is no longer trusted"
         served = self._services.get(port)
         if served is None:
             return f"no service on port {port}"

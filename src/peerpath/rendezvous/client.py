@@ -503,10 +503,14 @@ class RendezvousClient:
                 answered.set_result(message)
         elif isinstance(message, rv.Deliver):
             if self.on_letter is not None:
+                # A letter not handled is not acknowledged: the server keeps it and delivers it
+                # again at the next registration.
                 try:
                     self.on_letter(message.letter)
+                except errors.PeerpathError as exc:
+                    log.info("letter %d left in the server's mailbox: %s", message.letter_id, exc)
+                    return
                 except Exception:
-                    # Not acknowledged: the server keeps it and delivers it again at the next registration.
                     log.exception("handling a letter failed; it stays in the server's mailbox")
                     return
             self._send(rv.encode_control(rv.Received(message.letter_id)))

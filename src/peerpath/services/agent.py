@@ -48,7 +48,7 @@ class AgentNode(Node):
         self.pubsub = PubSub(self, state_dir / RULES_FILE, self.names)
         self.attach(self.pubsub)
         #: Files: ``await node.files.send(peer, path)``; received ones are listed in the inbox.
-        self.files = Files(self, state_dir, lambda: self.messages.store, self.names)
+        self.files = Files(self, state_dir, self.messages.note_file, self.names)
         self.attach(self.files)
 
     def inbox(self, *, follow: bool = True) -> AsyncIterator[Message]:

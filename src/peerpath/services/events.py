@@ -10,6 +10,7 @@ A watcher that falls behind loses events rather than slowing the node, and is to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -66,12 +67,22 @@ class EventsControl:
 
     async def _stream(self, op: EventsOp) -> AsyncGenerator[dict[str, Any], None]:
         stream = watch(self.events)
+        # One pending read, kept across keepalives: cancelling a read of the generator would end it.
+        pending: asyncio.Future[dict[str, Any]] | None = None
         try:
             yield {"watching": True}
             while True:
-                try:
-                    yield await asyncio.wait_for(anext(stream), KEEPALIVE)
-                except TimeoutError:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(stream))
+                done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE)
+                if not done:
                     yield {"keepalive": True}
+                    continue
+                event, pending = pending.result(), None
+                yield event
         finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
             await stream.aclose()

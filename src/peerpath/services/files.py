@@ -37,7 +37,6 @@ from peerpath.node import control
 from peerpath.node.node import Node
 from peerpath.services import ports
 from peerpath.services.frames import FrameCodec, FrameError, encode
-from peerpath.services.mailstore import MailStore
 from peerpath.services.names import Names
 from peerpath.session.streams import StreamWriter
 from peerpath.storage import StorageError, is_disk_full, open_database
@@ -63,6 +62,12 @@ RETRY = (1.0, 30.0)
 KEEP_DAYS = 7
 #: Longest file name kept (bytes of UTF-8).
 MAX_NAME = 255
+#: Times a file may arrive with the wrong SHA-256 before the sender gives up (it is changing).
+MAX_MISMATCHES = 3
+#: Unfinished files a receiver keeps per peer (the oldest goes first), and seconds between
+#: clean-ups of expired ones.
+MAX_PARTIAL_PER_PEER = 8
+UPKEEP_EVERY = 3600.0
 
 _Id = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 _Reason = Annotated[str, msgspec.Meta(max_length=512)]
@@ -316,7 +321,7 @@ class Files:
         self,
         node: Node,
         state_dir: Path,
-        inbox: Callable[[], MailStore | None] | None = None,
+        announce: Callable[[Address, bytes, bytes], None] | None = None,
         names: Names | None = None,
     ) -> None:
         self.node = node
@@ -325,9 +330,12 @@ class Files:
         #: Where received files are saved (a folder per sender inside it), and the largest taken.
         self.directory = (state_dir / "files").absolute()
         self.max_size = DEFAULT_MAX_SIZE
-        self._inbox = inbox
+        #: Lists a received file in the inbox: ``announce(sender, id, note)`` (the messages service).
+        self._announce_to = announce
         self.store: TransferStore | None = None
         self._couriers: dict[bytes, asyncio.Task[None]] = {}
+        self._mismatches: dict[bytes, int] = {}
+        self._reserved: dict[bytes, int] = {}
         self._incoming: dict[bytes, Address] = {}
         self._changed: dict[bytes, set[asyncio.Future[None]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -339,6 +347,7 @@ class Files:
         self.node.serve(ports.FILES, self._serve)
         for transfer in self.store.unfinished(Direction.OUT):
             self._dispatch(transfer)
+        spawn(self._upkeep(), "cleaning up old transfers", self._tasks)
 
     async def close(self) -> None:
         """Stop transfers (they resume at the next start) and close the database."""
@@ -407,6 +416,8 @@ class Files:
                 self.node.events.emit("file-failed", id=transfer.id, to=str(transfer.peer), error=str(exc))
                 return
             except _Later as exc:
+                if "SHA-256" in str(exc):
+                    self._mismatches[key] = self._mismatches.get(key, 0) + 1
                 self._update(Direction.OUT, key, state=TransferState.QUEUED, error=str(exc))
             except (errors.PeerpathError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.info("sending %s to %s stopped: %s", transfer.name, transfer.peer, exc)
@@ -416,6 +427,12 @@ class Files:
 
     async def _send_once(self, transfer: Transfer) -> None:
         key = bytes.fromhex(transfer.id)
+        try:
+            size = (await asyncio.to_thread(os.stat, transfer.path)).st_size
+        except OSError as exc:
+            raise FileError(f"cannot read {transfer.path}: {exc.strerror or exc}") from None
+        if size != transfer.size or self._mismatches.get(key, 0) >= MAX_MISMATCHES:
+            raise FileError(f"{transfer.path} changed since it was offered; send it again")
         connection = await self.node.connect(transfer.peer, timeout=TIMEOUT)
         reader, writer = await connection.open_stream(ports.FILES, timeout=TIMEOUT)
         try:
@@ -462,7 +479,7 @@ class Files:
         with source:
             source.seek(offset)
             while sent < transfer.size:
-                chunk = source.read(min(CHUNK, transfer.size - sent))
+                chunk = await asyncio.to_thread(source.read, min(CHUNK, transfer.size - sent))
                 if not chunk:
                     raise FileError(f"{transfer.path} got shorter while it was sent")
                 writer.write(chunk)
@@ -500,9 +517,36 @@ class Files:
         finally:
             if self._incoming.get(key) == peer:
                 del self._incoming[key]
+                self._reserved.pop(key, None)
 
     def _partial(self, peer: Address, key: bytes) -> Path:
         return self.directory / ".partial" / f"{peer}-{key.hex()}"
+
+    def _evict_partials(self, peer: Address) -> None:
+        """Make room for one more unfinished file of ``peer``'s: its oldest ones beyond
+        :data:`MAX_PARTIAL_PER_PEER` go (a peer cannot fill the disk with abandoned starts)."""
+        partials = sorted(
+            (self.directory / ".partial").glob(f"{peer}-*"), key=lambda p: p.stat().st_mtime, reverse=True
+        )
+        for stale in partials[MAX_PARTIAL_PER_PEER - 1 :]:
+            stale.unlink(missing_ok=True)
+
+    def _upkeep_once(self, now: float | None = None) -> None:
+        """Forget old transfers, and unfinished files nobody resumed for :data:`KEEP_DAYS`."""
+        now = time.time() if now is None else now
+        self._db().prune(now)
+        for partial in (self.directory / ".partial").glob("*"):
+            with contextlib.suppress(OSError):
+                if partial.stat().st_mtime < now - KEEP_DAYS * 86400:
+                    partial.unlink()
+
+    async def _upkeep(self) -> None:
+        while True:
+            await asyncio.sleep(UPKEEP_EVERY)
+            try:
+                await asyncio.to_thread(self._upkeep_once)
+            except (OSError, StorageError) as exc:
+                log.warning("could not clean up old transfers: %s", exc)
 
     def _consider(self, peer: Address, offer: Offer) -> Accept | Decline | Saved:
         """Whether to take an offered file, and from where (or that it is here already)."""
@@ -522,13 +566,17 @@ class Files:
         partial = self._partial(peer, offer.id)
         partial.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         have = partial.stat().st_size if partial.exists() else 0
+        if not have:
+            self._evict_partials(peer)
         offset = min(have - have % RESUME_GRAIN, offer.size)
         try:
             free = shutil.disk_usage(partial.parent).free
         except OSError:
             free = 0
-        if free < offer.size - offset + DISK_MARGIN:
+        promised = sum(self._reserved.values())  # what transfers under way will still write
+        if free < promised + offer.size - offset + DISK_MARGIN:
             return Decline(f"the receiver's disk has {free} bytes free", retry=True)
+        self._reserved[offer.id] = offer.size - offset
         now = time.time()
         self._db().put(Transfer(offer.id.hex(), Direction.IN, peer, safe_name(offer.name), str(partial), offer.size,
                                 offer.sha256.hex(), TransferState.SENDING, offset, "", now, now))  # fmt: skip
@@ -546,14 +594,13 @@ class Files:
                     chunk = await asyncio.wait_for(reader.read(min(CHUNK, offer.size - got)), TIMEOUT)
                     if not chunk:
                         raise FrameError(f"the stream ended after {got} of {offer.size} bytes")
-                    out.write(chunk)
+                    await asyncio.to_thread(out.write, chunk)
                     got += len(chunk)
                     if time.monotonic() - reported > 0.25:
                         reported = time.monotonic()
                         self._update(Direction.IN, offer.id, done_bytes=got)
-                out.flush()
-                os.fsync(out.fileno())
-            if await reader.read(1):
+                await asyncio.to_thread(_flush, out)
+            if await asyncio.wait_for(reader.read(1), TIMEOUT):
                 raise FrameError("more bytes than offered")
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -580,12 +627,13 @@ class Files:
 
     def _announce(self, peer: Address, offer: Offer, final: Path) -> None:
         """List the file in the inbox."""
-        inbox = self._inbox() if self._inbox is not None else None
-        if inbox is None:
+        if self._announce_to is None:
             return
         note = {"file": final.name, "path": str(final), "size": offer.size, "sha256": offer.sha256.hex()}
-        with contextlib.suppress(Exception):
-            inbox.receive(peer, offer.id, time.time(), msgspec.msgpack.encode(note), "file")
+        try:
+            self._announce_to(peer, offer.id, msgspec.msgpack.encode(note))
+        except errors.PeerpathError as exc:
+            log.warning("received %s from %s but could not list it in the inbox: %s", final, peer, exc)
 
     # -- following transfers ------------------------------------------------------------------------
 
@@ -629,6 +677,12 @@ class Files:
         """For status."""
         return {"directory": str(self.directory), "max_size": self.max_size, "sending": len(self._couriers),
                 "receiving": len(self._incoming), **self.counters}  # fmt: skip
+
+
+def _flush(out: Any) -> None:
+    """Everything written to ``out`` on the disk."""
+    out.flush()
+    os.fsync(out.fileno())
 
 
 class _Later(Exception):

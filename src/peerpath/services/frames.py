@@ -80,3 +80,25 @@ class FrameCodec(Generic[T]):
             del buffer[: _LENGTH.size + length]
             messages.append(self.decode(body))
         return messages
+
+
+def check_data(body: bytes) -> Any:
+    """The value a peer's msgpack ``body`` holds (a message, a task's input or result, an
+    event), if our APIs can hand it on: it decodes, and it has a JSON form (no extension types,
+    no keys that are lists or maps). FrameError otherwise, so that nothing undecodable is ever
+    stored and then breaks whoever lists it."""
+    try:
+        value = msgspec.msgpack.decode(body)
+        msgspec.json.encode(value)
+    except (msgspec.DecodeError, msgspec.EncodeError, TypeError, ValueError, RecursionError) as exc:
+        raise FrameError(f"content that does not decode to JSON-like data: {exc}") from None
+    return value
+
+
+def shown(body: bytes) -> Any:
+    """``body`` as JSON-ready data for listings: its value, or a note that it does not decode
+    (for what was stored before :func:`check_data` guarded the way in)."""
+    try:
+        return msgspec.to_builtins(check_data(body))
+    except FrameError:
+        return {"undecodable": body[:64].hex(), "bytes": len(body)}

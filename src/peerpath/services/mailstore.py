@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from peerpath.identity import Address
+from peerpath.services.frames import shown
 from peerpath.storage import StorageError, is_disk_full, open_database
 
 #: Messages from one sender the inbox keeps unacknowledged, and their bytes: a sender beyond
@@ -114,7 +115,7 @@ class Message:
             "created": self.created,
             "received": self.received,
             "via": self.via,
-            "data": msgspec.to_builtins(self.data),
+            "data": shown(self.body),
             "acked": self.acked,
         }
 

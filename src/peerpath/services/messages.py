@@ -33,7 +33,7 @@ from peerpath.node.node import Node
 from peerpath.rendezvous.letters import LetterError, check_letter, make_letter
 from peerpath.seal import OVERHEAD, SealError, open_sealed, seal
 from peerpath.services import ports
-from peerpath.services.frames import FrameCodec, FrameError, encode
+from peerpath.services.frames import FrameCodec, FrameError, check_data, encode
 from peerpath.services.mailstore import Kind, MailStore, Message, Outgoing, Refusal, State
 from peerpath.services.names import Names
 from peerpath.session.streams import StreamWriter
@@ -148,6 +148,10 @@ class Messages:
         """Stop the couriers and close the database."""
         self.node.unserve(ports.MESSAGES)
         self.node.on_letter(_LETTER_KIND, None)
+        for waiting in self._arrivals:  # followers of the inbox end with the service
+            if not waiting.done():
+                waiting.set_exception(errors.LocalError("the node closed"))
+        self._arrivals.clear()
         tasks = [*self._couriers.values(), *self._tasks]
         for task in tasks:
             task.cancel()
@@ -260,7 +264,7 @@ class Messages:
         if peer not in self._couriers:
             task = spawn(self._courier(peer), f"delivering messages to {peer}")
             self._couriers[peer] = task
-            task.add_done_callback(lambda _t: self._couriers.pop(peer, None))
+            task.add_done_callback(lambda done: self._couriers.pop(peer) if self._couriers.get(peer) is done else None)
 
     async def _courier(self, peer: Address) -> None:
         """Deliver everything queued for ``peer``: directly when possible, through the
@@ -271,7 +275,11 @@ class Messages:
             wake.clear()
             items = self._db().pending(peer, limit=WINDOW * 4)
             if not items:
+                # Out of the table now, not when the done-callback runs: a send() in between
+                # must start a new courier rather than count on this one.
                 self._wake.pop(peer, None)
+                if self._couriers.get(peer) is asyncio.current_task():
+                    del self._couriers[peer]
                 return
             try:
                 await self._deliver(peer, items)
@@ -357,6 +365,10 @@ class Messages:
                 self._finish(outgoing, State.DELIVERED)
             return Stored(item.id)
         try:
+            check_data(item.body)
+        except FrameError as exc:
+            return Refused(item.id, f"the message's {exc}", retry=False)
+        try:
             fresh = store.receive(sender, item.id, item.created, item.body, via)
         except Refusal as refusal:
             return Refused(item.id, str(refusal), refusal.retry)
@@ -365,10 +377,7 @@ class Messages:
             return Stored(item.id)
         self.counters["received"] += 1
         self._event("message", {"id": item.id.hex(), "from": str(sender), "via": via, "bytes": len(item.body)})
-        for waiting in self._arrivals:
-            if not waiting.done():
-                waiting.set_result(None)
-        self._arrivals.clear()
+        self._wake_followers()
         return Stored(item.id)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: StreamWriter) -> None:
@@ -424,6 +433,21 @@ class Messages:
         if item.kind == "message":
             self._db().queue(sender, Kind.RECEIPT, item.id, time.time(), b"")
             self._dispatch(sender)
+
+    def note_file(self, sender: Address, transfer_id: bytes, note: bytes) -> None:
+        """List a file ``sender`` sent in the inbox (``note`` says what and where; via "file")."""
+        try:
+            fresh = self._db().receive(sender, transfer_id, time.time(), note, "file")
+        except Refusal as refusal:
+            raise StorageError(str(refusal)) from None
+        if fresh:
+            self._wake_followers()
+
+    def _wake_followers(self) -> None:
+        for waiting in self._arrivals:
+            if not waiting.done():
+                waiting.set_result(None)
+        self._arrivals.clear()
 
     # -- the inbox --------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from peerpath.identity import Address
 from peerpath.node import control
 from peerpath.node.node import Node
 from peerpath.services import ports
-from peerpath.services.frames import FrameCodec, FrameError, encode
+from peerpath.services.frames import FrameCodec, FrameError, check_data, encode
 from peerpath.services.names import Names
 from peerpath.session.streams import StreamWriter
 from peerpath.tasks import spawn
@@ -48,8 +48,11 @@ MAX_TOKENS = 16
 MAX_PATTERNS = 16
 MAX_SUBSCRIPTIONS_PER_PEER = 64
 MAX_SUBSCRIPTIONS = 4096
-#: Events queued for one subscriber before the newest are dropped.
+#: Events queued for one subscriber before the newest are dropped, and their bytes; and the
+#: bytes queued for all subscribers of a host together.
 QUEUE = 1024
+QUEUE_BYTES = 4 * 1024 * 1024
+HOST_QUEUE_BYTES = 256 * 1024 * 1024
 #: Seconds a host waits for a stream's first frame; a subscriber's pause between reconnections.
 HELLO_TIMEOUT = 10.0
 RETRY = (0.5, 15.0)
@@ -244,9 +247,10 @@ class Published(msgspec.Struct, tag="published", frozen=True):
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):
-    """The request is refused, and why."""
+    """The request is refused, and why; with ``retry``, for now only (the host is full)."""
 
     reason: Annotated[str, msgspec.Meta(max_length=512)]
+    retry: bool = False
 
 
 class EventFrame(msgspec.Struct, tag="event", frozen=True):
@@ -296,6 +300,7 @@ class _Subscriber:
     peer: Address
     patterns: list[str]
     queue: asyncio.Queue[EventFrame] = field(default_factory=lambda: asyncio.Queue(QUEUE))
+    queued_bytes: int = 0
     dropped: int = 0
     delivered: int = 0
 
@@ -308,9 +313,17 @@ class PubSub:
         self.names = names or Names(node.trust)
         self.rules = Rules(rules_path)
         self._subscribers: set[_Subscriber] = set()
+        self._queued_bytes = 0
         self._seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.counters = {"published": 0, "delivered": 0, "dropped": 0, "refused": 0, "streams_failed": 0}
+        self.counters = {
+            "published": 0,
+            "delivered": 0,
+            "dropped": 0,
+            "refused": 0,
+            "streams_failed": 0,
+            "undecodable": 0,
+        }
 
     async def start(self) -> None:
         """Serve the pubsub port."""
@@ -336,16 +349,30 @@ class PubSub:
         self.counters["published"] += 1
         event = EventFrame(topic, body, publisher.digest, time.time(), self._seq)
         queued = 0
+        size = len(body)
         for subscriber in self._subscribers:
             if not any(matches(p, topic) for p in subscriber.patterns):
                 continue
+            full = subscriber.queued_bytes + size > QUEUE_BYTES or self._queued_bytes + size > HOST_QUEUE_BYTES
             try:
+                if full:
+                    raise asyncio.QueueFull
                 subscriber.queue.put_nowait(event)
-                queued += 1
             except asyncio.QueueFull:
                 subscriber.dropped += 1
                 self.counters["dropped"] += 1
+                continue
+            subscriber.queued_bytes += size
+            self._queued_bytes += size
+            queued += 1
         return queued
+
+    async def _next(self, subscriber: _Subscriber) -> EventFrame:
+        """The next event queued for ``subscriber`` (its bytes no longer counted as queued)."""
+        event = await subscriber.queue.get()
+        subscriber.queued_bytes -= len(event.data)
+        self._queued_bytes -= len(event.data)
+        return event
 
     async def _serve(self, reader: asyncio.StreamReader, writer: StreamWriter) -> None:
         peer: Address = writer.get_extra_info("peer_address")
@@ -374,7 +401,8 @@ class PubSub:
     def _publish_from(self, peer: Address, frame: Publish) -> Published | Refused:
         try:
             check_topic(frame.topic)
-        except TopicError as exc:
+            check_data(frame.data)
+        except (TopicError, FrameError) as exc:
             return Refused(str(exc))
         if not self.rules.may_publish(peer, frame.topic):
             self.counters["refused"] += 1
@@ -389,13 +417,19 @@ class PubSub:
                 check_topic(pattern, pattern=True)
                 if not self.rules.may_subscribe(peer, pattern):
                     raise TopicError(f"{peer} may not subscribe to {pattern!r} here")
-            if sum(1 for s in self._subscribers if s.peer == peer) >= MAX_SUBSCRIPTIONS_PER_PEER:
-                raise TopicError(f"{peer} has {MAX_SUBSCRIPTIONS_PER_PEER} subscriptions here already")
-            if len(self._subscribers) >= MAX_SUBSCRIPTIONS:
-                raise TopicError("this host has too many subscribers; try later")
         except TopicError as exc:
             self.counters["refused"] += 1
             writer.write(encode(Refused(str(exc))))
+            writer.write_eof()
+            return
+        busy = ""
+        if sum(1 for s in self._subscribers if s.peer == peer) >= MAX_SUBSCRIPTIONS_PER_PEER:
+            busy = f"{peer} has {MAX_SUBSCRIPTIONS_PER_PEER} subscriptions here already"
+        elif len(self._subscribers) >= MAX_SUBSCRIPTIONS:
+            busy = "this host has too many subscribers; try later"
+        if busy:
+            self.counters["refused"] += 1
+            writer.write(encode(Refused(busy, retry=True)))
             writer.write_eof()
             return
         subscriber = _Subscriber(peer, list(request.patterns))
@@ -404,7 +438,7 @@ class PubSub:
         try:
             writer.write(encode(Subscribed(list(request.patterns))))
             while True:
-                getting = asyncio.ensure_future(subscriber.queue.get())
+                getting = asyncio.ensure_future(self._next(subscriber))
                 done, _ = await asyncio.wait({getting, gone}, return_when=asyncio.FIRST_COMPLETED)
                 if getting not in done:
                     getting.cancel()
@@ -420,7 +454,7 @@ class PubSub:
             gone.cancel()
             if gone.done() and not gone.cancelled():
                 gone.exception()  # a reset is how a subscriber leaves: nothing to report
-            self._subscribers.discard(subscriber)
+            self._leave(subscriber)
 
     # -- subscribing and publishing to others -------------------------------------------------------
 
@@ -441,12 +475,9 @@ class PubSub:
                     pause = RETRY[0]
                     yield event
                 return
-            except (
-                errors.NetworkError,
-                errors.SessionClosedError,
-                ConnectionError,
-                asyncio.IncompleteReadError,
-            ) as exc:
+            except (errors.PeerRefusedError, errors.LocalError):
+                raise  # the host's rules say no, or this node cannot ask: trying again changes nothing
+            except (errors.PeerpathError, OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.info("subscription to %s broke (%s); resuming", host, exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY[1])
@@ -456,10 +487,17 @@ class PubSub:
         self._subscribers.add(subscriber)
         try:
             while True:
-                frame = await subscriber.queue.get()
-                yield _event(self.node.address, frame, subscriber.dropped)
+                frame = await self._next(subscriber)
+                event = _event(self.node.address, frame, subscriber.dropped)
+                if event is not None:
+                    yield event
         finally:
-            self._subscribers.discard(subscriber)
+            self._leave(subscriber)
+
+    def _leave(self, subscriber: _Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        self._queued_bytes -= subscriber.queued_bytes
+        subscriber.queued_bytes = 0
 
     async def _subscribe_remote(self, host: Address, patterns: list[str]) -> AsyncIterator[Event]:
         connection = await self.node.connect(host, timeout=CONNECT_TIMEOUT)
@@ -468,13 +506,19 @@ class PubSub:
             writer.write(encode(Subscribe(patterns)))
             answer = await codec.read(reader, CONNECT_TIMEOUT)
             if isinstance(answer, Refused):
+                if answer.retry:
+                    raise errors.NetworkError(f"{host} has no room for the subscription now: {answer.reason}")
                 raise errors.PeerRefusedError(f"{host} refused the subscription: {answer.reason}")
             if not isinstance(answer, Subscribed):
                 raise FrameError(f"{host} did not answer the subscription")
             while (frame := await codec.read(reader)) is not None:
                 if not isinstance(frame, EventFrame):
                     raise FrameError(f"unexpected {type(frame).__name__} from {host}")
-                yield _event(host, frame, frame.dropped)
+                event = _event(host, frame, frame.dropped)
+                if event is None:
+                    self.counters["undecodable"] += 1  # the host's fault, not the subscription's
+                    continue
+                yield event
             raise errors.SessionClosedError(f"{host} ended the subscription")
         finally:
             writer.abort()
@@ -524,11 +568,12 @@ def _encode(data: Any) -> bytes:
     return body
 
 
-def _event(host: Address, frame: EventFrame, dropped: int) -> Event:
+def _event(host: Address, frame: EventFrame, dropped: int) -> Event | None:
+    """The event a frame carries; None if its data does not decode (it is skipped)."""
     try:
-        data = msgspec.msgpack.decode(frame.data)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise FrameError(f"an event's data does not decode: {exc}") from None
+        data = check_data(frame.data)
+    except FrameError:
+        return None
     return Event(host, frame.topic, data, Address(frame.publisher), frame.published, frame.seq, dropped)
 
 

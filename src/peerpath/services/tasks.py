@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from peerpath.identity import Address
 from peerpath.node import control
 from peerpath.node.node import Node
 from peerpath.services import ports
-from peerpath.services.frames import FrameCodec, FrameError, encode
+from peerpath.services.frames import FrameCodec, FrameError, check_data, encode
 from peerpath.services.names import Names
 from peerpath.services.taskstore import Role, TaskRecord, TaskState, TaskStore
 from peerpath.session.streams import StreamWriter
@@ -247,8 +248,10 @@ class Tasks:
 
     def _update(self, role: Role, task_id: bytes, **fields: Any) -> TaskRecord | None:
         before = self._db().get(role, task_id)
+        if before is not None and all(getattr(before, k) == v for k, v in fields.items()):
+            return before  # nothing changes: no write, no event (a worker's heartbeat, say)
         record = self._db().update(role, task_id, **fields)
-        if record is not None and record != before:
+        if record is not None and _visible(record) != (None if before is None else _visible(before)):
             self._changed_now(record)
         return record
 
@@ -286,20 +289,22 @@ class Tasks:
     def _schedule(self, record: TaskRecord) -> None:
         task_id = bytes.fromhex(record.id)
         if task_id not in self._running:
-            task = spawn(self._run(record), f"running task {record.id} ({record.name})")
+            task = spawn(self._run(task_id, record.name), f"running task {record.id} ({record.name})")
             self._running[task_id] = task
-            task.add_done_callback(lambda _t: self._running.pop(task_id, None))
+            task.add_done_callback(lambda done: _forget(self._running, task_id, done))
 
-    async def _run(self, record: TaskRecord) -> None:
-        """Run one task when its handler has a free slot; record how it ends."""
-        task_id = bytes.fromhex(record.id)
-        registered = self._handlers.get(record.name)
+    async def _run(self, task_id: bytes, name: str) -> None:
+        """Run one task when its handler has a free slot; record how it ends. Only its id waits
+        for the slot: the input is read from the store when the task starts."""
+        registered = self._handlers.get(name)
         if registered is None:
             return
         async with registered.slots:
-            current = self._db().get(Role.WORKING, task_id)
-            if current is None or current.state is not TaskState.QUEUED:
+            record = self._db().get(Role.WORKING, task_id)
+            if record is None or record.state is not TaskState.QUEUED:
                 return
+            if self._handlers.get(name) is not registered:
+                return  # its handler went (or was replaced) while it waited: the queue waits for the next
             self._update(Role.WORKING, task_id, state=TaskState.RUNNING)
 
             def report(fraction: float | None, note: str) -> None:
@@ -307,22 +312,29 @@ class Tasks:
 
             context = TaskContext(record.id, record.name, record.peer, report)
             remaining = None if record.deadline is None else max(0.0, record.deadline - time.time())
+            deadline = asyncio.timeout(remaining)
             try:
-                async with asyncio.timeout(remaining):
+                async with deadline:
                     output = await registered.handler(msgspec.msgpack.decode(record.input), context)
-                result = _encoder.encode(output)
-            except TimeoutError:
-                self._update(Role.WORKING, task_id, state=TaskState.FAILED,
-                             error=f"timed out after {record.timeout:g} s")  # fmt: skip
-                return
             except asyncio.CancelledError:
                 current = self._db().get(Role.WORKING, task_id)
                 if current is not None and current.state is TaskState.CANCELLED:
                     return  # cancelled on request: recorded already
                 raise  # the node is closing: the task stays "running", and is reported interrupted
             except Exception as exc:
-                log.info("task %s (%s) failed: %s: %s", record.id, record.name, type(exc).__name__, exc)
-                self._update(Role.WORKING, task_id, state=TaskState.FAILED, error=_failure(exc))
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    why = f"timed out after {record.timeout:g} s"
+                else:
+                    log.info("task %s (%s) failed: %s: %s", record.id, name, type(exc).__name__, exc)
+                    why = _failure(exc)
+                self._update(Role.WORKING, task_id, state=TaskState.FAILED, error=why)
+                return
+            try:
+                result = _encoder.encode(output)
+                check_data(result)
+            except (TypeError, ValueError, FrameError) as exc:
+                self._update(Role.WORKING, task_id, state=TaskState.FAILED,
+                             error=f"the handler returned what cannot be sent: {exc}"[:1000])  # fmt: skip
                 return
             if len(result) > MAX_RESULT:
                 self._update(Role.WORKING, task_id, state=TaskState.FAILED,
@@ -370,6 +382,10 @@ class Tasks:
             if known is not None and known.peer != peer:
                 return Rejected(request.id, "that task id is taken")
             try:
+                check_data(request.input)
+            except FrameError as exc:
+                return Rejected(request.id, f"the task's input is {exc}")
+            try:
                 record, fresh = store.add(Role.WORKING, request.id, peer, request.name, request.input, request.timeout)
             except StorageError as exc:
                 return Rejected(request.id, str(exc), retry=True)
@@ -408,11 +424,9 @@ class Tasks:
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             try:
-                now = time.time()
-                for record in self._db().open_tasks(Role.WORKING):
-                    if record.state is TaskState.QUEUED and record.deadline is not None and now > record.deadline:
-                        self._update(Role.WORKING, bytes.fromhex(record.id), state=TaskState.FAILED,
-                                     error=f"timed out after {record.timeout:g} s in the queue")  # fmt: skip
+                for task_id, timeout in self._db().overdue(Role.WORKING, time.time()):
+                    self._update(Role.WORKING, task_id, state=TaskState.FAILED,
+                                 error=f"timed out after {timeout:g} s in the queue")  # fmt: skip
                 rounds += 1
                 if rounds % 720 == 0:
                     self._db().prune()
@@ -449,7 +463,7 @@ class Tasks:
         if task_id not in self._watchers:
             task = spawn(self._follow(record), f"following task {record.id} on {record.peer}")
             self._watchers[task_id] = task
-            task.add_done_callback(lambda _t: self._watchers.pop(task_id, None))
+            task.add_done_callback(lambda done: _forget(self._watchers, task_id, done))
 
     async def _follow(self, record: TaskRecord) -> None:
         """Send the task (or ask after it) and take its updates until it ends, across broken
@@ -474,16 +488,17 @@ class Tasks:
                     )
                     await self._exchange(current.peer, request)
                 pause = RETRY[0]
-            except TimeoutError:
-                continue  # the deadline check above ends it
-            except (errors.PeerpathError, OSError) as exc:
+            except (errors.PeerpathError, OSError) as exc:  # before TimeoutError: a network timeout is both
                 log.info("task %s: cannot reach %s now (%s)", record.id, record.peer, exc)
                 self._update(Role.SUBMITTED, task_id, note=f"waiting for {record.peer}: {exc}"[:1000])
                 await asyncio.sleep(pause if left is None else min(pause, max(left, 0.0)))
                 pause = min(pause * 2, RETRY[1])
+            except TimeoutError:
+                continue  # the task's deadline passed: the check above ends it
 
-    async def _exchange(self, peer: Address, request: Frame) -> None:
-        """One stream: the request, then the worker's frames until the task ends."""
+    async def _exchange(self, peer: Address, request: Frame, *, record: bool = True) -> None:
+        """One stream: the request, then the worker's frames until the task ends (recorded
+        unless ``record`` is False)."""
         connection = await self.node.connect(peer, timeout=CONNECT_TIMEOUT)
         reader, writer = await connection.open_stream(ports.TASKS, timeout=CONNECT_TIMEOUT)
         task_id = request.id
@@ -495,10 +510,21 @@ class Tasks:
                     raise errors.SessionClosedError(f"{peer} closed the task's stream before it ended")
                 if getattr(frame, "id", None) != task_id:
                     raise FrameError(f"{peer} sent a frame about another task")
+                if not record:
+                    if isinstance(frame, Finished | Rejected):
+                        return
+                    continue
                 if isinstance(frame, Update):
                     self._update(Role.SUBMITTED, task_id, state=TaskState(frame.state), progress=frame.progress,
                                  note=frame.note, sent=True)  # fmt: skip
                 elif isinstance(frame, Finished):
+                    if frame.result is not None:
+                        try:
+                            check_data(frame.result)
+                        except FrameError as exc:
+                            self._update(Role.SUBMITTED, task_id, state=TaskState.FAILED,
+                                         error=f"the worker's result is {exc}", sent=True)  # fmt: skip
+                            return
                     done = {"progress": 1.0} if frame.state == "done" else {}
                     self._update(Role.SUBMITTED, task_id, state=TaskState(frame.state), result=frame.result,
                                  error=frame.error, sent=True, **done)  # fmt: skip
@@ -536,16 +562,19 @@ class Tasks:
         shown: tuple[Any, ...] | None = None
         while True:
             changed = self._change(record.role, raw)
-            current = self._db().get(record.role, raw)
-            if current is None:
-                return
-            visible = (current.state, current.progress, current.note, current.error)
-            if visible != shown:  # not for changes of bookkeeping alone (that it was sent)
-                shown = visible
-                yield current
-            if current.state.final:
-                return
-            await changed
+            try:
+                current = self._db().get(record.role, raw)
+                if current is None:
+                    return
+                visible = (current.state, current.progress, current.note, current.error)
+                if visible != shown:  # not for changes of bookkeeping alone (that it was sent)
+                    shown = visible
+                    yield current
+                if current.state.final:
+                    return
+                await changed
+            finally:
+                self._changed.get(raw, set()).discard(changed)  # a watcher that stops leaves nothing behind
 
     async def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """The task once it has ended (TimeoutError if it has not within ``timeout``)."""
@@ -575,16 +604,34 @@ class Tasks:
             watcher = self._watchers.get(raw)
             if watcher is not None:
                 watcher.cancel()
+            # The submission may have reached the worker just before: tell it too, if it can be told.
+            spawn(self._tell_cancel(record.peer, raw), f"cancelling task {record.id} at {record.peer}", self._tasks)
             return self._update(Role.SUBMITTED, raw, state=TaskState.CANCELLED, error="cancelled before it was sent") \
                 or record  # fmt: skip
         async with asyncio.timeout(CONNECT_TIMEOUT * 2):
             await self._exchange(record.peer, Cancel(raw))
         return self.get(task_id)
 
+    async def _tell_cancel(self, peer: Address, task_id: bytes) -> None:
+        with contextlib.suppress(errors.PeerpathError, OSError, TimeoutError):
+            async with asyncio.timeout(CONNECT_TIMEOUT * 2):
+                await self._exchange(peer, Cancel(task_id), record=False)
+
     def describe(self) -> dict[str, Any]:
         """For status: handlers, counts, counters."""
         counts = self.store.counts() if self.store is not None else {}
         return {"serves": self.served, "running": len(self._running), **counts, **self.counters}
+
+
+def _forget(tasks: dict[bytes, asyncio.Task[None]], key: bytes, done: asyncio.Task[None]) -> None:
+    """Drop a finished task from its table, unless a newer one has taken its place."""
+    if tasks.get(key) is done:
+        del tasks[key]
+
+
+def _visible(record: TaskRecord) -> tuple[Any, ...]:
+    """What a watcher of a task sees of it (not when it was last written)."""
+    return (record.state, record.progress, record.note, record.error, record.result, record.sent)
 
 
 def _finished(record: TaskRecord) -> Finished:
@@ -622,60 +669,74 @@ def command_handler(command: list[str]) -> TaskHandler:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PEERPATH_TASK_ID": context.id, "PEERPATH_TASK_SUBMITTER": str(context.submitter)},
+            start_new_session=True,  # its own process group: stopping it stops what it started
         )
-        stdin, output, errors_out = process.stdin, process.stdout, process.stderr
-        if stdin is None or output is None or errors_out is None:
-            raise TaskError("the command's pipes could not be opened")
-        tail = bytearray()
-
-        async def feed() -> None:
-            with contextlib.suppress(ConnectionError):
-                stdin.write(msgspec.json.encode(data))
-                await stdin.drain()
-            stdin.close()
-
-        async def watch_stderr() -> None:
-            async for line in errors_out:
-                match = _PROGRESS.match(line.decode(errors="replace").strip())
-                if match:
-                    with contextlib.suppress(ValueError):
-                        value = float(match.group(1)) / (100 if match.group(2) else 1)
-                        context.progress(value, match.group(3))
-                        continue
-                tail.extend(line)
-                del tail[:-STDERR_TAIL]
-
         try:
-            _, stdout, _ = await asyncio.gather(feed(), output.read(MAX_RESULT + 1), watch_stderr())
-            status = await process.wait()
-        except asyncio.CancelledError:
+            return await _converse(process, command[0], data, context)
+        finally:
             await _stop(process)
-            raise
-        if status != 0:
-            last = tail.decode(errors="replace").strip().splitlines()
-            raise TaskError(f"{command[0]} exited with status {status}" + (f": {last[-1]}" if last else ""))
-        if len(stdout) > MAX_RESULT:
-            raise TaskError(f"{command[0]} wrote more than {MAX_RESULT} bytes")
-        text = stdout.decode(errors="replace")
-        try:
-            return msgspec.json.decode(stdout)
-        except msgspec.DecodeError:
-            return text.rstrip("\n")
 
     return run
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.terminate()
+async def _converse(process: asyncio.subprocess.Process, name: str, data: Any, context: TaskContext) -> Any:
+    """Give a command its input, take its output (at most :data:`MAX_RESULT` bytes) and its
+    progress lines, and make its outcome the task's."""
+    stdin, output, errors_out = process.stdin, process.stdout, process.stderr
+    if stdin is None or output is None or errors_out is None:
+        raise TaskError("the command's pipes could not be opened")
+    tail = bytearray()
+
+    async def feed() -> None:
+        with contextlib.suppress(ConnectionError):
+            stdin.write(msgspec.json.encode(data))
+            await stdin.drain()
+        stdin.close()
+
+    async def collect() -> bytes:
+        out = bytearray()
+        while chunk := await output.read(65536):
+            out.extend(chunk)
+            if len(out) > MAX_RESULT:
+                raise TaskError(f"{name} wrote more than {MAX_RESULT} bytes")
+        return bytes(out)
+
+    async def watch_stderr() -> None:
+        pending = b""
+        while chunk := await errors_out.read(65536):
+            lines = (pending + chunk).split(b"\n")
+            pending = lines.pop()[-STDERR_TAIL:]  # a line without its end yet (a long one is cut)
+            for line in lines:
+                match = _PROGRESS.match(line[:1000].decode(errors="replace").strip())
+                if match:
+                    with contextlib.suppress(ValueError):
+                        context.progress(float(match.group(1)) / (100 if match.group(2) else 1), match.group(3))
+                        continue
+                tail.extend(line[-STDERR_TAIL:] + b"\n")
+                del tail[:-STDERR_TAIL]
+        tail.extend(pending)
+
+    _, stdout, _ = await asyncio.gather(feed(), collect(), watch_stderr())
+    status = await process.wait()
+    if status != 0:
+        last = tail.decode(errors="replace").strip().splitlines()
+        raise TaskError(f"{name} exited with status {status}" + (f": {last[-1][:500]}" if last else ""))
     try:
-        await asyncio.wait_for(process.wait(), KILL_AFTER)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
+        return msgspec.json.decode(stdout)
+    except msgspec.DecodeError:
+        return stdout.decode(errors="replace").rstrip("\n")
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    """End a command and everything it started (its process group): SIGTERM, then SIGKILL."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(process.wait(), KILL_AFTER)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # what it left behind in its group
+    await process.wait()
 
 
 # -- the control API (``peerpath task ...``) ------------------------------------------------------

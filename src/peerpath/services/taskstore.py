@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 
 from peerpath.identity import Address
+from peerpath.services.frames import shown
 from peerpath.storage import StorageError, is_disk_full, open_database
 
 #: Days a finished task is kept (its result can be fetched that long).
@@ -26,6 +27,8 @@ KEEP_DAYS = 7
 #: Tasks a worker keeps queued or running, from one submitter and from everybody.
 MAX_OPEN_PER_SUBMITTER = 1000
 MAX_OPEN = 10_000
+#: Bytes of input the open tasks of a worker hold, all together (they wait on disk, not in memory).
+MAX_OPEN_BYTES = 1024 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -112,12 +115,12 @@ class TaskRecord:
             "state": self.state.value,
             "progress": self.progress,
             "note": self.note or None,
-            "result": msgspec.to_builtins(self.output) if self.result is not None else None,
+            "result": shown(self.result) if self.result is not None else None,
             "failure": self.error or None,
             "created": self.created,
             "updated": self.updated,
             "deadline": self.deadline,
-            "input": msgspec.to_builtins(msgspec.msgpack.decode(self.input)),
+            "input": shown(self.input),
         }
 
 
@@ -164,10 +167,12 @@ class TaskStore:
                 "SELECT COUNT(*) FROM tasks WHERE role = ? AND peer = ? AND state IN ('queued', 'running')",
                 (role, str(peer)),
             ).fetchone()
-            (everyone,) = self._db.execute(
-                "SELECT COUNT(*) FROM tasks WHERE role = ? AND state IN ('queued', 'running')", (role,)
+            (everyone, held) = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(input)), 0) FROM tasks"
+                " WHERE role = ? AND state IN ('queued', 'running')",
+                (role,),
             ).fetchone()
-            if from_peer >= MAX_OPEN_PER_SUBMITTER or everyone >= MAX_OPEN:
+            if from_peer >= MAX_OPEN_PER_SUBMITTER or everyone >= MAX_OPEN or held + len(input_) > MAX_OPEN_BYTES:
                 raise StorageError("the worker has too many open tasks; try later")
         deadline = now + timeout if timeout else None
         self._write(
@@ -233,6 +238,13 @@ class TaskStore:
             "SELECT * FROM task_rows WHERE role = ? AND state IN ('queued', 'running') ORDER BY seq", (role,)
         ).fetchall()
         return [_record(row) for row in rows]
+
+    def overdue(self, role: Role, now: float) -> list[tuple[bytes, float]]:
+        """Queued tasks past their deadline: (id, timeout) each, no more (their inputs stay on disk)."""
+        rows = self._db.execute(
+            "SELECT id, timeout FROM tasks WHERE role = ? AND state = 'queued' AND deadline < ?", (role, now)
+        ).fetchall()
+        return [(bytes(row[0]), float(row[1])) for row in rows]
 
     def listing(self, role: Role | None = None, limit: int = 100) -> list[TaskRecord]:
         """Tasks, newest first."""

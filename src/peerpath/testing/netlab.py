@@ -18,6 +18,7 @@ and deletes every namespace, also after a failure.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import itertools
@@ -28,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -191,6 +193,7 @@ class Node:
                 seen.extend(lines)
                 if any(pattern.search(line) for line in lines):
                     os.set_blocking(proc.stdout.fileno(), True)
+                    _drain(proc, seen)
                     return proc
             elif proc.poll() is not None:
                 break
@@ -538,3 +541,23 @@ def every_router_kind(
         slow = lab.router("slow", NatKind.PORT_RESTRICTED, link=impaired)
         hosts["impaired"] = lab.host("h-impaired", behind=slow)
     return hosts
+
+
+#: Lines of a started process's output kept after its ready line (for a failing test to show).
+TAIL_LINES = 500
+
+
+def _drain(proc: subprocess.Popen[str], seen: list[str]) -> None:
+    """Keep reading a started process's output in a thread, the last :data:`TAIL_LINES` lines
+    kept in ``proc.tail``: a process whose output nobody reads blocks once its pipe is full
+    (a server that logs what an attack does would stop serving)."""
+    tail: collections.deque[str] = collections.deque(seen, maxlen=TAIL_LINES)
+    proc.tail = tail  # type: ignore[attr-defined]
+    stream = proc.stdout
+
+    def read() -> None:
+        with contextlib.suppress(OSError, ValueError):  # the stream is closed when the lab stops the process
+            for line in stream or ():
+                tail.append(line.rstrip("\n"))
+
+    threading.Thread(target=read, name=f"output of {proc.pid}", daemon=True).start()
