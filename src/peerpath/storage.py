@@ -44,3 +44,35 @@ def is_disk_full(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` is SQLite saying the disk (or the database's size limit) is full."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc) or "disk I/O error" in str(exc)
+
+
+def write(db: sqlite3.Connection, sql: str, args: tuple[object, ...], what: str) -> sqlite3.Cursor:
+    """Run one writing statement; a full disk becomes a StorageError that says ``what`` could
+    not be stored (other SQLite errors are bugs, and stay as they are)."""
+    try:
+        return db.execute(sql, args)
+    except sqlite3.OperationalError as exc:
+        if is_disk_full(exc):
+            raise StorageError(f"cannot store {what}: {exc}") from None
+        raise
+
+
+#: Fewest hex digits of an id that users may type for it.
+MIN_ID_PREFIX = 6
+
+
+def one_by_prefix(
+    db: sqlite3.Connection, sql: str, prefix: str, args: tuple[object, ...], what: str
+) -> tuple[object, ...]:
+    """The one row whose id starts with the hex ``prefix`` a user typed: ``sql`` selects rows
+    ``WHERE hex(id) LIKE ?`` (then ``args``) with ``LIMIT 2``. LookupError, saying why, if the
+    prefix is too short or not hex, or names no row or several."""
+    prefix = prefix.strip().lower()
+    if len(prefix) < MIN_ID_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
+        raise LookupError(f"a {what} id is hex, at least {MIN_ID_PREFIX} digits of it: {prefix!r}")
+    rows = db.execute(sql, (prefix.upper() + "%", *args)).fetchall()
+    if not rows:
+        raise LookupError(f"no {what} {prefix}")
+    if len(rows) > 1:
+        raise LookupError(f"{prefix} names more than one {what}; give more of its id")
+    return tuple(rows[0])

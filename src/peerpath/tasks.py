@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, TypeVar
 
 log = logging.getLogger("peerpath")
@@ -33,3 +33,11 @@ def _report(task: asyncio.Task[Any], what: str) -> None:
     exc = task.exception()
     if exc is not None:
         log.error("%s failed: %s: %s", what, type(exc).__name__, exc, exc_info=exc)
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended (what an owner does at close)."""
+    ending = list(tasks)
+    for task in ending:
+        task.cancel()
+    await asyncio.gather(*ending, return_exceptions=True)

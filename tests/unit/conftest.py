@@ -12,6 +12,7 @@ from peerpath.identity import Identity
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
 from peerpath.rendezvous.server import RendezvousServer
+from peerpath.services.agent import AgentNode
 from peerpath.session.connection import SessionConfig
 
 
@@ -71,3 +72,48 @@ def trust_each_other(a: Node, b: Node) -> None:
     """Make ``a`` and ``b`` trust each other."""
     a.trust.add(b.address)
     b.trust.add(a.address)
+
+
+class Agents:
+    """Agent nodes with state directories of their own, on one rendezvous server; an agent
+    can be stopped and started again on the same state."""
+
+    def __init__(self, tmp_path: Path, server: RendezvousServer) -> None:
+        self.tmp_path, self.server = tmp_path, server
+        self.identities: dict[str, Identity] = {}
+        self.running: dict[str, AgentNode] = {}
+
+    async def start(self, name: str) -> AgentNode:
+        state = self.tmp_path / name
+        state.mkdir(exist_ok=True)
+        identity = self.identities.setdefault(name, Identity.generate())
+        node = await AgentNode.start(
+            identity=identity,
+            trust=TrustStore(state / "trust.json"),
+            host="127.0.0.1",
+            rendezvous=self.server.url(),
+            direct=False,
+        )
+        assert node.rendezvous is not None
+        await node.rendezvous.wait_registered(5)
+        self.running[name] = node
+        return node
+
+    async def stop(self, name: str) -> None:
+        await self.running.pop(name).close()
+
+    async def pair(self) -> tuple[AgentNode, AgentNode]:
+        alice, bob = await self.start("alice"), await self.start("bob")
+        alice.trust.add(bob.address, "bob")
+        bob.trust.add(alice.address, "alice")
+        return alice, bob
+
+
+@pytest.fixture
+async def agents(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[Agents]:
+    made = Agents(tmp_path, server)
+    try:
+        yield made
+    finally:
+        for node in list(made.running.values()):
+            await node.close()

@@ -7,29 +7,16 @@ import asyncio
 import hashlib
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from peerpath import errors
-from peerpath.rendezvous.server import RendezvousServer
 from peerpath.services import files, ports
 from peerpath.services.files import Decline, FileError, Offer, TransferState, codec, safe_name
 from peerpath.services.frames import encode
 
-from .conftest import eventually
-from .test_messages import Agents
-
-
-@pytest.fixture
-async def agents(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[Agents]:
-    made = Agents(tmp_path, server)
-    try:
-        yield made
-    finally:
-        for node in list(made.running.values()):
-            await node.close()
+from .conftest import Agents, eventually
 
 
 def make_file(path: Path, size: int) -> bytes:

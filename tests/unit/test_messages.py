@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -14,8 +13,6 @@ import pytest
 
 from peerpath import errors
 from peerpath.identity import Identity
-from peerpath.node.trust import TrustStore
-from peerpath.rendezvous.server import RendezvousServer
 from peerpath.services import ports
 from peerpath.services.agent import AgentNode
 from peerpath.services.frames import encode
@@ -23,52 +20,7 @@ from peerpath.services.mailstore import MailStore, State
 from peerpath.services.messages import MAX_MESSAGE, DeliveryError, Hello, Item, Refused, codec
 from peerpath.services.names import UnknownNameError
 
-from .conftest import eventually
-
-
-class Agents:
-    """Agent nodes with state directories of their own, on one rendezvous server; an agent
-    can be stopped and started again on the same state."""
-
-    def __init__(self, tmp_path: Path, server: RendezvousServer) -> None:
-        self.tmp_path, self.server = tmp_path, server
-        self.identities: dict[str, Identity] = {}
-        self.running: dict[str, AgentNode] = {}
-
-    async def start(self, name: str) -> AgentNode:
-        state = self.tmp_path / name
-        state.mkdir(exist_ok=True)
-        identity = self.identities.setdefault(name, Identity.generate())
-        node = await AgentNode.start(
-            identity=identity,
-            trust=TrustStore(state / "trust.json"),
-            host="127.0.0.1",
-            rendezvous=self.server.url(),
-            direct=False,
-        )
-        assert node.rendezvous is not None
-        await node.rendezvous.wait_registered(5)
-        self.running[name] = node
-        return node
-
-    async def stop(self, name: str) -> None:
-        await self.running.pop(name).close()
-
-    async def pair(self) -> tuple[AgentNode, AgentNode]:
-        alice, bob = await self.start("alice"), await self.start("bob")
-        alice.trust.add(bob.address, "bob")
-        bob.trust.add(alice.address, "alice")
-        return alice, bob
-
-
-@pytest.fixture
-async def agents(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[Agents]:
-    made = Agents(tmp_path, server)
-    try:
-        yield made
-    finally:
-        for node in list(made.running.values()):
-            await node.close()
+from .conftest import Agents, eventually
 
 
 async def next_message(node: AgentNode, timeout: float = 10.0):

@@ -11,23 +11,11 @@ import pytest
 
 from peerpath import errors
 from peerpath.identity import Identity
-from peerpath.rendezvous.server import RendezvousServer
 from peerpath.services import ports, pubsub
 from peerpath.services.frames import encode
 from peerpath.services.pubsub import Publish, Rule, Rules, TopicError, check_topic, codec, matches
 
-from .conftest import eventually
-from .test_messages import Agents
-
-
-@pytest.fixture
-async def agents(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[Agents]:
-    made = Agents(tmp_path, server)
-    try:
-        yield made
-    finally:
-        for node in list(made.running.values()):
-            await node.close()
+from .conftest import Agents, eventually
 
 
 @pytest.mark.parametrize(

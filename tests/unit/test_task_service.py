@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from peerpath import errors
-from peerpath.rendezvous.server import RendezvousServer
 from peerpath.services import ports, tasks
 from peerpath.services.frames import encode
 from peerpath.services.tasks import Finished, Submit, TaskContext, TaskError, codec, command_handler
 from peerpath.services.taskstore import Role, TaskState
 
-from .conftest import eventually
-from .test_messages import Agents
-
-
-@pytest.fixture
-async def agents(tmp_path: Path, server: RendezvousServer) -> AsyncIterator[Agents]:
-    made = Agents(tmp_path, server)
-    try:
-        yield made
-    finally:
-        for node in list(made.running.values()):
-            await node.close()
+from .conftest import Agents, eventually
 
 
 async def test_a_task_runs_on_the_worker_reports_progress_and_returns_its_result(agents: Agents) -> None:

@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import time
 import unicodedata
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -39,8 +38,8 @@ from peerpath.services import ports
 from peerpath.services.frames import FrameCodec, FrameError, encode
 from peerpath.services.names import Names
 from peerpath.session.streams import StreamWriter
-from peerpath.storage import StorageError, is_disk_full, open_database
-from peerpath.tasks import spawn
+from peerpath.storage import StorageError, one_by_prefix, open_database, write
+from peerpath.tasks import cancel_all, spawn
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +250,8 @@ class TransferStore:
 
     def find(self, prefix: str) -> Transfer:
         """The transfer whose id starts with ``prefix`` (6 hex digits at least)."""
-        prefix = prefix.strip().lower()
-        if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
-            raise LookupError(f"a transfer id is hex, at least 6 digits of it: {prefix!r}")
-        rows = self._db.execute(
-            "SELECT * FROM transfer_rows WHERE hex(id) LIKE ? LIMIT 2", (prefix.upper() + "%",)
-        ).fetchall()
-        if len(rows) != 1:
-            raise LookupError(f"no transfer {prefix}" if not rows else f"{prefix} names more than one transfer")
-        return _transfer(rows[0])
+        sql = "SELECT * FROM transfer_rows WHERE hex(id) LIKE ? ORDER BY updated DESC LIMIT 2"
+        return _transfer(one_by_prefix(self._db, sql, prefix, (), "transfer"))
 
     def prune(self, now: float | None = None) -> None:
         """Forget finished transfers older than :data:`KEEP_DAYS`."""
@@ -267,12 +259,7 @@ class TransferStore:
         self._write("DELETE FROM transfers WHERE state IN ('done', 'failed') AND updated < ?", (cutoff,))
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        try:
-            self._db.execute(sql, args)
-        except sqlite3.OperationalError as exc:
-            if is_disk_full(exc):
-                raise StorageError(f"cannot record the transfer: {exc}") from None
-            raise
+        write(self._db, sql, args, "the transfer")
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
@@ -352,10 +339,7 @@ class Files:
     async def close(self) -> None:
         """Stop transfers (they resume at the next start) and close the database."""
         self.node.unserve(ports.FILES)
-        tasks = [*self._couriers.values(), *self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all([*self._couriers.values(), *self._tasks])
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -20,7 +20,7 @@ import msgspec
 
 from peerpath.identity import Address
 from peerpath.services.frames import shown
-from peerpath.storage import StorageError, is_disk_full, open_database
+from peerpath.storage import StorageError, is_disk_full, one_by_prefix, open_database, write
 
 #: Messages from one sender the inbox keeps unacknowledged, and their bytes: a sender beyond
 #: either is told to try later (its messages wait in its outbox).
@@ -30,8 +30,6 @@ MAX_UNACKED_BYTES_PER_SENDER = 256 * 1024 * 1024
 MAX_OUTBOX = 100_000
 #: Days an acknowledged message, or a delivered or failed one in the outbox, is kept.
 KEEP_DAYS = 7
-#: Shortest id prefix ``ack`` accepts (hex digits).
-MIN_ID_PREFIX = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -183,12 +181,7 @@ class MailStore:
         self._db.close()
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
-        try:
-            return self._db.execute(sql, args)
-        except sqlite3.OperationalError as exc:
-            if is_disk_full(exc):
-                raise StorageError(f"cannot store: {exc}") from None
-            raise
+        return write(self._db, sql, args, "the message")
 
     # -- inbox ------------------------------------------------------------------------
 
@@ -228,17 +221,8 @@ class MailStore:
 
     def find(self, prefix: str) -> Message:
         """The inbox message whose id starts with ``prefix`` (hex); LookupError if none or several."""
-        prefix = prefix.strip().lower()
-        if len(prefix) < MIN_ID_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
-            raise LookupError(f"a message id is hex, at least {MIN_ID_PREFIX} digits of it: {prefix!r}")
-        rows = self._db.execute(
-            "SELECT * FROM inbox_rows WHERE hex(id) LIKE ? ORDER BY seq LIMIT 2", (prefix.upper() + "%",)
-        ).fetchall()
-        if not rows:
-            raise LookupError(f"no message {prefix} in the inbox")
-        if len(rows) > 1:
-            raise LookupError(f"{prefix} names more than one message; give more of its id")
-        return _message(rows[0])
+        sql = "SELECT * FROM inbox_rows WHERE hex(id) LIKE ? ORDER BY seq LIMIT 2"
+        return _message(one_by_prefix(self._db, sql, prefix, (), "message"))
 
     def ack(self, seq: int) -> None:
         """Mark an inbox message handled (it leaves the default listing; kept a while)."""

@@ -38,7 +38,7 @@ from peerpath.services.mailstore import Kind, MailStore, Message, Outgoing, Refu
 from peerpath.services.names import Names
 from peerpath.session.streams import StreamWriter
 from peerpath.storage import StorageError
-from peerpath.tasks import spawn
+from peerpath.tasks import cancel_all, spawn
 from peerpath.wire import rendezvous as rv
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,7 @@ class Messages:
             if not waiting.done():
                 waiting.set_exception(errors.LocalError("the node closed"))
         self._arrivals.clear()
-        tasks = [*self._couriers.values(), *self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all([*self._couriers.values(), *self._tasks])
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -34,7 +34,7 @@ from peerpath.services import ports
 from peerpath.services.frames import FrameCodec, FrameError, check_data, encode
 from peerpath.services.names import Names
 from peerpath.session.streams import StreamWriter
-from peerpath.tasks import spawn
+from peerpath.tasks import cancel_all, spawn
 
 log = logging.getLogger(__name__)
 
@@ -332,9 +332,7 @@ class PubSub:
     async def close(self) -> None:
         """Stop serving; end the subscriptions."""
         self.node.unserve(ports.PUBSUB)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
 
     # -- hosting ----------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from peerpath.services.names import Names
 from peerpath.services.taskstore import Role, TaskRecord, TaskState, TaskStore
 from peerpath.session.streams import StreamWriter
 from peerpath.storage import StorageError
-from peerpath.tasks import spawn
+from peerpath.tasks import cancel_all, spawn
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +198,7 @@ class Tasks:
     async def close(self) -> None:
         """Stop running and watching tasks (running ones are interrupted) and close the database."""
         self.node.unserve(ports.TASKS)
-        tasks = [*self._running.values(), *self._watchers.values(), *self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all([*self._running.values(), *self._watchers.values(), *self._tasks])
         if self.store is not None:
             self.store.close()
             self.store = None

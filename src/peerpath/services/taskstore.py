@@ -20,7 +20,7 @@ import msgspec
 
 from peerpath.identity import Address
 from peerpath.services.frames import shown
-from peerpath.storage import StorageError, is_disk_full, open_database
+from peerpath.storage import StorageError, one_by_prefix, open_database, write
 
 #: Days a finished task is kept (its result can be fetched that long).
 KEEP_DAYS = 7
@@ -146,12 +146,7 @@ class TaskStore:
         self._db.close()
 
     def _write(self, sql: str, args: tuple[Any, ...]) -> sqlite3.Cursor:
-        try:
-            return self._db.execute(sql, args)
-        except sqlite3.OperationalError as exc:
-            if is_disk_full(exc):
-                raise StorageError(f"cannot store the task: {exc}") from None
-            raise
+        return write(self._db, sql, args, "the task")
 
     def add(
         self, role: Role, task_id: bytes, peer: Address, name: str, input_: bytes, timeout: float | None
@@ -192,18 +187,8 @@ class TaskStore:
 
     def find(self, prefix: str, role: Role | None = None) -> TaskRecord:
         """The task whose id starts with ``prefix`` (6 hex digits at least); LookupError otherwise."""
-        prefix = prefix.strip().lower()
-        if len(prefix) < 6 or any(c not in "0123456789abcdef" for c in prefix):
-            raise LookupError(f"a task id is hex, at least 6 digits of it: {prefix!r}")
-        rows = self._db.execute(
-            "SELECT * FROM task_rows WHERE hex(id) LIKE ? AND (? IS NULL OR role = ?) ORDER BY seq LIMIT 2",
-            (prefix.upper() + "%", role, role),
-        ).fetchall()
-        if not rows:
-            raise LookupError(f"no task {prefix}")
-        if len(rows) > 1:
-            raise LookupError(f"{prefix} names more than one task; give more of its id")
-        return _record(rows[0])
+        sql = "SELECT * FROM task_rows WHERE hex(id) LIKE ? AND (? IS NULL OR role = ?) ORDER BY seq LIMIT 2"
+        return _record(one_by_prefix(self._db, sql, prefix, (role, role), "task"))
 
     def update(self, role: Role, task_id: bytes, **fields: Any) -> TaskRecord | None:
         """Change a task's fields (state, progress, note, result, error, sent); a final task
