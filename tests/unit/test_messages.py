@@ -207,6 +207,9 @@ async def test_a_peer_no_longer_trusted_is_refused_on_its_open_session(agents: A
     await eventually(lambda: "no longer trusted" in alice.messages.outbox()[0].error)
     assert [m.data for m in bob.messages.messages()] == ["while trusted"]
     assert alice.messages.outbox()[0].id == late
+    # And the session itself is closed, from bob's side, within a few seconds.
+    await eventually(lambda: bob.connection_to(alice.address) is None, timeout=10)
+    assert bob.revocation.closed >= 1
 
 
 async def test_content_that_does_not_decode_is_refused_and_the_inbox_stays_readable(agents: Agents) -> None:

@@ -19,6 +19,7 @@ from peerpath.services.mailstore import Message
 from peerpath.services.messages import Messages, MessagesControl
 from peerpath.services.names import Names, NamesControl, ProfileService
 from peerpath.services.pubsub import RULES_FILE, PubSub, PubSubControl
+from peerpath.services.revocation import Revocation
 from peerpath.services.tasks import DEFAULT_CONCURRENCY, TaskHandler, Tasks, TasksControl
 from peerpath.session.connection import Connection
 from peerpath.wire.endpoint import Endpoint
@@ -50,6 +51,9 @@ class AgentNode(Node):
         #: Files: ``await node.files.send(peer, path)``; received ones are listed in the inbox.
         self.files = Files(self, state_dir, self.messages.note_file, self.names)
         self.attach(self.files)
+        #: Sessions of peers no longer trusted are closed (``peerpath trust remove`` takes effect).
+        self.revocation = Revocation(self)
+        self.attach(self.revocation)
 
     def inbox(self, *, follow: bool = True) -> AsyncIterator[Message]:
         """Unacknowledged messages, oldest first, then (``follow``) each new one as it arrives.
