@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -174,3 +176,21 @@ def printable(text: str) -> str:
         return char
 
     return "".join(shown(char) for char in text)
+
+
+def given_data(what: str, text: str | None, json_data: str | None, stdin: bool, binary_hint: str = "") -> Any:
+    """What ``send`` or ``publish`` sends: the TEXT argument, the ``--json`` value or standard
+    input (UTF-8 text), exactly one of them; a usage error (exit 2) otherwise."""
+    if sum((text is not None, json_data is not None, stdin)) != 1:
+        fail(f"give the {what} once: TEXT, --json OBJ or --stdin", 2)
+    if json_data is not None:
+        try:
+            return json.loads(json_data)
+        except ValueError as exc:
+            fail(f"--json: not JSON: {exc}", 2)
+    if stdin:
+        try:
+            return sys.stdin.buffer.read().decode()
+        except UnicodeDecodeError:
+            fail(f"standard input is not UTF-8 text{binary_hint}", 2)
+    return text

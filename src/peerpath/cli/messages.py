@@ -17,6 +17,7 @@ from peerpath.cli.common import (
     JsonOption,
     StateDir,
     fail,
+    given_data,
     human_bytes,
     open_trust_store,
     peer_argument,
@@ -47,22 +48,8 @@ def send_command(
     Prints the message's id. A peer that is offline gets it when it comes back: directly,
     or from the rendezvous mailbox, sealed so that only it can read it.
     """
-    given = [name for name, value in (("TEXT", text), ("--json", json_data), ("--stdin", stdin)) if value]
-    if len(given) != 1:
-        fail("give the message once: TEXT, --json OBJ or --stdin", 2)
-    data: Any
-    if json_data is not None:
-        try:
-            data = json.loads(json_data)
-        except ValueError as exc:
-            fail(f"--json: not JSON: {exc}", 2)
-    elif stdin:
-        try:
-            data = sys.stdin.buffer.read().decode()
-        except UnicodeDecodeError:
-            fail("standard input is not UTF-8 text; send binary data as a file", 2)
-    else:
-        data = text
+    # An empty TEXT is no message (publish, by contrast, takes an empty event).
+    data = given_data("message", text or None, json_data, stdin, "; send binary data as a file")
     request = {"op": "send", "peer": peer_argument(peer), "data": data, "wait": wait, "timeout": timeout}
 
     async def run() -> dict[str, Any]:

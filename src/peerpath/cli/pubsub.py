@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Any
 
 import typer
 
 from peerpath.cli.app import app
-from peerpath.cli.common import JsonOption, StateDir, fail, printable, resolve_state_dir, run_command
+from peerpath.cli.common import JsonOption, StateDir, given_data, printable, resolve_state_dir, run_command
 from peerpath.node import control
 
 topic_app = typer.Typer(help="Who may publish and subscribe to this node's topics.", no_args_is_help=True)
@@ -27,20 +26,7 @@ def publish_command(
     state_dir: StateDir = None,
 ) -> None:
     """Publish an event to a topic: the host fans it out to the subscribers its patterns match."""
-    given = [value for value in (text, json_data, stdin) if value not in (None, False)]
-    if len(given) != 1:
-        fail("give the event once: TEXT, --json OBJ or --stdin", 2)
-    data: Any = text
-    if json_data is not None:
-        try:
-            data = json.loads(json_data)
-        except ValueError as exc:
-            fail(f"--json: not JSON: {exc}", 2)
-    elif stdin:
-        try:
-            data = sys.stdin.buffer.read().decode()
-        except UnicodeDecodeError:
-            fail("standard input is not UTF-8 text", 2)
+    data = given_data("event", text, json_data, stdin)
 
     async def run() -> dict[str, Any]:
         async for answer in control.call(

@@ -368,15 +368,20 @@ class ControlServer:
             yield {"seq": seq, "peer": str(conn.peer), "rtt_ms": round(rtt * 1000, 3), "path": path_text}
 
 
-async def call(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """Send one request to the daemon of ``state_dir``; yield its answers."""
+async def _dial(state_dir: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the control socket of ``state_dir``'s daemon, or a ControlError saying why not."""
     path = socket_path(state_dir)
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_ANSWER_LINE)
+        return await asyncio.open_unix_connection(str(path), limit=MAX_ANSWER_LINE)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise ControlError(f"no node is running for {state_dir}; start one with: peerpath up") from exc
     except OSError as exc:
         raise ControlError(f"cannot reach the node at {path}: {exc.strerror or exc}") from exc
+
+
+async def call(state_dir: Path, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """Send one request to the daemon of ``state_dir``; yield its answers."""
+    reader, writer = await _dial(state_dir)
     try:
         writer.write(msgspec.json.encode(request) + b"\n")
         await writer.drain()
@@ -405,13 +410,7 @@ async def open_stream(
     """A stream to ``address``'s ``service`` through the daemon of ``state_dir``: once the daemon
     answers that it is connected, the control connection carries the stream's bytes both ways
     (``peerpath connect``, and the MCP server's HTTP calls)."""
-    path = socket_path(state_dir)
-    try:
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_ANSWER_LINE)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise ControlError(f"no node is running for {state_dir}; start one with: peerpath up") from exc
-    except OSError as exc:
-        raise ControlError(f"cannot reach the node at {path}: {exc.strerror or exc}") from exc
+    reader, writer = await _dial(state_dir)
     try:
         writer.write(msgspec.json.encode({"op": "connect", "address": address, "service": service}) + b"\n")
         async with asyncio.timeout(timeout):
