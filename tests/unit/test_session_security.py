@@ -16,6 +16,7 @@ from peerpath.identity import Identity
 from peerpath.node import sessions as sessions_module
 from peerpath.node.node import Node
 from peerpath.session import control
+from peerpath.session.auth import InitiatorAuth
 from peerpath.session.connection import Connection
 
 from .conftest import eventually, trust_each_other
@@ -66,12 +67,12 @@ def forging_connection(claimed: Identity, forge: Callable[[bytes], bytes], early
             if isinstance(frame, control.Hello):
                 frame = control.Hello(frame.version, claimed.public_key)
                 if early:  # try to get a message in before the proof
-                    stream_id = self.quic.get_next_available_stream_id()
+                    stream_id = self.quic.new_stream()
                     payload = control.encode(control.Message(request=False)) + b"smuggled"
-                    self.quic.send_stream_data(stream_id, payload, end_stream=True)
+                    self.quic.send(stream_id, payload, end=True)
             elif isinstance(frame, control.Auth):
-                assert self._nonce is not None
-                frame = control.Auth(forge(self._nonce))
+                assert isinstance(self._auth, InitiatorAuth) and self._auth.nonce is not None
+                frame = control.Auth(forge(self._auth.nonce))
             super()._send_control(frame)
 
     return Forger

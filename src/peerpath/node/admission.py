@@ -18,9 +18,10 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aioquic.quic.packet import encode_quic_retry
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from peerpath.quic import retry_packet
 
 #: Responder handshakes in progress, at most: in all, and from one source.
 MAX_PENDING = 256
@@ -116,12 +117,12 @@ class Admission:
 
     def _retry(self, name: str, version: int, dcid: bytes, scid: bytes, now: float) -> Decision:
         retry_scid = self._random(_CID)
-        packet = encode_quic_retry(
+        packet = retry_packet(
             version=version,
             source_cid=retry_scid,
             destination_cid=scid,
             original_destination_cid=dcid,
-            retry_token=self._token(name, dcid, retry_scid, now),
+            token=self._token(name, dcid, retry_scid, now),
         )
         self.counters["retries"] += 1
         return Decision(Verdict.RETRY, retry_packet=packet)

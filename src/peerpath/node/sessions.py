@@ -9,11 +9,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aioquic.quic.packet import QuicHeader, QuicPacketType
-
 from peerpath.clock import Clock
 from peerpath.identity import Address, Identity
 from peerpath.node.admission import Admission, Source, Verdict
+from peerpath.quic import PacketHeader
 from peerpath.session.connection import Connection, Role, Services, SessionConfig
 from peerpath.session.pathset import Path, PathKind, PathSet
 from peerpath.wire.datagram import quic_header
@@ -147,10 +146,10 @@ class SessionTable:
             conn.datagram_received(data, make_path(), known=not conn.paths.has_kind(PathKind.RELAY))
 
     def _accept(
-        self, header: QuicHeader, size: int, make_path: Callable[[], Path], source: Source
+        self, header: PacketHeader, size: int, make_path: Callable[[], Path], source: Source
     ) -> Connection | None:
         """A responder session for an Initial, if :class:`Admission` lets it in (or a Retry)."""
-        if self.closing or header.packet_type != QuicPacketType.INITIAL or size < MIN_INITIAL or header.version is None:
+        if self.closing or not header.initial or size < MIN_INITIAL or header.version is None:
             return None
         decision = self._admission.decide(
             source, header.version, header.destination_cid, header.source_cid, header.token, self._clock()

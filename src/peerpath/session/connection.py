@@ -1,14 +1,17 @@
-"""One secure session with one peer: QUIC (aioquic) over a path set, plus peerpath's own
-initiator proof, service streams and messages.
+"""One secure session with one peer: the driver that joins a QUIC connection, a path set,
+the identity proof and the stream multiplexer.
 
-Authentication (see docs/security.md): the responder is authenticated by TLS 1.3 with a
-certificate whose key is its identity key, checked against the dialled address; the
-initiator proves its identity in-band, first thing on the encrypted connection, by
-signing the responder's fresh nonce together with both addresses. Nothing but that proof
-is accepted from an initiator before it succeeds.
+- :mod:`peerpath.quic` is the QUIC connection (sans-I/O; the only module that knows the
+  QUIC library);
+- :mod:`peerpath.session.auth` is the proof of who the peer is (sans-I/O): the responder by
+  its TLS certificate, the initiator in-band, first thing on the encrypted connection.
+  Nothing but that proof is accepted from an initiator before it succeeds;
+- :mod:`peerpath.session.mux` is what the streams carry (sans-I/O): byte streams, messages,
+  requests and pings;
+- :class:`~peerpath.session.pathset.PathSet` carries the datagrams.
 
-The QUIC core is sans-I/O; this class drives it with its node's clock and the event loop's timers
-and hands its datagrams to the :class:`PathSet`, which owns no QUIC state either.
+:class:`Connection` drives them with its node's clock and the event loop's timers, and owns
+what the application holds: stream readers, the futures of requests, handler tasks.
 """
 
 from __future__ import annotations
@@ -17,23 +20,19 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
-import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, SupportsIndex
 
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import QuicFrameType
-
-from peerpath import errors
-from peerpath.certs import certificate_address, self_signed_certificate
+from peerpath import errors, quic
+from peerpath.certs import self_signed_certificate
 from peerpath.clock import Clock, monotonic
-from peerpath.identity import Address, Identity, verify
-from peerpath.session import control
-from peerpath.session.pathset import HOLD_DOWN, VIRTUAL_PEER, Path, PathSet
+from peerpath.identity import Address, Identity
+from peerpath.quic import QuicEngine
+from peerpath.session import control, mux
+from peerpath.session.auth import InitiatorAuth, Refused, ResponderAuth
+from peerpath.session.mux import Kind, Mux
+from peerpath.session.pathset import HOLD_DOWN, Path, PathSet
 from peerpath.session.streams import ResetReason, StreamWriter
 from peerpath.tasks import spawn
 
@@ -58,6 +57,8 @@ PATH_TICK = 1.0
 #: Until the peer is authenticated it may send this much stream data in all (gaps included)
 #: and open no stream but its control stream; the window grows to the session's afterwards.
 PREAUTH_MAX_DATA = 16 * 1024
+#: Streams each way an authenticated peer may have open at once.
+MAX_STREAMS = 128
 
 
 @dataclass(frozen=True)
@@ -105,68 +106,6 @@ class Role(enum.Enum):
     RESPONDER = "responder"
 
 
-class _Quic(QuicConnection):
-    """aioquic's connection, counting packets that decrypted (so only they validate a path),
-    with the connection's receive window and stream counts held at their pre-authentication
-    size until :meth:`open_windows`.
-
-    aioquic doubles the window whenever the peer has used half of it, consumed or not, and
-    keeps a stream's gap below its highest offset in memory: left alone, an unauthenticated
-    peer could grow a session to gigabytes with a few bytes at ever higher offsets. Every
-    such byte counts against the connection window, so holding that one bounds them all.
-    """
-
-    authentic_packets = 0
-    windows_open = False
-    #: Streams whose receive credit follows what the application has read: stream id ->
-    #: the bytes it has consumed so far (a byte stream's reader); and the credit it gets
-    #: beyond that. Other streams (messages) keep aioquic's credit, bounded by the message size.
-    consumed: dict[int, Callable[[], int]]
-    stream_window = 8 * 1024 * 1024
-
-    def hold_windows(self) -> None:
-        """Before the handshake: no stream but one unidirectional (control) stream."""
-        for limit, value in ((self._local_max_streams_bidi, 0), (self._local_max_streams_uni, 1)):
-            limit.value = limit.sent = value
-
-    def open_windows(self, max_data: int, max_streams: int = 128) -> None:
-        """The peer is authenticated: grow to the session's window (sent with the next packet)."""
-        self.windows_open = True
-        self._local_max_data.value = max(self._local_max_data.value, max_data)
-        self._local_max_streams_bidi.value = max(self._local_max_streams_bidi.value, max_streams)
-        self._local_max_streams_uni.value = max(self._local_max_streams_uni.value, max_streams)
-
-    def _payload_received(self, *args: Any, **kwargs: Any) -> Any:
-        self.authentic_packets += 1
-        return super()._payload_received(*args, **kwargs)
-
-    def _write_connection_limits(self, *args: Any, **kwargs: Any) -> None:
-        if self.windows_open:
-            super()._write_connection_limits(*args, **kwargs)
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        """A byte stream's credit is what its reader consumed plus :attr:`stream_window`,
-        raised in steps of a quarter window: a peer that does not read holds the sender at
-        the window, and its memory with it (aioquic doubles the credit as data arrives)."""
-        consumed = self.consumed.get(stream.stream_id)
-        if consumed is None or not stream.max_stream_data_local:
-            super()._write_stream_limits(builder, space, stream)
-            return
-        credit = consumed() + self.stream_window
-        if credit - stream.max_stream_data_local >= self.stream_window // 4:
-            stream.max_stream_data_local = credit
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
-
-
 class _CreditedReader(asyncio.StreamReader):
     """A stream's reader that knows how much the application has consumed, and says when
     it has drained after filling up (so the session sends new credit at once)."""
@@ -200,19 +139,6 @@ class _RoomSignal:
 
     def resume_reading(self) -> None:
         self._on_room()
-
-
-@dataclass(eq=False)
-class _Stream:
-    stream_id: int
-    local: bool
-    header: control.FrameReader | None = field(default_factory=control.FrameReader)
-    reader: asyncio.StreamReader | None = None
-    payload: bytearray | None = None
-    answer: asyncio.Future[Any] | None = None
-    reply: control.Reply | None = None
-    topic: str = ""
-    kind: str = "pending"  # "open" | "request" | "oneway" on the remote side; "await-accept"/"await-reply" locally
 
 
 class Connection:
@@ -255,26 +181,30 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         #: The session's clock (its node's).
         self.clock = clock
-        quic_config = QuicConfiguration(
-            is_client=role is Role.INITIATOR,
-            alpn_protocols=[control.ALPN],
+        initiator = role is Role.INITIATOR
+        #: The QUIC connection (through the engine adapter, :mod:`peerpath.quic`).
+        self.quic = QuicEngine(
+            is_client=initiator,
+            alpn=control.ALPN,
             idle_timeout=config.idle_timeout,
             max_datagram_size=config.max_datagram_size,
-            max_data=PREAUTH_MAX_DATA,
             max_stream_data=config.max_stream_data,
-            verify_mode=ssl.CERT_NONE,  # the certificate is checked against the address below
-        )
-        if role is Role.RESPONDER:
-            quic_config.certificate = self_signed_certificate(identity)
-            quic_config.private_key = identity.private_key
-        self.quic = _Quic(
-            configuration=quic_config,
+            certificate=None if initiator else self_signed_certificate(identity),
+            private_key=None if initiator else identity.private_key,
             original_destination_connection_id=original_destination_connection_id,
             retry_source_connection_id=retry_source_connection_id,
         )
-        self.quic.hold_windows()
-        self.quic.consumed = {}
-        self.quic.stream_window = config.max_stream_data
+        self.quic.hold_windows(PREAUTH_MAX_DATA)
+        self._auth: InitiatorAuth | ResponderAuth
+        if expected_peer is not None and initiator:
+            self._auth = InitiatorAuth(identity, expected_peer)
+        else:
+            self._auth = ResponderAuth(identity, services.is_trusted)
+        self._mux = Mux(initiator=initiator, max_message_size=config.max_message_size)
+        #: Who waits for an answer on a stream of ours (open_stream, request, ping).
+        self._answers: dict[int, asyncio.Future[Any]] = {}
+        #: The readers of byte streams the peer has not finished.
+        self._readers: dict[int, _CreditedReader] = {}
         self.established: asyncio.Future[None] = self._loop.create_future()
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self.close_reason = ""
@@ -289,13 +219,11 @@ class Connection:
         self._keepalive: asyncio.TimerHandle | None = None
         self._path_timer: asyncio.TimerHandle | None = None
         self._transmit_soon = False
-        self._streams: dict[int, _Stream] = {}
         self._control_out: int | None = None
         self._control_in: int | None = None
         self._control_reader = control.FrameReader()
-        self._nonce: bytes | None = None
-        self._claimed_key: bytes | None = None
-        self._early: list[events.StreamDataReceived | events.StreamReset] = []
+        #: Stream events that overtook the responder's Welcome (initiator only), and their size.
+        self._early: list[quic.StreamData | quic.StreamReset] = []
         self._early_bytes = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -310,9 +238,7 @@ class Connection:
     @property
     def rtt(self) -> float | None:
         """QUIC's smoothed round-trip time in seconds, once measured."""
-        loss = getattr(self.quic, "_loss", None)
-        rtt = getattr(loss, "_rtt_smoothed", 0.0)
-        return float(rtt) if rtt else None
+        return self.quic.rtt
 
     @property
     def is_established(self) -> bool:
@@ -334,29 +260,29 @@ class Connection:
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"port {port} out of range 0-65535")
         self._check_open()
-        stream, answer = self._new_local_stream("await-accept")
-        self._send_stream(stream.stream_id, control.encode(control.OpenStream(port)))
+        stream_id, answer = self._new_local_stream(Kind.AWAIT_ACCEPT)
+        self._send_stream(stream_id, control.encode(control.OpenStream(port)))
         try:
-            accept: control.Accept = await asyncio.wait_for(answer, timeout)
+            accept, reader = await asyncio.wait_for(answer, timeout)
         except TimeoutError:
-            self._cancel_stream(stream)
+            self._cancel_stream(stream_id)
             raise errors.RequestTimeoutError(
                 f"{self.peer} did not answer on port {port} within {timeout:g} s"
             ) from None
-        if not accept.ok or stream.reader is None:
+        if reader is None:
             raise errors.ServiceNotFoundError(f"{self.peer}: {accept.error}")
-        return stream.reader, StreamWriter(self, stream.stream_id)
+        return reader, StreamWriter(self, stream_id)
 
     async def request(self, data: bytes, timeout: float = 30.0, *, _topic: str = "") -> bytes:
         """Send a message and wait for the peer's reply."""
         self._check_message(data)
-        stream, answer = self._new_local_stream("await-reply")
+        stream_id, answer = self._new_local_stream(Kind.AWAIT_REPLY)
         header = control.encode(control.Message(request=True, topic=_topic))
-        self._send_stream(stream.stream_id, header + data, end_stream=True)
+        self._send_stream(stream_id, header + data, end_stream=True)
         try:
             reply, payload = await asyncio.wait_for(answer, timeout)
         except TimeoutError:
-            self._cancel_stream(stream)
+            self._cancel_stream(stream_id)
             raise errors.RequestTimeoutError(f"no reply from {self.peer} within {timeout:g} s") from None
         if not reply.ok:
             raise errors.MessageError(f"{self.peer} could not handle the request: {reply.error}")
@@ -365,28 +291,28 @@ class Connection:
     async def ping(self, timeout: float = 5.0) -> float:
         """One round trip through the session, answered by the peer's session layer; seconds."""
         self._check_open()
-        stream, answer = self._new_local_stream("await-reply")
+        stream_id, answer = self._new_local_stream(Kind.AWAIT_REPLY)
         start = self.clock()
-        self._send_stream(stream.stream_id, control.encode(control.Ping()), end_stream=True)
+        self._send_stream(stream_id, control.encode(control.Ping()), end_stream=True)
         try:
             await asyncio.wait_for(answer, timeout)
         except TimeoutError:
-            self._cancel_stream(stream)
+            self._cancel_stream(stream_id)
             raise errors.RequestTimeoutError(f"no pong from {self.peer} within {timeout:g} s") from None
         return self.clock() - start
 
     async def send(self, data: bytes, *, _topic: str = "") -> None:
         """Send a one-way message (delivered reliably; no reply)."""
         self._check_message(data)
-        stream, _ = self._new_local_stream("oneway")
+        stream_id = self.quic.new_stream()
         header = control.encode(control.Message(request=False, topic=_topic))
-        self._send_stream(stream.stream_id, header + data, end_stream=True)
-        await self._drain(stream.stream_id, self.config.max_stream_data)
+        self._send_stream(stream_id, header + data, end_stream=True)
+        await self._drain(stream_id, self.config.max_stream_data)
 
     async def close(self, reason: str = "closed", timeout: float = 2.0) -> None:
         """Close the session cleanly and wait (briefly) for it to end."""
         if not self.closed.done():
-            self.quic.close(error_code=0, reason_phrase=reason)
+            self.quic.close(0, reason)
             self.transmit()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout)
@@ -417,7 +343,7 @@ class Connection:
     def start(self) -> None:
         """Start the handshake (initiator) or wait for it (responder)."""
         if self.role is Role.INITIATOR:
-            self.quic.connect(VIRTUAL_PEER, now=self.clock())
+            self.quic.connect(self.clock())
         self.transmit()
 
     def datagram_received(self, data: bytes, path: Path, *, known: bool = True) -> None:
@@ -429,9 +355,7 @@ class Connection:
         if self.closed.done():
             return
         now = self.clock()
-        before = self.quic.authentic_packets
-        self.quic.receive_datagram(data, VIRTUAL_PEER, now=now)
-        if self.quic.authentic_packets > before and known:
+        if self.quic.receive(data, now) and known:
             self.paths.received(path, len(data), now)
         self._process_events()
         # Coalesced: a burst of datagrams read in one wakeup is answered by one transmit.
@@ -441,12 +365,12 @@ class Connection:
         """Send what QUIC wants sent and re-arm its timer."""
         self._transmit_soon = False
         now = self.clock()
-        for datagram, _ in self.quic.datagrams_to_send(now=now):
+        for datagram in self.quic.datagrams(now):
             self.paths.send(datagram)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        deadline = self.quic.get_timer()
+        deadline = self.quic.timer()
         if deadline is not None and not self.closed.done():
             # QUIC's clock is high-resolution; the loop's may tick in milliseconds (uvloop).
             self._timer = self._loop.call_later(max(0.0, deadline - now), self._on_timer)
@@ -459,7 +383,7 @@ class Connection:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.quic.handle_timer(now=self.clock())
+        self.quic.handle_timer(self.clock())
         self._process_events()
         self.transmit()
 
@@ -484,31 +408,23 @@ class Connection:
         self._keepalive = None
         if self.closed.done():
             return
-        self.quic.send_ping(0)
+        self.quic.ping()
         self.transmit()
         self._keepalive = self._loop.call_later(self.config.keepalive_interval, self._on_keepalive)
 
     def _process_events(self) -> None:
-        while (event := self.quic.next_event()) is not None:
+        for event in self.quic.events():
             try:
                 self._handle_event(event)
             except control.ControlError as exc:
                 self._abort(_ERR_PROTOCOL, f"protocol error: {exc}")
 
-    def _handle_event(self, event: events.QuicEvent) -> None:
-        if isinstance(event, events.ConnectionIdIssued | events.ConnectionIdRetired):
-            if self._on_connection_id is not None:
-                self._on_connection_id(self, event.connection_id, isinstance(event, events.ConnectionIdIssued))
-        elif isinstance(event, events.HandshakeCompleted):
-            self._on_handshake(event)
-        elif isinstance(event, events.ConnectionTerminated):
-            reason = event.reason_phrase or f"error {event.error_code:#x}"
-            if event.error_code in (_ERR_REFUSED, _ERR_AUTH) and not self.established.done():
-                self._fail_establish(errors.PeerRefusedError(f"{self.peer} refused the session: {reason}"))
-            self._terminated(f"closed by peer: {reason}" if event.error_code in (0, _ERR_REFUSED) else reason)
-        elif isinstance(event, events.StreamDataReceived | events.StreamReset):
+    def _handle_event(self, event: quic.Event) -> None:
+        if isinstance(event, quic.StreamData | quic.StreamReset):
             if event.stream_id & 0x2:  # unidirectional: only the peer's control stream exists
                 self._on_control(event)
+            elif self.is_established:
+                self._on_stream_event(event)
             elif not self.established.done():
                 # Held until the session is established (on the initiator: streams of the
                 # responder that overtook its Welcome); never delivered if it fails.
@@ -518,45 +434,41 @@ class Connection:
                 self._early_bytes += len(getattr(event, "data", b"")) + 64
                 if self._early_bytes > self.config.max_data:
                     self._abort(_ERR_PROTOCOL, "too much data before authentication")
-            elif self.is_established:
-                self._on_stream_event(event)
+        elif isinstance(event, quic.ConnectionIdChange):
+            if self._on_connection_id is not None:
+                self._on_connection_id(self, event.cid, event.issued)
+        elif isinstance(event, quic.HandshakeDone):
+            self._on_handshake(event)
+        elif isinstance(event, quic.Terminated):
+            reason = event.reason or f"error {event.code:#x}"
+            if event.code in (_ERR_REFUSED, _ERR_AUTH) and not self.established.done():
+                self._fail_establish(errors.PeerRefusedError(f"{self.peer} refused the session: {reason}"))
+            self._terminated(f"closed by peer: {reason}" if event.code in (0, _ERR_REFUSED) else reason)
 
-    def _is_local(self, stream_id: int) -> bool:
-        # RFC 9000 2.1: the low bit is 0 for client-initiated streams.
-        return (stream_id & 0x1 == 0) == (self.role is Role.INITIATOR)
+    # -- authentication (the proof itself is peerpath.session.auth) ------------------
 
-    # -- authentication -----------------------------------------------------------
-
-    def _on_handshake(self, event: events.HandshakeCompleted) -> None:
-        if event.alpn_protocol != control.ALPN:
-            self._abort(_ERR_PROTOCOL, f"peer speaks {event.alpn_protocol!r}, not {control.ALPN}")
+    def _on_handshake(self, event: quic.HandshakeDone) -> None:
+        if event.alpn != control.ALPN:
+            self._abort(_ERR_PROTOCOL, f"peer speaks {event.alpn!r}, not {control.ALPN}")
             return
-        self._control_out = self.quic.get_next_available_stream_id(is_unidirectional=True)
-        if self.role is Role.INITIATOR:
-            certificate = getattr(self.quic.tls, "_peer_certificate", None)
-            proven = certificate_address(certificate) if certificate is not None else None
-            if proven != self.peer:
-                self._fail_establish(
-                    errors.PeerAuthenticationError(
-                        f"the peer at this endpoint is {proven or 'not a peerpath node'}, not {self.peer}"
-                    )
-                )
-                self._abort(_ERR_AUTH, "wrong identity")
-                return
-            self._open_windows()  # the responder is who we dialled: streams may come with its Welcome
-            hello = control.Hello(control.PROTOCOL_VERSION, self.identity.public_key)
-            self._send_control(hello)
-        else:
-            self._nonce = os.urandom(32)
-            self._send_control(control.Challenge(self._nonce))
+        self._control_out = self.quic.new_stream(unidirectional=True)
+        try:
+            if isinstance(self._auth, InitiatorAuth):
+                hello = self._auth.handshake_done(self.quic.peer_certificate())
+                self._open_windows()  # the responder is who we dialled: streams may come with its Welcome
+                self._send_control(hello)
+            else:
+                self._send_control(self._auth.handshake_done())
+        except Refused as exc:
+            self._refused(exc)
 
     def _send_control(self, frame: control.Frame) -> None:
         if self._control_out is None:
             raise RuntimeError("control stream used before the handshake completed")
         self._send_stream(self._control_out, control.encode(frame))
 
-    def _on_control(self, event: events.StreamDataReceived | events.StreamReset) -> None:
-        if isinstance(event, events.StreamReset):
+    def _on_control(self, event: quic.StreamData | quic.StreamReset) -> None:
+        if isinstance(event, quic.StreamReset):
             self._abort(_ERR_PROTOCOL, "control stream reset")
             return
         if self._control_in is None:
@@ -564,63 +476,38 @@ class Connection:
         elif event.stream_id != self._control_in:
             raise control.ControlError("a second unidirectional stream (only the control stream is one)")
         for frame in self._control_reader.feed(event.data):
-            self._on_control_frame(frame)
+            if self.closed.done():
+                return
+            try:
+                step = self._auth.on_frame(frame)
+            except Refused as exc:
+                self._refused(exc)
+                return
+            if isinstance(self._auth, ResponderAuth) and step.done:
+                self.peer = self._auth.peer
+                self._open_windows()
+            if step.reply is not None:
+                self._send_control(step.reply)
+            if step.done:
+                self._established()
 
-    def _on_control_frame(self, frame: control.Frame) -> None:
-        if self.role is Role.RESPONDER:
-            if isinstance(frame, control.Hello) and self._claimed_key is None:
-                if frame.version != control.PROTOCOL_VERSION:
-                    self._refuse(f"protocol version {frame.version} not supported")
-                    return
-                self._claimed_key = frame.public_key
-            elif (
-                isinstance(frame, control.Auth)
-                and self._claimed_key is not None
-                and self._nonce is not None
-                and self.peer is None
-            ):
-                self._check_auth(frame, self._claimed_key, self._nonce)
-            else:
-                raise control.ControlError(f"unexpected {type(frame).__name__} from the initiator")
-        elif isinstance(frame, control.Challenge) and self._nonce is None and self.peer is not None:
-            self._nonce = frame.nonce
-            payload = control.auth_payload(frame.nonce, self.identity.address, self.peer)
-            self._send_control(control.Auth(self.identity.sign(payload)))
-        elif isinstance(frame, control.Welcome) and self._nonce is not None:
-            self._established()
+    def _refused(self, exc: Refused) -> None:
+        if exc.authentication:
+            if isinstance(self._auth, InitiatorAuth):
+                self._fail_establish(errors.PeerAuthenticationError(str(exc)))
+            self._abort(_ERR_AUTH, "wrong identity" if isinstance(self._auth, InitiatorAuth) else str(exc))
         else:
-            raise control.ControlError(f"unexpected {type(frame).__name__} from the responder")
-
-    def _check_auth(self, frame: control.Auth, claimed_key: bytes, nonce: bytes) -> None:
-        try:
-            claimed = Address.from_public_key(claimed_key)
-        except ValueError:
-            self._refuse("authentication failed: malformed key", _ERR_AUTH)
-            return
-        payload = control.auth_payload(nonce, claimed, self.identity.address)
-        if not verify(claimed_key, frame.signature, payload):
-            self._refuse("authentication failed: bad signature", _ERR_AUTH)
-            return
-        if not self._services.is_trusted(claimed):
-            log.info("refused session from untrusted %s", claimed)
-            self._refuse(f"{self.identity.address} does not trust {claimed}")
-            return
-        self.peer = claimed
-        self._open_windows()
-        self._send_control(control.Welcome())
-        self._established()
+            log.info("refused session: %s", exc)
+            # The reason travels in CONNECTION_CLOSE (RFC 9000 19.19); stream data queued now would be lost.
+            self._abort(_ERR_REFUSED, str(exc))
 
     def _open_windows(self) -> None:
-        self.quic.open_windows(self.config.max_data)
+        self.quic.open_windows(self.config.max_data, MAX_STREAMS)
 
     def _too_slow(self) -> None:
         self._deadline = None
         if not self.established.done():
             self._abort(_ERR_PROTOCOL, f"not authenticated within {self.config.connect_timeout:g} s")
-
-    def _refuse(self, reason: str, code: int = _ERR_REFUSED) -> None:
-        # The reason travels in CONNECTION_CLOSE (RFC 9000 19.19); stream data queued now would be lost.
-        self._abort(code, reason)
 
     def _established(self) -> None:
         if self._deadline is not None:
@@ -642,7 +529,7 @@ class Connection:
             self.established.set_exception(exc)
             self.established.exception()  # mark retrieved: the caller may have given up already
 
-    # -- streams ------------------------------------------------------------------
+    # -- streams (what they carry is peerpath.session.mux) ---------------------------
 
     def _check_open(self) -> None:
         if self.closed.done():
@@ -655,66 +542,57 @@ class Connection:
         if len(data) > self.config.max_message_size:
             raise ValueError(f"message of {len(data)} bytes exceeds max_message_size {self.config.max_message_size}")
 
-    def _new_local_stream(self, kind: str) -> tuple[_Stream, asyncio.Future[Any]]:
-        stream_id = self.quic.get_next_available_stream_id()
+    def _new_local_stream(self, kind: Kind) -> tuple[int, asyncio.Future[Any]]:
+        stream_id = self.quic.new_stream()
         answer: asyncio.Future[Any] = self._loop.create_future()
-        stream = _Stream(stream_id, local=True, kind=kind, answer=answer)
-        if kind == "await-reply":
-            stream.payload = bytearray()
-        if kind != "oneway":
-            self._streams[stream_id] = stream
-        return stream, answer
+        self._mux.expect(stream_id, kind)
+        self._answers[stream_id] = answer
+        return stream_id, answer
 
     def _send_stream(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         if self.closed.done():
             raise errors.SessionClosedError(f"session with {self.peer} is closed: {self.close_reason}")
         try:
-            self.quic.send_stream_data(stream_id, data, end_stream=end_stream)
-        except ValueError as exc:
-            if "finished stream" not in str(exc):
-                raise
-            # aioquic: the sending side is over, the peer stopped it (or we reset it).
+            self.quic.send(stream_id, data, end_stream)
+        except quic.StreamFinished as exc:
             raise errors.StreamResetError(f"{self.peer} reset the stream") from exc
         self._schedule_transmit()
 
-    def _cancel_stream(self, stream: _Stream) -> None:
-        self._streams.pop(stream.stream_id, None)
-        with contextlib.suppress(Exception):
-            self.quic.reset_stream(stream.stream_id, _STREAM_CANCELLED)
-            self.quic.stop_stream(stream.stream_id, _STREAM_CANCELLED)
+    def _cancel_stream(self, stream_id: int) -> None:
+        self._mux.forget(stream_id)
+        self._answers.pop(stream_id, None)
+        self.quic.reset(stream_id, _STREAM_CANCELLED)
+        self.quic.stop(stream_id, _STREAM_CANCELLED)
         self._schedule_transmit()
 
     def _new_reader(self, stream_id: int) -> _CreditedReader:
         """A byte stream's reader, whose consumption gives the peer its credit."""
         reader = _CreditedReader(self.config.max_stream_data, self._schedule_transmit)
-        self.quic.consumed[stream_id] = lambda: reader.consumed
+        self._readers[stream_id] = reader
+        self.quic.follow_reads(stream_id, lambda: reader.consumed)
         return reader
+
+    def _drop_reader(self, stream_id: int) -> _CreditedReader | None:
+        self.quic.forget_reads(stream_id)
+        return self._readers.pop(stream_id, None)
 
     def _abort_stream(self, stream_id: int, reason: ResetReason = ResetReason.RESET) -> None:
         """Reset a stream both ways (the peer's reader fails with StreamResetError). A stream
         the peer opened stays known, as discarded, until the peer's reset or end arrives:
         what it sent meanwhile is dropped, never taken for a new stream's header."""
-        self.quic.consumed.pop(stream_id, None)
-        stream = self._streams.get(stream_id)
-        if stream is not None and not stream.local:
-            stream.kind, stream.reader, stream.payload = "discard", None, None
-        else:
-            self._streams.pop(stream_id, None)
+        self._drop_reader(stream_id)
+        self._mux.refuse(stream_id)
         if self.closed.done():
             return
-        with contextlib.suppress(Exception):
-            self.quic.reset_stream(stream_id, reason)
-            self.quic.stop_stream(stream_id, reason)
+        self.quic.reset(stream_id, reason)
+        self.quic.stop(stream_id, reason)
         self._schedule_transmit()
 
     def _unacked(self, stream_id: int) -> int:
-        quic_stream = self.quic._streams.get(stream_id)
-        if quic_stream is None:
-            return 0
-        return len(quic_stream.sender._buffer)
+        return self.quic.unacked(stream_id)
 
     async def _drain(self, stream_id: int, high_water: int) -> None:
-        while self._unacked(stream_id) > high_water:
+        while self.quic.unacked(stream_id) > high_water:
             if self.closed.done():
                 raise errors.SessionClosedError(f"session with {self.peer} is closed: {self.close_reason}")
             waiter = self._loop.create_future()
@@ -727,113 +605,72 @@ class Connection:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _on_stream_event(self, event: events.StreamDataReceived | events.StreamReset) -> None:
-        stream = self._streams.get(event.stream_id)
-        if stream is None:
-            if self._is_local(event.stream_id):
-                return  # a stream of ours we forgot (cancelled): ignore what still arrives
-            stream = _Stream(event.stream_id, local=False)
-            self._streams[event.stream_id] = stream
-        if isinstance(event, events.StreamReset):
-            self._stream_reset(stream, event.error_code)
+    def _on_stream_event(self, event: quic.StreamData | quic.StreamReset) -> None:
+        if isinstance(event, quic.StreamReset):
+            self._stream_reset(event.stream_id, event.code)
             return
-        data, fin = event.data, event.end_stream
-        if stream.header is not None:
-            frame = stream.header.feed_header(data)
-            if frame is None:
-                if fin:
-                    raise control.ControlError("stream ended before its header")
-                return
-            data = stream.header.take_rest()
-            stream.header = None
-            self._on_header(stream, frame)
-        self._on_payload(stream, data, fin)
+        for out in self._mux.on_data(event.stream_id, event.data, event.end):
+            if isinstance(out, mux.Bytes):
+                reader = self._readers.get(out.stream_id)
+                if reader is not None:
+                    if out.data:
+                        reader.feed_data(out.data)
+                    if out.end:
+                        reader.feed_eof()
+                        self._drop_reader(out.stream_id)  # nothing more can come
+            elif isinstance(out, mux.OpenRequested):
+                self._on_open_requested(out.stream_id, out.port)
+            elif isinstance(out, mux.Answered):
+                reader = self._new_reader(out.stream_id) if out.accept.ok else None
+                self._answer(out.stream_id, (out.accept, reader))
+            elif isinstance(out, mux.ReplyIn):
+                self._answer(out.stream_id, (out.reply, out.payload))
+            elif isinstance(out, mux.MessageIn):
+                self._spawn(self._run_message_handler(out))
+            elif isinstance(out, mux.PingIn):
+                self._send_stream(out.stream_id, control.encode(control.Reply(True)), end_stream=True)
+            elif isinstance(out, mux.TooLarge):
+                self._stream_too_large(out.stream_id, out.local)
 
-    def _on_header(self, stream: _Stream, frame: control.Frame) -> None:
-        if stream.local:
-            if stream.kind == "await-accept" and isinstance(frame, control.Accept):
-                stream.kind = "open"
-                stream.reader = self._new_reader(stream.stream_id)
-                if stream.answer is not None and not stream.answer.done():
-                    stream.answer.set_result(frame)
-                return
-            if stream.kind == "await-reply" and isinstance(frame, control.Reply):
-                stream.reply = frame
-                return
-            raise control.ControlError(f"unexpected {type(frame).__name__} on stream {stream.stream_id}")
-        if isinstance(frame, control.OpenStream):
-            handler = self._services.stream_handler(frame.port, self.peer) if self.peer else "not authenticated"
-            if isinstance(handler, str):
-                self._send_stream(stream.stream_id, control.encode(control.Accept(False, handler)), end_stream=True)
-                stream.kind = "refused"
-                return
-            stream.kind = "open"
-            stream.reader = self._new_reader(stream.stream_id)
-            self._send_stream(stream.stream_id, control.encode(control.Accept(True)))
-            self._spawn(self._run_stream_handler(handler, stream.reader, StreamWriter(self, stream.stream_id)))
-        elif isinstance(frame, control.Message):
-            stream.kind = "request" if frame.request else "oneway"
-            stream.topic = frame.topic
-            stream.payload = bytearray()
-        elif isinstance(frame, control.Ping):
-            stream.kind = "refused"  # nothing more is read from it
-            self._send_stream(stream.stream_id, control.encode(control.Reply(True)), end_stream=True)
-        else:
-            raise control.ControlError(f"unexpected {type(frame).__name__} opening stream {stream.stream_id}")
+    def _on_open_requested(self, stream_id: int, port: int) -> None:
+        handler = self._services.stream_handler(port, self.peer) if self.peer else "not authenticated"
+        if isinstance(handler, str):
+            self._mux.refuse(stream_id)
+            self._send_stream(stream_id, control.encode(control.Accept(False, handler)), end_stream=True)
+            return
+        reader = self._new_reader(stream_id)
+        self._send_stream(stream_id, control.encode(control.Accept(True)))
+        self._spawn(self._run_stream_handler(handler, reader, StreamWriter(self, stream_id)))
 
-    def _on_payload(self, stream: _Stream, data: bytes, fin: bool) -> None:
-        if stream.kind == "open" and stream.reader is not None:
-            if data:
-                stream.reader.feed_data(data)
-            if fin:
-                stream.reader.feed_eof()
-                self.quic.consumed.pop(stream.stream_id, None)  # nothing more can come
-            return
-        if stream.payload is None:  # refused or discarded: drop what still arrives
-            if fin:
-                self._streams.pop(stream.stream_id, None)
-            return
-        stream.payload += data
-        if len(stream.payload) > self.config.max_message_size:
-            self._stream_too_large(stream)
-            return
-        if not fin:
-            return
-        if stream.local:  # the reply to our request is complete
-            if stream.reply is None:
-                raise control.ControlError("reply without a header")
-            self._streams.pop(stream.stream_id, None)
-            if stream.answer is not None and not stream.answer.done():
-                stream.answer.set_result((stream.reply, stream.payload))
-            return
-        payload, stream.payload = bytes(stream.payload), None
-        self._streams.pop(stream.stream_id, None)
-        self._spawn(self._run_message_handler(stream, payload))
+    def _answer(self, stream_id: int, result: Any) -> None:
+        answer = self._answers.pop(stream_id, None)
+        if answer is not None and not answer.done():
+            answer.set_result(result)
 
-    def _stream_too_large(self, stream: _Stream) -> None:
-        # Keep the stream known (as "discard") so data still in flight is dropped, not parsed.
-        stream.payload = None
-        stream.kind = "discard"
-        with contextlib.suppress(Exception):
-            self.quic.stop_stream(stream.stream_id, _STREAM_TOO_LARGE)
-            if not stream.local:
-                self.quic.reset_stream(stream.stream_id, _STREAM_TOO_LARGE)
-        if stream.answer is not None and not stream.answer.done():
-            stream.answer.set_exception(errors.MessageError(f"reply from {self.peer} exceeds max_message_size"))
+    def _fail(self, stream_id: int, exc: Exception) -> None:
+        answer = self._answers.pop(stream_id, None)
+        if answer is not None and not answer.done():
+            answer.set_exception(exc)
+        reader = self._drop_reader(stream_id)
+        if reader is not None:
+            reader.set_exception(exc)
+
+    def _stream_too_large(self, stream_id: int, local: bool) -> None:
+        # The mux keeps the stream known (as discarded) so data still in flight is dropped, not parsed.
+        self.quic.stop(stream_id, _STREAM_TOO_LARGE)
+        if not local:
+            self.quic.reset(stream_id, _STREAM_TOO_LARGE)
+        self._fail(stream_id, errors.MessageError(f"reply from {self.peer} exceeds max_message_size"))
         self._schedule_transmit()
 
-    def _stream_reset(self, stream: _Stream, code: int) -> None:
-        self._streams.pop(stream.stream_id, None)
-        self.quic.consumed.pop(stream.stream_id, None)
+    def _stream_reset(self, stream_id: int, code: int) -> None:
+        self._mux.on_reset(stream_id)
         exc: errors.PeerpathError = errors.SessionClosedError(f"{self.peer} reset the stream (code {code:#x})")
         if code == _STREAM_TOO_LARGE:
             exc = errors.MessageError(f"{self.peer} refused the message: larger than its max_message_size")
         elif code in _RESET_MESSAGES:
             exc = errors.StreamResetError(f"{self.peer} {_RESET_MESSAGES[ResetReason(code)]}")
-        if stream.answer is not None and not stream.answer.done():
-            stream.answer.set_exception(exc)
-        if stream.reader is not None:
-            stream.reader.set_exception(exc)
+        self._fail(stream_id, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         spawn(coro, f"a task of the session with {self.peer}", self._tasks)
@@ -851,10 +688,10 @@ class Connection:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _run_message_handler(self, stream: _Stream, payload: bytes) -> None:
+    async def _run_message_handler(self, message: mux.MessageIn) -> None:
         handler = self._services.message_handler()
-        if stream.topic:
-            topic = stream.topic
+        if message.topic:
+            topic = message.topic
 
             async def internal(connection: Connection, data: bytes) -> bytes | None:
                 return await self._services.internal_message(connection, topic, data)
@@ -866,21 +703,21 @@ class Connection:
             reply = control.Reply(False, "this node takes no messages")
         else:
             try:
-                result = await asyncio.wait_for(handler(self, payload), self.config.handler_timeout)
+                result = await asyncio.wait_for(handler(self, message.payload), self.config.handler_timeout)
                 reply, response = control.Reply(True), result or b""
             except Exception as exc:
                 log.exception("message handler failed (peer %s)", self.peer)
                 reply = control.Reply(False, f"handler error: {type(exc).__name__}")
-        if stream.kind == "request" and not self.closed.done():
+        if message.request and not self.closed.done():
             with contextlib.suppress(errors.SessionClosedError):
-                self._send_stream(stream.stream_id, control.encode(reply) + response, end_stream=True)
+                self._send_stream(message.stream_id, control.encode(reply) + response, end_stream=True)
 
     # -- ending ---------------------------------------------------------------------
 
     def _abort(self, code: int, reason: str) -> None:
         if not self.closed.done():
             self.close_reason = reason
-            self.quic.close(error_code=code, reason_phrase=reason)
+            self.quic.close(code, reason)
             self._fail_establish(
                 errors.PeerAuthenticationError(reason) if code == _ERR_AUTH else errors.SessionClosedError(reason)
             )
@@ -896,12 +733,15 @@ class Connection:
         self._timer = self._keepalive = self._path_timer = self._deadline = None
         exc = errors.SessionClosedError(f"session with {self.peer} closed: {self.close_reason}")
         self._fail_establish(exc)
-        for stream in self._streams.values():
-            if stream.answer is not None and not stream.answer.done():
-                stream.answer.set_exception(exc)
-            if stream.reader is not None and not stream.reader.at_eof():
-                stream.reader.set_exception(exc)
-        self._streams.clear()
+        answers, self._answers = self._answers, {}
+        for answer in answers.values():
+            if not answer.done():
+                answer.set_exception(exc)
+        readers, self._readers = self._readers, {}
+        for reader in readers.values():
+            if not reader.at_eof():
+                reader.set_exception(exc)
+        self._mux.clear()
         self._wake_drains()
         self.closed.set_result(None)
         if self._on_closed is not None:

@@ -15,10 +15,7 @@ from dataclasses import dataclass, field
 
 from peerpath.wire.endpoint import format_endpoint, parse_endpoint
 
-__all__ = ["HOLD_DOWN", "VIRTUAL_PEER", "Path", "PathKind", "PathSet", "format_endpoint", "parse_endpoint"]
-
-#: The address QUIC believes its peer has; the real one is the path set's business.
-VIRTUAL_PEER = ("peerpath-peer", 0)
+__all__ = ["HOLD_DOWN", "Path", "PathKind", "PathSet", "format_endpoint", "parse_endpoint"]
 
 
 class PathKind(enum.StrEnum):

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import enum
 
-from aioquic.buffer import Buffer  # type: ignore[attr-defined]
-from aioquic.quic.packet import QuicHeader, pull_quic_header
-
+from peerpath.quic import CID_LENGTH, PacketHeader, parse_header
 from peerpath.wire.punch import is_check
 from peerpath.wire.rendezvous import is_udp_relay
 from peerpath.wire.stun import is_stun
 
-#: The length of the connection IDs peerpath's sessions issue (aioquic's default).
-CID_LENGTH = 8
+__all__ = ["CID_LENGTH", "DatagramKind", "classify", "quic_header"]
 
 
 class DatagramKind(enum.Enum):
@@ -43,12 +40,7 @@ def classify(data: bytes) -> DatagramKind:
     return DatagramKind.UNKNOWN
 
 
-def quic_header(data: bytes) -> QuicHeader | None:
+def quic_header(data: bytes) -> PacketHeader | None:
     """The header of a QUIC packet (to route it by destination connection ID), or None if
     ``data`` is not one."""
-    if not data or not data[0] & 0x40:
-        return None
-    try:
-        return pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
-    except ValueError:
-        return None
+    return parse_header(data)
