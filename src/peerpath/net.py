@@ -15,6 +15,7 @@ import logging
 import socket
 import ssl
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -170,6 +171,26 @@ def large_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
 
 
+#: Linux's IP_MTU_DISCOVER / IPV6_MTU_DISCOVER and their PROBE mode (linux/in.h, in6.h),
+#: which Python's socket module does not name.
+_IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
+
+
+def dont_fragment(sock: socket.socket) -> None:
+    """Set the don't-fragment bit on every datagram and never fragment locally (Linux), as
+    QUIC asks (RFC 9000 14) and path MTU probes need: a datagram too large for a link on the
+    way is lost, not split. Elsewhere the system's default stays."""
+    if not sys.platform.startswith("linux"):
+        return
+    level, option = (
+        (socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER)
+        if sock.family == socket.AF_INET6
+        else (socket.IPPROTO_IP, _IP_MTU_DISCOVER)
+    )
+    with contextlib.suppress(OSError):
+        sock.setsockopt(level, option, _PMTUDISC_PROBE)
+
+
 def _reusable(sock: socket.socket) -> None:
     """Let a listener and outbound sockets share one local port (simultaneous open)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -234,6 +255,7 @@ class KernelNet:
         try:
             sock.bind((host, port))
             large_buffers(sock)
+            dont_fragment(sock)
             return KernelUdp(sock, on_datagram)
         except BaseException:
             sock.close()

@@ -325,6 +325,20 @@ class QuicEngine:
         stream = self._quic._streams.get(stream_id)
         return len(stream.sender._buffer) if stream is not None else 0
 
+    def set_max_datagram_size(self, size: int) -> None:
+        """The largest datagram to build from now on (the current path's; datagrams in flight
+        that were larger and get lost are rebuilt at this size by loss recovery)."""
+        quic = self._quic
+        if size == quic._max_datagram_size:
+            return
+        quic._max_datagram_size = size
+        loss = quic._loss
+        loss._pacer._max_datagram_size = size
+        congestion: Any = loss._cc  # reno and cubic both keep the size
+        congestion._max_datagram_size = size
+        if hasattr(congestion, "additive_increase_factor"):  # cubic
+            congestion.additive_increase_factor = size
+
     def ping(self) -> None:
         """Send an ack-eliciting PING with the next datagrams (keeps NAT mappings warm)."""
         self._quic.send_ping(0)

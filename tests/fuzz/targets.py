@@ -1365,7 +1365,7 @@ _LOCAL = traversal.LocalSide(
 def _run_direct(data: bytes, rng: random.Random) -> None:
     decoded: list[Any] = []
     error: errors.RemoteError | None = None
-    for kind in (traversal.Offer, traversal.Answer, traversal.Go):
+    for kind in (traversal.Offer, traversal.Answer, traversal.Go, traversal.CheckKey):
         try:
             decoded.append(traversal.decode_message(data, kind))
         except errors.RemoteError as exc:
@@ -1376,6 +1376,8 @@ def _run_direct(data: bytes, rng: random.Random) -> None:
             responder = traversal.Traversal(initiator=False)
             responder.offered(traversal.Offer(PUNCH_KEY, ["198.51.100.9:4000"]), _LOCAL, held=0.0)
             plans.append(responder.go(message, now=1.0))
+        elif isinstance(message, traversal.CheckKey):
+            traversal.Traversal(initiator=False).remember(message.key)
         elif isinstance(message, traversal.Offer):
             responder = traversal.Traversal(initiator=False)
             responder.remember(message.key)
@@ -1641,5 +1643,5 @@ register(
 )
 
 
-# The agent services' targets register themselves on import.
-from . import service_targets  # noqa: E402, F401
+# The agent services' and the relay data plane's targets register themselves on import.
+from . import relay_targets, service_targets  # noqa: E402, F401

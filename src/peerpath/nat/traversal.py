@@ -101,6 +101,13 @@ _Candidates = Annotated[list[_Endpoint], msgspec.Meta(max_length=MAX_CANDIDATES)
 _Port = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
 
 
+class CheckKey(msgspec.Struct, frozen=True):
+    """The initiator's check key for a session no round has keyed (one opened on a known
+    endpoint), so that its paths are probed all the same: liveness, RTT, path MTU."""
+
+    key: _Key
+
+
 class Offer(msgspec.Struct, frozen=True):
     """The initiator's opening: a fresh check key and how to reach it."""
 
@@ -142,8 +149,9 @@ class Go(msgspec.Struct, frozen=True):
 #: The session topics the messages travel under.
 OFFER_TOPIC = "punch-offer"
 GO_TOPIC = "punch-go"
+KEY_TOPIC = "check-key"
 
-_Message = TypeVar("_Message", Offer, Answer, Go)
+_Message = TypeVar("_Message", Offer, Answer, Go, CheckKey)
 
 
 def decode_message(data: bytes, kind: type[_Message]) -> _Message:
@@ -152,7 +160,7 @@ def decode_message(data: bytes, kind: type[_Message]) -> _Message:
     return decode(msgspec.msgpack.Decoder(kind), data, errors.RemoteError, kind.__name__.lower())
 
 
-def encode_message(message: Offer | Answer | Go) -> bytes:
+def encode_message(message: Offer | Answer | Go | CheckKey) -> bytes:
     """The wire form of a round's message."""
     return msgspec.msgpack.encode(message)
 
@@ -477,6 +485,12 @@ class Traversal:
         self.keys.append(key)
         del self.keys[:-ROUND_KEYS]
 
+    def new_key(self) -> CheckKey:
+        """A fresh check key for a session without one (initiator), and what to tell the peer."""
+        key = self.random_bytes(punch.KEY_BYTES)
+        self.remember(key)
+        return CheckKey(key)
+
     def offer(self, local: LocalSide) -> Offer:
         """Start a round (initiator): a fresh key, and what to tell the peer."""
         key = self.random_bytes(punch.KEY_BYTES)
@@ -605,10 +619,11 @@ class Traversal:
             del self.triggered[next(iter(self.triggered))]
         return punch.encode_check(key, tid)
 
-    def probe(self, path: tuple[str, str]) -> tuple[bytes, bytes] | None:
-        """A probe (its tid and datagram) for the path named ``path`` (kind, remote); None
-        before any round, with nothing to sign it with. The relay path is probed too: its
-        RTT is what a direct path is measured against."""
+    def probe(self, path: tuple[str, str], size: int = punch.SIZE) -> tuple[bytes, bytes] | None:
+        """A probe (its tid and datagram, padded to ``size`` bytes for a path MTU probe) for
+        the path named ``path`` (kind, remote); None before any round, with nothing to sign
+        it with. The relay path is probed too: its RTT is what a direct path is measured
+        against."""
         key = self.current_key
         if key is None:
             return None
@@ -616,7 +631,7 @@ class Traversal:
         self.probes[tid] = path
         if len(self.probes) > MAX_PROBES:
             del self.probes[next(iter(self.probes))]
-        return tid, punch.encode_check(key, tid)
+        return tid, punch.encode_check(key, tid, size)
 
     def probe_answered(self, tid: bytes, path: tuple[str, str]) -> bool:
         """Whether ``tid`` answers our probe of ``path`` (and forget it if so)."""

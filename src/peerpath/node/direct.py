@@ -27,11 +27,13 @@ from peerpath import errors
 from peerpath.clock import Clock
 from peerpath.nat.traversal import (
     GO_TOPIC,
+    KEY_TOPIC,
     MAX_BIRTHDAY_ROUNDS,
     OFFER_TOPIC,
     PROBE_INTERVAL,
     RELAY_OBSERVED,
     Answer,
+    CheckKey,
     Go,
     LocalSide,
     Mode,
@@ -46,6 +48,7 @@ from peerpath.nat.traversal import (
 from peerpath.node.tcp_paths import Session, TcpPaths
 from peerpath.session.connection import Connection
 from peerpath.session.pathset import Path, PathKind, format_endpoint, parse_endpoint
+from peerpath.session.pmtu import MtuSearch
 from peerpath.tasks import spawn
 from peerpath.wire.endpoint import Endpoint
 
@@ -187,6 +190,10 @@ class DirectPaths:
         """Probe every path once a PROBE_INTERVAL for the session's lifetime, on the relay
         too and while a punch round is under way: a path's loss is judged on a steady
         series of probes, and the relay's RTT is what a direct path is measured against."""
+        traversal = session.traversal
+        if traversal.initiator and traversal.current_key is None:  # opened on a known endpoint
+            with contextlib.suppress(errors.PeerpathError):  # answered once the peer has it
+                await session.conn.request(encode_message(traversal.new_key()), timeout=5, _topic=KEY_TOPIC)
         while session.live:
             self._probe(session)
             await asyncio.sleep(PROBE_INTERVAL)
@@ -265,6 +272,9 @@ class DirectPaths:
                     self._spawn(self.tcp.round(session, plan))
             if fresh is not None:
                 fresh.close()
+            return None
+        if topic == KEY_TOPIC:
+            traversal.remember(decode_message(data, CheckKey).key)
             return None
         raise ValueError(f"unknown internal topic {topic!r}")
 
@@ -398,6 +408,21 @@ class DirectPaths:
             tid, datagram = probe
             path.probe_sent(tid, now)
             path.send_datagram(datagram)  # from the socket, link or relay the path uses
+            if path.mtu is not None:
+                self._probe_mtu(session, path, path.mtu, now)
+
+    def _probe_mtu(self, session: Session, path: Path, mtu: MtuSearch, now: float) -> None:
+        """A direct UDP path's path MTU search (:mod:`peerpath.session.pmtu`): a probe padded
+        to the size it tries next, if one is due."""
+        size = mtu.due(now)
+        path.max_datagram = mtu.size  # back to the base size if the current one stopped fitting
+        if size is None:
+            return
+        probe = session.traversal.probe((path.kind, path.remote), size)
+        if probe is not None:
+            tid, datagram = probe
+            mtu.sent(tid, size, now)
+            path.send_datagram(datagram)
 
     def _drop(self, session: Watched, path: Path) -> None:
         """A direct path silent for long leaves the session (a later round finds what works)."""
@@ -415,8 +440,14 @@ class DirectPaths:
         """A probe answer came back over a path: its quality is credited."""
         if session.traversal.probe_answered(tid, (kind, remote)):
             path = session.conn.paths.paths.get((kind, remote))
-            if path is not None:
-                session.conn.paths.probe_answered(path, tid, self.node.clock())
+            if path is None:
+                return
+            now = self.node.clock()
+            session.conn.paths.probe_answered(path, tid, now)
+            if path.mtu is not None and path.mtu.answered(tid, now):
+                path.max_datagram = path.mtu.size
+                log.info("path to %s carries %d-byte datagrams: %s", session.conn.peer, path.max_datagram, path.remote)
+                self._probe_mtu(session, path, path.mtu, now)  # the next size at once
 
     def on_relay_check(self, data: bytes, source: bytes, reply: Callable[[bytes], object], relay: str) -> None:
         """A check or probe answer that came over a relay from the peer whose address digest

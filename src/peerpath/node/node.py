@@ -395,7 +395,7 @@ class Node:
             await conn.close("duplicate session")
             return preferred
         log.info("session with %s over %s", peer, conn.path and conn.path.describe())
-        if via is None and self.direct_paths:
+        if self.direct_paths:  # on the relay: rounds find a direct path; direct: probes size it
             self.direct.watch(conn, initiator=True)
         return conn
 

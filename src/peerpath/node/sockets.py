@@ -15,6 +15,7 @@ from peerpath.clock import Clock, monotonic
 from peerpath.nat.stun_client import UdpStunSocket
 from peerpath.net import BoundUdp, Net
 from peerpath.session.pathset import Path, PathKind, format_endpoint, parse_endpoint
+from peerpath.session.pmtu import MtuSearch
 from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.stun import Address as TransportAddress
 
@@ -141,7 +142,8 @@ class UdpSockets:
         def send(datagram: bytes) -> None:
             udp.sendto(datagram, remote)
 
-        return Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock())
+        mtu = MtuSearch.for_host(remote[0])
+        return Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock(), mtu=mtu)
 
     async def stun_mapped(self, server: str, client: UdpStunSocket | None = None) -> Endpoint | None:
         """Where the STUN server at ``server`` ("host:port") sees the main socket (or the socket

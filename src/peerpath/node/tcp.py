@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, cast
 from peerpath.clock import Clock, monotonic
 from peerpath.net import Net, TcpListener
 from peerpath.session.pathset import Path, PathKind, format_endpoint
+from peerpath.session.pmtu import MAX_DATAGRAM as MAX_QUIC_DATAGRAM
 from peerpath.wire.endpoint import Endpoint
 
 if TYPE_CHECKING:
@@ -130,7 +131,10 @@ class TcpLink(asyncio.Protocol):
 
     def path(self) -> Path:
         """A direct TCP path over this link."""
-        return Path(PathKind.DIRECT_TCP, self.name, self.send, created=self.owner.clock())
+        # A stream has no MTU: the largest datagram the engine builds, from the start.
+        return Path(
+            PathKind.DIRECT_TCP, self.name, self.send, created=self.owner.clock(), max_datagram=MAX_QUIC_DATAGRAM
+        )
 
     def send(self, datagram: bytes) -> None:
         """Send one datagram; dropped (like a full UDP buffer) when the link is backed up."""

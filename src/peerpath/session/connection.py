@@ -33,6 +33,7 @@ from peerpath.session import control, mux
 from peerpath.session.auth import InitiatorAuth, Refused, ResponderAuth
 from peerpath.session.mux import Kind, Mux
 from peerpath.session.pathset import HOLD_DOWN, Path, PathSet
+from peerpath.session.pmtu import BASE_DATAGRAM
 from peerpath.session.streams import ResetReason, StreamWriter
 from peerpath.tasks import spawn
 
@@ -69,7 +70,8 @@ class SessionConfig:
     keepalive_interval: float = 10.0
     connect_timeout: float = 10.0
     max_message_size: int = 64 * 1024 * 1024
-    max_datagram_size: int = 1350
+    #: Datagram size on a path that has not proved it carries more (see peerpath.session.pmtu).
+    max_datagram_size: int = BASE_DATAGRAM
     max_data: int = 32 * 1024 * 1024
     max_stream_data: int = 8 * 1024 * 1024
     #: Reply with nothing to a request from a peer whose handler is slower than this.
@@ -219,6 +221,8 @@ class Connection:
         self._keepalive: asyncio.TimerHandle | None = None
         self._path_timer: asyncio.TimerHandle | None = None
         self._transmit_soon = False
+        #: The datagram size QUIC builds to: the current path's.
+        self._datagram_size = config.max_datagram_size
         self._control_out: int | None = None
         self._control_in: int | None = None
         self._control_reader = control.FrameReader()
@@ -365,6 +369,13 @@ class Connection:
         """Send what QUIC wants sent and re-arm its timer."""
         self._transmit_soon = False
         now = self.clock()
+        path = self.paths.current
+        size = self.config.max_datagram_size
+        if path is not None and path.max_datagram > BASE_DATAGRAM:
+            size = path.max_datagram  # a path that proved it carries more
+        if size != self._datagram_size:  # another path, or a path MTU probe got through
+            self._datagram_size = size
+            self.quic.set_max_datagram_size(size)
         for datagram in self.quic.datagrams(now):
             self.paths.send(datagram)
         if self._timer is not None:

@@ -13,6 +13,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from peerpath.session.pmtu import BASE_DATAGRAM, MtuSearch
 from peerpath.wire.endpoint import format_endpoint, parse_endpoint
 
 __all__ = ["HOLD_DOWN", "Path", "PathKind", "PathSet", "format_endpoint", "parse_endpoint"]
@@ -68,6 +69,10 @@ class Path:
     remote: str
     send_datagram: Callable[[bytes], None]
     created: float = 0.0
+    #: The largest datagram the path carries (a direct UDP path's grows as probes prove it).
+    max_datagram: int = BASE_DATAGRAM
+    #: The path MTU search of a direct UDP path.
+    mtu: MtuSearch | None = None
     last_received: float | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -217,6 +222,7 @@ class Path:
             "loss": round(1 - self.probes_answered / self.probes_sent, 3) if self.probes_sent else None,
             "recent_loss": round(recent, 3) if recent is not None else None,
             "degraded": self.degraded,
+            "max_datagram": self.max_datagram,
         }
 
 

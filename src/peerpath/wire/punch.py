@@ -11,6 +11,8 @@ already authenticated, encrypted session, so a check proves its sender is the pe
 A check is padded to a response's size, so answering one never sends more bytes than came
 in (a replayed check from a spoofed source is no amplifier), and a transaction id is used
 once: receivers answer each only the first time (:class:`peerpath.nat.punch.ReplayWindow`).
+A check may carry more zero padding, up to :data:`MAX_SIZE` bytes in all: a path MTU probe
+(:mod:`peerpath.session.pmtu`), answered like any other check.
 
 The first byte has the long-header bit set and QUIC's fixed bit clear, like the UDP relay
 frames (0x90-0x9F), so one socket demultiplexes QUIC, STUN, relay frames and checks.
@@ -31,9 +33,10 @@ TID_BYTES = 12
 TAG_BYTES = 16
 KEY_BYTES = 32
 ADDRESS_BYTES = 19
-#: Both kinds have this size.
+#: Both kinds have this size (a check padded as a path MTU probe is larger).
 SIZE = 1 + TID_BYTES + TAG_BYTES + ADDRESS_BYTES
-_PADDING = bytes(ADDRESS_BYTES)
+#: The largest check: a path MTU probe of the largest datagram a session sends.
+MAX_SIZE = 16384
 
 
 class CheckError(ValueError):
@@ -65,9 +68,12 @@ def decode_address(data: bytes) -> Endpoint:
     return host, struct.unpack("!H", data[17:19])[0]
 
 
-def encode_check(key: bytes, tid: bytes) -> bytes:
-    """A check with transaction id ``tid``."""
-    return bytes([CHECK]) + tid + _tag(key, b"check", tid) + _PADDING
+def encode_check(key: bytes, tid: bytes, size: int = SIZE) -> bytes:
+    """A check with transaction id ``tid``, padded with zeros to ``size`` bytes."""
+    if not SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"a check has {SIZE} to {MAX_SIZE} bytes, not {size}")
+    head = bytes([CHECK]) + tid + _tag(key, b"check", tid)
+    return head + bytes(size - len(head))
 
 
 def encode_response(key: bytes, tid: bytes, observed: Endpoint) -> bytes:
@@ -87,13 +93,13 @@ def parse(key: bytes, data: bytes) -> tuple[int, bytes, Endpoint | None]:
     head = 1 + TID_BYTES
     if kind not in (CHECK, RESPONSE):
         raise CheckError(f"unknown check kind {kind:#04x}")
-    if len(data) != SIZE:
-        raise CheckError(f"check or response of the wrong size ({len(data)} bytes, not {SIZE})")
+    if len(data) != SIZE and not (kind == CHECK and SIZE < len(data) <= MAX_SIZE):
+        raise CheckError(f"check or response of the wrong size ({len(data)} bytes)")
     if kind == CHECK:
         tid = data[1:head]
         if not hmac.compare_digest(data[head : head + TAG_BYTES], _tag(key, b"check", tid)):
             raise CheckError("check not made with this session's key")
-        if data[head + TAG_BYTES :] != _PADDING:
+        if data.count(0, head + TAG_BYTES) != len(data) - head - TAG_BYTES:
             raise CheckError("check with non-zero padding")
         return kind, tid, None
     tid, tag, address = data[1:head], data[head : head + TAG_BYTES], data[head + TAG_BYTES :]
