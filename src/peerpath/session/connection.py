@@ -221,6 +221,8 @@ class Connection:
         self._keepalive: asyncio.TimerHandle | None = None
         self._path_timer: asyncio.TimerHandle | None = None
         self._transmit_soon = False
+        #: Stream data was queued since the last transmit (what came in is acknowledged with it).
+        self._sending = False
         #: The datagram size QUIC builds to: the current path's.
         self._datagram_size = config.max_datagram_size
         self._control_out: int | None = None
@@ -376,7 +378,8 @@ class Connection:
         if size != self._datagram_size:  # another path, or a path MTU probe got through
             self._datagram_size = size
             self.quic.set_max_datagram_size(size)
-        for datagram in self.quic.datagrams(now):
+        sending, self._sending = self._sending, False
+        for datagram in self.quic.datagrams(now, ack=sending):
             self.paths.send(datagram)
         if self._timer is not None:
             self._timer.cancel()
@@ -567,6 +570,7 @@ class Connection:
             self.quic.send(stream_id, data, end_stream)
         except quic.StreamFinished as exc:
             raise errors.StreamResetError(f"{self.peer} reset the stream") from exc
+        self._sending = True
         self._schedule_transmit()
 
     def _cancel_stream(self, stream_id: int) -> None:
