@@ -3,8 +3,12 @@
 peerpath session, next to plain TCP and TLS-over-TCP measured in the same run. Prints JSON.
 
 Each measurement runs the server in its own process (as two agents would), the client here.
+Also timed: a new connection to its first byte (TCP and TLS handshakes; peerpath's QUIC
+handshake and identity proof) and the first reply. Everything runs ``--runs`` times; the JSON
+has the medians and peerpath's ratios to TLS over TCP from the same runs, which is what to
+compare between machines (a regression shows there, not in the absolute figures).
 
-    python bench/session_bench.py [--mbytes 256] [--requests 2000]
+    python bench/session_bench.py [--mbytes 256] [--requests 2000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,9 +36,12 @@ from cryptography.x509.oid import NameOID
 
 from peerpath.cli import run_event_loop
 from peerpath.node.node import Node
+from peerpath.quic import ENGINE
 
 CHUNK = 256 * 1024
 MSG = os.urandom(1024)
+#: New TLS connections timed per run (a peerpath run makes one new session).
+FIRST_BYTE_TRIALS = 20
 
 
 # -- servers (run in a child process) --------------------------------------------------------
@@ -139,11 +147,24 @@ async def _tcp_latency(port: int, count: int, tls: ssl.SSLContext | None) -> lis
     return samples
 
 
+async def _tcp_first_byte(port: int, tls: ssl.SSLContext | None) -> float:
+    """A new connection (TCP handshake, and TLS's) to the first byte of an echoed record."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    writer.write(b"L" + MSG)
+    await reader.readexactly(1024)
+    elapsed = time.perf_counter() - start
+    writer.close()
+    return elapsed
+
+
 async def _peerpath_client(state_dir: str, server_address: str, port: int, total: int, count: int) -> dict[str, object]:
     async with Node.start(state_dir, host="127.0.0.1") as node:
         start = time.perf_counter()
         conn = await node.connect(server_address, ("127.0.0.1", port), timeout=10)
         connect_s = time.perf_counter() - start
+        await conn.request(MSG)  # the first byte of the new session's first reply
+        first_byte_s = time.perf_counter() - start
         reader, writer = await conn.open_stream(9)
         chunk = os.urandom(CHUNK)
         start = time.perf_counter()
@@ -158,7 +179,12 @@ async def _peerpath_client(state_dir: str, server_address: str, port: int, total
             start = time.perf_counter()
             await conn.request(MSG)
             samples.append(time.perf_counter() - start)
-        return {"connect_ms": round(connect_s * 1000, 2), "gbit_s": gbits, "samples": samples}
+        return {
+            "connect_ms": round(connect_s * 1000, 2),
+            "first_byte_ms": round(first_byte_s * 1000, 2),
+            "gbit_s": gbits,
+            "samples": samples,
+        }
 
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
@@ -198,34 +224,90 @@ def _loop_name() -> str:
     return "uvloop"
 
 
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else 0.0
+
+
+def _one_run(directory: Path, total: int, requests: int, server_address: str) -> dict[str, object]:
+    """Every measurement once: plain TCP, TLS over TCP, then a peerpath session."""
+    results: dict[str, object] = {}
+    tls_client = _tls_contexts(directory)
+    for name, tls in (("tcp", None), ("tls_tcp", tls_client)):
+        port = _free_port()
+        server = _spawn("_serve", name, str(port), str(directory))
+        try:
+            gbits = asyncio.run(_tcp_throughput(port, total, tls))
+            samples = asyncio.run(_tcp_latency(port, requests, tls))
+            first = [asyncio.run(_tcp_first_byte(port, tls)) for _ in range(FIRST_BYTE_TRIALS)]
+        finally:
+            server.kill()
+            server.wait()
+        results[name] = {
+            "gbit_s": round(gbits, 3),
+            "req_resp_1k": _latency_stats(samples),
+            "first_byte_ms": round(statistics.median(first) * 1000, 2),
+        }
+    port = _free_port()
+    server = _spawn("_serve", "peerpath", str(port), str(directory / "server"))
+    try:
+        measured = _run(_peerpath_client(str(directory / "client"), server_address, port, total, requests))
+    finally:
+        server.kill()
+        server.wait()
+    samples = measured.pop("samples")
+    assert isinstance(samples, list)
+    results["peerpath"] = {
+        "connect_ms": measured["connect_ms"],
+        "first_byte_ms": measured["first_byte_ms"],
+        "gbit_s": round(float(measured["gbit_s"]), 3),  # type: ignore[arg-type]
+        "req_resp_1k": _latency_stats(samples),
+    }
+    return results
+
+
+def _ratios(run: dict[str, Any]) -> dict[str, float]:
+    """peerpath against TLS over TCP in the same run: throughput (higher is better), request
+    latency and time to the first byte of a new connection (lower is better)."""
+    ours, tls = run["peerpath"], run["tls_tcp"]
+    return {
+        "throughput_vs_tls": _ratio(ours["gbit_s"], tls["gbit_s"]),
+        "req_resp_vs_tls": _ratio(ours["req_resp_1k"]["median_us"], tls["req_resp_1k"]["median_us"]),
+        "first_byte_vs_tls": _ratio(ours["first_byte_ms"], tls["first_byte_ms"]),
+    }
+
+
+def _median_of(runs: list[dict[str, Any]], *keys: str) -> float:
+    values = []
+    for run in runs:
+        value: Any = run
+        for key in keys:
+            value = value[key]
+        values.append(value)
+    return round(statistics.median(values), 3)
+
+
 def main() -> None:
-    """Run every measurement and print one JSON object."""
+    """Run every measurement ``--runs`` times and print one JSON object: the medians, and
+    peerpath's ratios to TLS over TCP measured in the same run (the figures that compare
+    across machines)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mbytes", type=int, default=256, help="bytes per throughput run (MiB)")
     parser.add_argument("--requests", type=int, default=2000, help="request/response round trips")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions; medians are reported")
     args = parser.parse_args()
     total = args.mbytes * 1024 * 1024
-    results: dict[str, object] = {
+    results: dict[str, Any] = {
         "benchmark": "session",
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "engine": ENGINE,
         "bytes": total,
         "requests": args.requests,
+        "runs": args.runs,
         "peerpath_event_loop": "asyncio" if os.environ.get("BENCH_ASYNCIO") else _loop_name(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
-        tls_client = _tls_contexts(directory)
-        for name, tls in (("tcp", None), ("tls_tcp", tls_client)):
-            port = _free_port()
-            server = _spawn("_serve", name, str(port), tmp)
-            try:
-                gbits = asyncio.run(_tcp_throughput(port, total, tls))
-                samples = asyncio.run(_tcp_latency(port, args.requests, tls))
-            finally:
-                server.kill()
-                server.wait()
-            results[name] = {"gbit_s": round(gbits, 3), "req_resp_1k": _latency_stats(samples)}
         server_dir, client_dir = directory / "server", directory / "client"
         peerpath = [sys.executable, "-m", "peerpath"]
         server_address = subprocess.check_output([*peerpath, "address", "--state-dir", str(server_dir)], text=True)
@@ -238,20 +320,18 @@ def main() -> None:
             [*peerpath, "trust", "add", client_address.strip(), "--state-dir", str(server_dir)],
             stdout=subprocess.DEVNULL,
         )
-        port = _free_port()
-        server = _spawn("_serve", "peerpath", str(port), str(server_dir))
-        try:
-            measured = _run(_peerpath_client(str(client_dir), server_address.strip(), port, total, args.requests))
-        finally:
-            server.kill()
-            server.wait()
-        samples = measured.pop("samples")
-        assert isinstance(samples, list)
-        results["peerpath"] = {
-            "connect_ms": measured["connect_ms"],
-            "gbit_s": round(float(measured["gbit_s"]), 3),  # type: ignore[arg-type]
-            "req_resp_1k": _latency_stats(samples),
+        runs = [_one_run(directory, total, args.requests, server_address.strip()) for _ in range(args.runs)]
+    for name in ("tcp", "tls_tcp", "peerpath"):
+        results[name] = {
+            "gbit_s": _median_of(runs, name, "gbit_s"),
+            "req_resp_1k_median_us": _median_of(runs, name, "req_resp_1k", "median_us"),
+            "req_resp_1k_p99_us": _median_of(runs, name, "req_resp_1k", "p99_us"),
+            "first_byte_ms": _median_of(runs, name, "first_byte_ms"),
         }
+    results["peerpath"]["connect_ms"] = _median_of(runs, "peerpath", "connect_ms")
+    per_run = [_ratios(run) for run in runs]
+    results["ratios"] = {key: round(statistics.median(r[key] for r in per_run), 3) for key in per_run[0]}
+    results["ratios_per_run"] = per_run
     print(json.dumps(results, indent=2))
 
 

@@ -213,6 +213,7 @@ class Connection:
         #: Why the session is on the relay and will stay there, when that is known.
         self.relay_reason: str | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
         #: A responder whose peer has not proved itself by then closes (it holds a slot); an
         #: initiator gives up when its caller's connect timeout says so.
         self._deadline: asyncio.TimerHandle | None = None
@@ -384,13 +385,15 @@ class Connection:
         sending, self._sending = self._sending, False
         for datagram in self.quic.datagrams(now, ack=sending):
             self.paths.send(datagram)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         deadline = self.quic.timer()
-        if deadline is not None and not self.closed.done():
-            # QUIC's clock is high-resolution; the loop's may tick in milliseconds (uvloop).
-            self._timer = self._loop.call_later(max(0.0, deadline - now), self._on_timer)
+        if deadline != self._timer_deadline or self._timer is None:  # most transmits keep the timer
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_deadline = deadline
+            if deadline is not None and not self.closed.done():
+                # QUIC's clock is high-resolution; the loop's may tick in milliseconds (uvloop).
+                self._timer = self._loop.call_later(max(0.0, deadline - now), self._on_timer)
         self._wake_drains()
 
     def _schedule_transmit(self) -> None:
@@ -399,7 +402,7 @@ class Connection:
             self._loop.call_soon(self.transmit)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer = self._timer_deadline = None
         self.quic.handle_timer(self.clock())
         self._process_events()
         self.transmit()
