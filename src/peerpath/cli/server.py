@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,6 +20,7 @@ from peerpath.rendezvous.limits import ServerLimits
 from peerpath.rendezvous.server import RendezvousServer
 from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
 from peerpath.rendezvous.url import RendezvousUrl
+from peerpath.rendezvous.workers import MAX_WORKERS, Cluster, fork_workers, stop_workers
 from peerpath.wire.stun import Address
 
 # The limits a server or a relay enforces (docs/security.md lists them all).
@@ -35,6 +39,17 @@ MaxAgents = Annotated[int, typer.Option("--max-agents", min=1, help="Agents regi
 
 MaxPerIp = Annotated[
     int, typer.Option("--max-connections-per-ip", min=1, help="Open connections per client IP, at most.")
+]
+
+
+Workers = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        min=1,
+        max=MAX_WORKERS,
+        help="Processes sharing the port, to relay on several cores (one: everything in one process).",
+    ),
 ]
 
 
@@ -86,6 +101,7 @@ def server_command(
             "--relay", metavar="URL", help="Another relay (peerpath relay) agents may pick as home; repeatable."
         ),
     ] = [],  # noqa: B006  (typer reads the default, never mutates it)
+    workers: Workers = 1,
 ) -> None:
     """Run the peerpath server: rendezvous and relay (TLS), and STUN (RFC 8489/5780) on UDP and TCP.
 
@@ -107,6 +123,7 @@ def server_command(
     identity = load_identity(directory)
     limits = _server_limits(relay_rate, relay_burst, max_agents, max_per_ip)
     relay_urls = [parse_rendezvous(text, "--relay") for text in relay]
+    processes = Processes(workers, identity, directory, limits, public_ip)
 
     async def run() -> None:
         try:
@@ -116,7 +133,7 @@ def server_command(
         try:
             stun_endpoints = [f"{ip}:{stun.responder.ports[0]}" for ip in public_ip]
             rendezvous = await _start_rendezvous(
-                identity, directory, public_ip, port, wss_port, limits, relay_urls, stun_endpoints
+                identity, directory, public_ip, port, wss_port, limits, relay_urls, stun_endpoints, processes
             )
         except BaseException:
             await stun.close()
@@ -124,14 +141,14 @@ def server_command(
         mode = "RFC 5780 behaviour discovery" if stun.responder.full else "single address, no CHANGE-REQUEST"
         log.info("STUN server (%s) listening on %s", mode, ", ".join(stun.listening()))
         try:
-            await until_signalled()
+            await processes.until_stopped()
         finally:
             await rendezvous.close()
             await stun.close()
-            counts = {**stun.responder.counters.as_dict(), **rendezvous.counters}
+            counts = {**stun.responder.counters.as_dict(), **rendezvous.status()["counters"]}
             log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
 
-    run_event_loop(run())
+    processes.run(run())
 
 
 def _server_limits(relay_rate: float, relay_burst: float, max_agents: int, max_per_ip: int) -> ServerLimits:
@@ -145,6 +162,49 @@ def _server_limits(relay_rate: float, relay_burst: float, max_agents: int, max_p
     )
 
 
+class Processes:
+    """The server's processes: this one, and with ``--workers N`` N-1 more forked before the
+    event loop starts (peerpath.rendezvous.workers), stopped with it."""
+
+    def __init__(self, count: int, identity: Identity, directory: Path, limits: ServerLimits, hosts: list[str]) -> None:
+        self.count = count
+        self._args = (identity, directory, limits, hosts)
+        self._ends: dict[tuple[int, int], socket.socket] = {}
+        self._pids: list[int] = []
+        self.cluster: Cluster | None = None
+
+    def run(self, main: Coroutine[Any, Any, None]) -> None:
+        """Fork the workers, run ``main`` (the hub) on this process's event loop, stop the workers."""
+        if self.count > 1:
+            self._ends, self._pids = fork_workers(self.count, *self._args, run_loop=run_event_loop)
+        try:
+            run_event_loop(main)
+        finally:
+            for sock in self._ends.values():
+                sock.close()
+            stop_workers(self._pids)
+
+    def make_cluster(self, server: RendezvousServer) -> Cluster | None:
+        if self.count == 1:
+            return None
+        self.cluster = Cluster(server, self.count, self._ends)
+        return self.cluster
+
+    async def until_stopped(self) -> None:
+        """Until a signal, or a worker is gone (then the whole server stops, for its supervisor
+        to start it again: agents reconnect on their own)."""
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(until_signalled())]
+        if self.cluster is not None:
+            waits.append(asyncio.ensure_future(self.cluster.gone.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        if self.cluster is not None and self.cluster.gone.is_set():
+            raise SystemExit(1)
+
+
 async def _start_rendezvous(
     identity: Identity,
     directory: Path,
@@ -154,14 +214,16 @@ async def _start_rendezvous(
     limits: ServerLimits,
     relays: list[RendezvousUrl],
     stun: list[str] | None = None,
+    processes: Processes | None = None,
 ) -> RendezvousServer:
     """Start a rendezvous/relay server, print its URL (and write it to DIR/rendezvous.url)."""
     rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
+    cluster = processes.make_cluster(rendezvous) if processes is not None else None
     try:
-        await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port)
+        await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port, cluster=cluster)
     except OSError as exc:
         await rendezvous.close()
-        if wss_port is not None:
+        if wss_port is not None or cluster is not None:
             fail(f"cannot listen on port {port} or --wss-port {wss_port}: {exc.strerror or exc}")
         log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
         rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
@@ -177,7 +239,8 @@ async def _start_rendezvous(
     listeners = [f"tls+udp {h}:{rendezvous.port}" for h in public_ip]
     if rendezvous.wss_port:
         listeners += [f"wss {h}:{rendezvous.wss_port}" for h in public_ip]
-    log.info("rendezvous and relay on %s", ", ".join(listeners))
+    shared = f" ({cluster.count} processes)" if cluster is not None else ""
+    log.info("rendezvous and relay on %s%s", ", ".join(listeners), shared)
     return rendezvous
 
 

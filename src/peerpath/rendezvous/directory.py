@@ -197,7 +197,7 @@ def check_claim(claim: rv.NameClaim, server: Address) -> Claimed:
 # -- the server's directory -------------------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Member:
     """An agent online, as the directory knows it: its key and its directory quotas."""
 

@@ -18,8 +18,9 @@ WS_PATH = "/peerpath"
 WS_MAX_MESSAGE = 1 << 20
 
 
-class Link(Protocol):
-    """A reliable, ordered byte stream to the other side."""
+class WritableLink(Protocol):
+    """A reliable, ordered byte stream to the other side, as far as writing to it goes (the
+    server's TLS links are read by their protocol, which pushes what arrives)."""
 
     def peername(self) -> Any:
         """The remote transport address."""
@@ -29,12 +30,8 @@ class Link(Protocol):
         """The TLS state (for the peer's certificate)."""
         ...
 
-    async def read(self) -> bytes:
-        """Some bytes; ``b""`` at the end."""
-        ...
-
-    def write(self, data: bytes) -> None:
-        """Queue bytes (never blocks)."""
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes (never blocks; the link may keep ``data``, which must not change)."""
         ...
 
     def buffered(self) -> int:
@@ -47,6 +44,14 @@ class Link(Protocol):
 
     def close(self) -> None:
         """Close (queued bytes are still sent where possible)."""
+        ...
+
+
+class Link(WritableLink, Protocol):
+    """A reliable, ordered byte stream to the other side, read by awaiting it."""
+
+    async def read(self) -> bytes:
+        """Some bytes; ``b""`` at the end."""
         ...
 
 
@@ -66,7 +71,7 @@ class StreamLink:
     async def read(self) -> bytes:
         return await self.reader.read(65536)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writer.write(data)
 
     def buffered(self) -> int:
@@ -85,7 +90,7 @@ class WebSocketLink:
 
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[bytes | bytearray | memoryview | None] = asyncio.Queue()
         self._queued = 0
         self._closing = False
         self._sender = asyncio.get_running_loop().create_task(self._send_loop())
@@ -106,7 +111,7 @@ class WebSocketLink:
             return b""  # the protocol is binary: a text message ends the link
         return message
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing:
             return
         self._queued += len(data)

@@ -1,14 +1,18 @@
-"""An agent online at a rendezvous server: its link, quotas, relay counters and UDP state."""
+"""An agent online at a rendezvous server: its link, quotas, relay counters and UDP state.
+
+A server keeps ten thousand of these, so an agent is a slotted object whose rarely used parts
+(letters in flight, quota overruns, relayed bytes waiting for its link) exist only while used.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from peerpath.identity import Address
 from peerpath.ratelimit import TokenBucket
-from peerpath.rendezvous.links import Link
+from peerpath.rendezvous.limits import CutOff
+from peerpath.rendezvous.links import WritableLink
 from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import Endpoint
 
@@ -26,51 +30,140 @@ class UdpSocket(Protocol):
         ...
 
 
-@dataclass(eq=False)
 class Agent:
     """A registered agent."""
 
-    address: Address
-    link: Link
-    observed: str
-    connected: float
-    relay_quota: TokenBucket
-    control_quota: TokenBucket
-    last_seen: float
-    #: Messages dropped in a row for each quota ("relay", "control"); one spent resets its own.
-    overquota: dict[str, int] = field(default_factory=dict)
-    #: Letters handed over and not yet acknowledged: when none are left, the next batch goes.
-    letters_out: set[int] = field(default_factory=set)
-    relayed_in: int = 0
-    relayed_out: int = 0
-    #: Names this registration on UDP (in the clear); ``udp_key`` authenticates its frames.
-    token: bytes = field(default_factory=lambda: os.urandom(rv.TOKEN_BYTES))
-    udp_key: bytes = field(default_factory=lambda: os.urandom(rv.UDP_KEY_BYTES))
-    home_relay: str | None = None
-    udp_ready: bool = False
-    #: Where relayed datagrams go over UDP: only an endpoint that answered a challenge.
-    udp_endpoint: Endpoint | None = None
-    udp_socket: UdpSocket | None = None
-    udp_seen: float = 0.0
-    #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A
-    #: few at once, so copies of a hello replayed from one address cannot hold the agent's
-    #: real new endpoint back.
-    udp_challenges: dict[Endpoint, tuple[bytes, UdpSocket, float]] = field(default_factory=dict)
+    __slots__ = (
+        "_mac",
+        "_udp_key",
+        "address",
+        "connected",
+        "control_quota",
+        "home_relay",
+        "last_seen",
+        "letters_out",
+        "link",
+        "observed",
+        "outbox",
+        "outbox_bytes",
+        "overquota",
+        "relay_quota",
+        "relayed_in",
+        "relayed_out",
+        "token",
+        "udp_challenges",
+        "udp_endpoint",
+        "udp_ready",
+        "udp_seen",
+        "udp_socket",
+        "udp_told",
+    )
+
+    def __init__(
+        self,
+        address: Address,
+        link: WritableLink,
+        observed: str,
+        *,
+        connected: float,
+        relay_quota: TokenBucket,
+        control_quota: TokenBucket,
+        last_seen: float,
+    ) -> None:
+        self.address = address
+        self.link = link
+        self.observed = observed
+        self.connected = connected
+        self.relay_quota = relay_quota
+        self.control_quota = control_quota
+        self.last_seen = last_seen
+        #: Messages dropped in a row for each quota ("relay", "control", ...) that has any.
+        self.overquota: dict[str, int] | None = None
+        #: Letters handed over and not yet acknowledged: when none are left, the next batch goes.
+        self.letters_out: set[int] | None = None
+        self.relayed_in = 0
+        self.relayed_out = 0
+        #: Names this registration on UDP (in the clear); ``udp_key`` authenticates its frames.
+        self.token = os.urandom(rv.TOKEN_BYTES)
+        self._udp_key = os.urandom(rv.UDP_KEY_BYTES)
+        self._mac: rv.UdpMac | None = None
+        self.home_relay: str | None = None
+        self.udp_ready = False
+        #: Where relayed datagrams go over UDP: only an endpoint that answered a challenge.
+        self.udp_endpoint: Endpoint | None = None
+        self.udp_socket: UdpSocket | None = None
+        self.udp_seen = 0.0
+        #: When the server's other processes were last told of the UDP endpoint (workers.py).
+        self.udp_told = 0.0
+        #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A
+        #: few at once, so copies of a hello replayed from one address cannot hold the agent's
+        #: real new endpoint back.
+        self.udp_challenges: dict[Endpoint, tuple[bytes, UdpSocket, float]] = {}
+        #: Relayed frames for the link (their parts, and how many bytes), gathered while the
+        #: frames that bring them are read and written together (one TLS record and one send
+        #: for many datagrams); None when empty.
+        self.outbox: list[bytes | memoryview] | None = None
+        self.outbox_bytes = 0
+
+    @property
+    def udp_key(self) -> bytes:
+        """The key of this registration's UDP frames (handed to the agent over TLS)."""
+        return self._udp_key
+
+    @udp_key.setter
+    def udp_key(self, key: bytes) -> None:
+        self._udp_key, self._mac = key, None
+
+    @property
+    def mac(self) -> rv.UdpMac:
+        """The keyed MAC of this registration's UDP frames (made at first use)."""
+        if self._mac is None:
+            self._mac = rv.udp_mac(self._udp_key)
+        return self._mac
 
     def send(self, frame: bytes) -> bool:
-        """Queue a frame on the agent's link; False (dropped) if it is closing or backed up."""
-        if self.link.is_closing() or self.link.buffered() > SEND_HIGH_WATER:
+        """Write a frame to the agent's link; False (dropped) if it is closing or backed up."""
+        link = self.link
+        if link.is_closing() or link.buffered() > SEND_HIGH_WATER:
             return False
-        self.link.write(frame)
+        link.write(frame)
         return True
 
-    def deliver(self, source: bytes, datagram: bytes, now: float) -> bool:
-        """Hand a relayed datagram to this agent: over UDP when it asked for that, else TLS."""
-        if (
-            self.udp_ready
-            and self.udp_socket is not None
-            and self.udp_endpoint is not None
-            and now - self.udp_seen < UDP_FRESH
-        ):
-            return self.udp_socket.sendto(rv.encode_udp_delivery(self.udp_key, source, datagram), self.udp_endpoint)
-        return self.send(rv.encode_relay(source, datagram))
+    def udp_path(self, now: float) -> tuple[UdpSocket, Endpoint] | None:
+        """Where relayed datagrams go over UDP, if the agent asked for that and was heard from
+        there lately; None: over its link."""
+        if not self.udp_ready or now - self.udp_seen >= UDP_FRESH:
+            return None
+        if self.udp_socket is None or self.udp_endpoint is None:
+            return None
+        return self.udp_socket, self.udp_endpoint
+
+    def over(self, quota: str, cutoff: int) -> None:
+        """One more message dropped for ``quota``; an agent that keeps at it is cut off."""
+        runs = self.overquota
+        if runs is None:
+            runs = self.overquota = {}
+        run = runs[quota] = runs.get(quota, 0) + 1
+        if run >= cutoff:
+            raise CutOff(f"{quota} quota exceeded {run} times in a row")
+
+    def within(self, quota: str) -> None:
+        """A message within ``quota``: its run of drops is over."""
+        if self.overquota is not None:
+            self.overquota.pop(quota, None)
+
+    def letter_out(self, letter_id: int) -> None:
+        """A letter was handed over and waits for its acknowledgement."""
+        if self.letters_out is None:
+            self.letters_out = set()
+        self.letters_out.add(letter_id)
+
+    def letter_acknowledged(self, letter_id: int) -> bool:
+        """A letter was acknowledged; True if it was the last of the batch."""
+        if not self.letters_out:
+            return False
+        self.letters_out.discard(letter_id)
+        if self.letters_out:
+            return False
+        self.letters_out = None
+        return True

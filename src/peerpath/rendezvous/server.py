@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
+import ssl
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server as WebSocketServer
 from websockets.asyncio.server import ServerConnection
@@ -23,26 +25,32 @@ from websockets.http11 import Request, Response
 
 from peerpath.certs import tls_server_context
 from peerpath.clock import Clock, monotonic
-from peerpath.identity import Address, Identity, verify
-from peerpath.net import KernelNet, Net, TcpListener, serve_streams
+from peerpath.identity import Address, Identity
+from peerpath.net import KernelNet, Net, TcpListener
 from peerpath.ratelimit import TokenBucket
+from peerpath.rendezvous.connection import AgentConnection, endpoint_text
+from peerpath.rendezvous.dataplane import DataPlane
 from peerpath.rendezvous.directory import QUOTAS, Directory, DirectoryRequest
 from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.rendezvous.limits import CutOff, ServerLimits, client_network, registration_rate
-from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, StreamLink, WebSocketLink
+from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, WebSocketLink, WritableLink
 from peerpath.rendezvous.mailbox import Mailbox
 from peerpath.rendezvous.presence import Agent
+from peerpath.rendezvous.tls import Receiver, TlsLink, Valve
 from peerpath.rendezvous.udp_relay import RelayUdp, UdpRelay
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
-from peerpath.tasks import spawn
 from peerpath.wire import rendezvous as rv
-from peerpath.wire.endpoint import Endpoint, format_endpoint
+from peerpath.wire.endpoint import Endpoint
+
+if TYPE_CHECKING:
+    from peerpath.rendezvous.workers import Cluster
 
 log = logging.getLogger(__name__)
 
 #: An agent must register this soon after connecting.
 REGISTER_TIMEOUT = 10.0
-#: The server pings agents this often and drops one silent for three intervals.
+#: The server pings agents silent for this long (a node's keepalives come more often) and
+#: drops one silent for three intervals.
 PING_INTERVAL = 15.0
 #: The server writes its counters to STATE_DIR/status.json this often.
 STATUS_INTERVAL = 5.0
@@ -116,7 +124,9 @@ class RendezvousServer:
         self._open = 0
         self._per_ip: dict[str, int] = {}
         self._registrations = registration_rate(self.limits)
-        self.udp_relay = UdpRelay(self.counters, self._relay, self._cut_off)
+        #: Relayed datagrams between the agents online.
+        self.plane = DataPlane(self.agents, self.counters, self.limits.cutoff_drops)
+        self.udp_relay = UdpRelay(self.counters, self.plane.relay, self._cut_off)
         self._udp: list[RelayUdp] = []
         self.mailbox: Mailbox | None = None
         #: Names and tags (its names database opens with :meth:`start`).
@@ -124,7 +134,14 @@ class RendezvousServer:
         self._servers: list[TcpListener] = []
         self._ws_servers: list[WebSocketServer] = []
         self.wss_port: int | None = None
+        #: The TLS connections open (registered or not), and the WebSocket connections' tasks.
+        self._links: dict[int, TlsLink] = {}
+        self._idents = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The other processes behind the same port (``--workers``), if any, and what pauses
+        #: this one's readers while one of them falls behind.
+        self.cluster: Cluster | None = None
+        self.valve: Valve | None = None
         self._pinger: asyncio.Task[None] | None = None
         self._status_error: str | None = None
         self._ping_ids = 0
@@ -140,16 +157,26 @@ class RendezvousServer:
         """The URL agents use to reach this server at ``host`` (default: its first address)."""
         return RendezvousUrl(self.address, host or self.hosts[0], self.port, self.wss_port)
 
-    async def start(self, hosts: list[str], port: int = DEFAULT_PORT, wss_port: int | None = None) -> None:
+    async def start(
+        self, hosts: list[str], port: int = DEFAULT_PORT, wss_port: int | None = None, *, cluster: Cluster | None = None
+    ) -> None:
         """Listen with TLS on ``port`` of every host address (0: a free port, tests), UDP on
-        the same port number, and WebSocket over TLS on ``wss_port`` if given."""
+        the same port number, and WebSocket over TLS on ``wss_port`` if given. With a
+        ``cluster``, this process is the hub of several sharing the port (:mod:`.workers`)."""
+        if cluster is not None:
+            self.cluster = cluster
+            await cluster.connect()
+            self.udp_relay.on_path = cluster.path_changed
         context = tls_server_context(self.identity, self.state_dir)
+        context.num_tickets = 0  # agents never resume a session: tickets would be wasted work
+        shared = cluster is not None
         for host in hosts:
-            server = await serve_streams(self.net, self._accept, host, port, tls=context)
+            server = await self.net.listen_tcp(host, port, lambda: self._tls_link(context), reuse_port=shared)
             self._servers.append(server)
             port = port or server.port
             try:
-                self._udp.append(RelayUdp(self.net, host, port, self._udp_received))
+                bind = cluster.bind_udp if cluster is not None else None
+                self._udp.append(RelayUdp(self.net, host, port, self._udp_received, bind=bind))
             except OSError as exc:
                 # Agents fall back to TLS on their own; better a server without the UDP relay
                 # than no server.
@@ -167,6 +194,8 @@ class RendezvousServer:
                 self._ws_servers.append(ws_server)
                 wss_port = wss_port or ws_server.sockets[0].getsockname()[1]
         self.port, self.hosts, self.wss_port = port, list(hosts), wss_port
+        if cluster is not None:
+            await cluster.start_workers(port)
         # Opened only once the ports are ours: a second server on the same state directory
         # fails to bind above instead of contending for the database.
         self.mailbox = Mailbox(self.state_dir / "rendezvous.db")
@@ -186,6 +215,10 @@ class RendezvousServer:
             self._pinger.cancel()
         for agent in list(self.agents.values()):
             agent.link.close()
+        for link in list(self._links.values()):
+            link.close()
+        if self.cluster is not None:
+            self.cluster.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, *(t for t in [self._pinger] if t), return_exceptions=True)
@@ -201,16 +234,23 @@ class RendezvousServer:
                 self.write_status()
 
     def status(self) -> dict[str, Any]:
-        """Counters and the agents online."""
-        return {
+        """Counters and the agents online (with workers, the counters of every process)."""
+        counters = dict(self.counters)
+        status: dict[str, Any] = {
             "address": str(self.address),
             "url": str(self.url()) if self.hosts else None,
             "agents_online": len(self.agents),
             "agents_on_udp": sum(1 for a in self.agents.values() if a.udp_ready),
             "relays": [str(r) for r in self.relays],
             "directory": self.directory.describe(),
-            "counters": dict(self.counters),
+            "counters": counters,
         }
+        if self.cluster is not None:
+            for reported in self.cluster.worker_counters.values():
+                for name, value in reported.items():
+                    counters[name] = counters.get(name, 0) + value
+            status["workers"] = [{"agents": count} for _, count in sorted(self.cluster.agents_at.items())]
+        return status
 
     def write_status(self) -> None:
         """Write :meth:`status` to ``STATE_DIR/status.json`` (atomically), for operators and monitoring."""
@@ -233,8 +273,23 @@ class RendezvousServer:
 
     # -- one agent ------------------------------------------------------------------------
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        spawn(self._serve(StreamLink(reader, writer)), "a rendezvous connection", self._tasks)
+    def _tls_link(self, context: ssl.SSLContext) -> TlsLink:
+        """A TLS connection accepted: it has REGISTER_TIMEOUT to complete the handshake and register."""
+        link = TlsLink(context, self._tls_opened, self._links, next(self._idents), self.valve)
+        asyncio.get_running_loop().call_later(REGISTER_TIMEOUT, self._registration_due, link)
+        return link
+
+    def _tls_opened(self, link: TlsLink) -> Receiver | None:
+        connection = AgentConnection(self, link)
+        if not connection.open():
+            connection.end()
+            return None
+        return connection
+
+    @staticmethod
+    def _registration_due(link: TlsLink) -> None:
+        if not link.registered:
+            link.close()
 
     async def _serve_websocket(self, ws: ServerConnection) -> None:
         task = asyncio.current_task()
@@ -247,102 +302,52 @@ class RendezvousServer:
                 self._tasks.discard(task)
 
     async def _serve(self, link: Link) -> None:
-        """One connection, from its first byte to its end. Whatever it created (an agent, a
-        token) is torn down in ``finally``, however it ends."""
-        self.counters["connections"] += 1
-        observed = _endpoint(link.peername())
-        ip = client_network(observed.rpartition(":")[0])
-        agent: Agent | None = None
-        self._open += 1
-        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        """A connection whose bytes are awaited (WebSocket), from its first byte to its end.
+        Whatever it created (an agent, a token) is torn down in ``finally``, however it ends."""
+        connection = AgentConnection(self, link)
         try:
-            if self._open > self.limits.max_connections or self._per_ip[ip] > self.limits.max_connections_per_ip:
-                self.counters["connections_refused"] += 1
-                self._refuse(link, "too many connections; try again later")
+            if not connection.open():
                 return
-            decoder = rv.FrameDecoder()
-            registration = await self._read_registration(link, decoder, observed)
-            if registration is None:
-                return
-            register, frames = registration
-            agent = self._admit(link, register, observed)
-            if agent is None:
-                return
+            async with asyncio.timeout(REGISTER_TIMEOUT):
+                while not connection.registered:
+                    data = await link.read()
+                    if not data or not connection.received(data):
+                        return
             while True:
-                for message, datagram in frames:
-                    if datagram is None:
-                        self._on_control(agent, message)  # type: ignore[arg-type]
-                    else:
-                        self._relay(agent, message, datagram)  # type: ignore[arg-type]
                 data = await asyncio.wait_for(link.read(), PING_INTERVAL * 3)
-                if not data:
+                if not data or not connection.received(data):
                     return
-                agent.last_seen = self.clock()
-                frames = decoder.feed(data)
-        except rv.FrameError as exc:
-            self.counters["malformed"] += 1
-            log.info("dropping %s: %s", agent.address if agent else observed, exc)
-            with contextlib.suppress(Exception):
-                link.write(rv.encode_control(rv.Refused(f"protocol error: {exc}"[:500])))
-        except CutOff as exc:
-            self.counters["agents_cut_off"] += 1
-            log.warning("cutting off %s: %s", agent.address if agent else observed, exc)
-            with contextlib.suppress(Exception):
-                link.write(rv.encode_control(rv.Refused(str(exc))))
         except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
-        except Exception:
-            # A bug, not the peer's fault: log it with whom, drop this connection, serve the rest.
-            self.counters["handler_errors"] += 1
-            log.exception("connection from %s (%s) failed", observed, agent.address if agent else "unregistered")
         finally:
-            self._open -= 1
-            if self._per_ip[ip] <= 1:
-                del self._per_ip[ip]
-            else:
-                self._per_ip[ip] -= 1
-            if agent is not None:
-                self._forget(agent)
-            link.close()
+            connection.end()
+
+    def _connection_opened(self, network: str) -> bool:
+        """Count a connection from ``network``; False if it is one too many (it is counted all the same)."""
+        self._open += 1
+        count = self._per_ip[network] = self._per_ip.get(network, 0) + 1
+        return self._open <= self.limits.max_connections and count <= self.limits.max_connections_per_ip
+
+    def _connection_closed(self, network: str) -> None:
+        self._open -= 1
+        if self._per_ip[network] <= 1:
+            del self._per_ip[network]
+        else:
+            self._per_ip[network] -= 1
 
     def _forget(self, agent: Agent) -> None:
         tokens = self.udp_relay.tokens
         if tokens.get(agent.token) is agent:
             del tokens[agent.token]
+        self.plane.forget(agent)
         if self.agents.get(agent.address.digest) is agent:
             del self.agents[agent.address.digest]
+            if self.cluster is not None:
+                self.cluster.forgotten(agent)
             self.directory.left(agent.address, self.wall_clock())
             log.info("%s offline", agent.address)
 
-    async def _read_registration(
-        self, link: Link, decoder: rv.FrameDecoder, observed: str
-    ) -> tuple[rv.Register, list[tuple[rv.Message | bytes, bytes | None]]] | None:
-        """Challenge the agent and read its signed registration; None if it failed (and was told)."""
-        nonce = os.urandom(32)
-        link.write(rv.encode_control(rv.Challenge(nonce, str(self.address))))
-        frames: list[tuple[rv.Message | bytes, bytes | None]] = []
-        async with asyncio.timeout(REGISTER_TIMEOUT):
-            while not frames:
-                data = await link.read()
-                if not data:
-                    return None
-                frames = decoder.feed(data)
-        message, datagram = frames[0]
-        if datagram is not None or not isinstance(message, rv.Register):
-            self._refuse(link, "the first message must be a registration")
-            return None
-        try:
-            claimed = Address.from_public_key(message.public_key)
-        except ValueError:
-            self._refuse(link, "registration carries a malformed key")
-            return None
-        payload = rv.register_payload(nonce, claimed.digest, self.address.digest)
-        if not verify(message.public_key, message.signature, payload):
-            self._refuse(link, "registration signature does not verify")
-            return None
-        return message, frames[1:]
-
-    def _admit(self, link: Link, register: rv.Register, observed: str) -> Agent | None:
+    def _admit(self, link: WritableLink, register: rv.Register, observed: str) -> Agent | None:
         """Make a verified registration an agent online (the caller forgets it at the end)."""
         claimed = Address.from_public_key(register.public_key)
         previous = self.agents.get(claimed.digest)
@@ -367,6 +372,8 @@ class RendezvousServer:
         if previous is not None:
             previous.link.close()  # the same agent reconnected: the newest connection wins
             self._forget(previous)
+        if self.cluster is not None:
+            self.cluster.admitted(agent)
         self.agents[claimed.digest] = agent
         self.directory.arrived(claimed, register.public_key, now)
         self.udp_relay.tokens[agent.token] = agent
@@ -374,7 +381,7 @@ class RendezvousServer:
         registered = rv.Registered(
             observed,
             relays=self._relay_urls(),
-            udp_relay=[_endpoint((h, self.port)) for h in self.hosts],
+            udp_relay=[endpoint_text((h, self.port)) for h in self.hosts],
             token=agent.token,
             stun=self.stun,
             udp_key=agent.udp_key,
@@ -388,18 +395,19 @@ class RendezvousServer:
         """This server's own URL first, then the other relays it knows."""
         return [str(self.url()), *(str(r) for r in self.relays)]
 
-    def _refuse(self, link: Link, reason: str) -> None:
+    def _refuse(self, link: WritableLink, reason: str) -> None:
         self.counters["refused"] += 1
-        log.info("refused %s: %s", _endpoint(link.peername()), reason)
+        log.info("refused %s: %s", endpoint_text(link.peername()), reason)
         link.write(rv.encode_control(rv.Refused(reason)))
 
     def _on_control(self, agent: Agent, message: rv.Message) -> None:
         now = self.clock()
         if not agent.control_quota.take(1, now):
             self.counters["control_dropped_quota"] += 1
-            self._overquota(agent, "control")
+            agent.over("control", self.limits.cutoff_drops)
             return
-        agent.overquota["control"] = 0
+        if agent.overquota is not None:
+            agent.within("control")
         if isinstance(message, rv.Lookup):
             self.counters["lookups"] += 1
             agent.send(rv.encode_control(self._lookup(message)))
@@ -412,12 +420,12 @@ class RendezvousServer:
         elif isinstance(message, rv.Received):
             if self.mailbox is not None:
                 self.mailbox.delete(message.letter_id, agent.address.digest)
-                if agent.letters_out:
-                    agent.letters_out.discard(message.letter_id)
-                    if not agent.letters_out:
-                        self._deliver_waiting(agent)  # the batch is handled: the next one
+                if agent.letter_acknowledged(message.letter_id):
+                    self._deliver_waiting(agent)  # the batch is handled: the next one
         elif isinstance(message, rv.UdpReady):
             agent.udp_ready = message.ready
+            if self.cluster is not None:
+                self.cluster.udp_ready(agent)
         elif isinstance(message, rv.HomeRelay):
             if message.url not in self._relay_urls():
                 raise rv.FrameError(f"{message.url} is not one of this server's relays")
@@ -433,23 +441,17 @@ class RendezvousServer:
         spent = self.directory.take(agent.address, request, self.clock())
         if spent is not None:
             self.counters["directory_dropped_quota"] += 1
-            self._overquota(agent, spent)
+            agent.over(spent, self.limits.cutoff_drops)
             return rv.Outcome(request.id, False, _OVERQUOTA[spent])
         quota = QUOTAS.get(type(request))
-        if quota is not None:
-            agent.overquota[quota] = 0
+        if quota is not None and agent.overquota is not None:
+            agent.within(quota)
         self.counters["directory_requests"] += 1
         answer = self.directory.answer(agent.address, request, self.wall_clock())
         if isinstance(answer, rv.Outcome) and not answer.ok:
             self.counters["directory_refused"] += 1
             log.info("refused a %s of %s: %s", type(request).__name__, agent.address, answer.error)
         return answer
-
-    def _overquota(self, agent: Agent, quota: str) -> None:
-        """One more message dropped for ``quota``; an agent that keeps at it is cut off."""
-        run = agent.overquota[quota] = agent.overquota.get(quota, 0) + 1
-        if run >= self.limits.cutoff_drops:
-            raise CutOff(f"{quota} quota exceeded {run} times in a row")
 
     def _post(self, agent: Agent, request: rv.Post) -> rv.PostResult:
         now = self.wall_clock()
@@ -477,7 +479,7 @@ class RendezvousServer:
             return
         for letter_id, letter in self.mailbox.waiting_for(agent.address.digest, DELIVER_BATCH):
             if self._deliver(agent, letter_id, letter):
-                agent.letters_out.add(letter_id)
+                agent.letter_out(letter_id)
 
     def _deliver(self, agent: Agent, letter_id: int, letter: rv.Letter) -> bool:
         try:
@@ -506,24 +508,7 @@ class RendezvousServer:
         return rv.LookupResult(request.id, request.address, online=True, relay=target.home_relay or str(self.url()))
 
     def _relay(self, source: Agent, destination: bytes, datagram: bytes) -> None:
-        now = self.clock()
-        size = len(datagram)
-        if not source.relay_quota.take(size, now):
-            self.counters["relay_dropped_quota"] += 1
-            self._overquota(source, "relay")
-            return
-        source.overquota["relay"] = 0
-        target = self.agents.get(destination)
-        if target is None:
-            self.counters["relay_dropped_offline"] += 1
-            return
-        if not target.deliver(source.address.digest, datagram, now):
-            self.counters["relay_dropped_backpressure"] += 1
-            return
-        source.relayed_out += size
-        target.relayed_in += size
-        self.counters["relay_frames"] += 1
-        self.counters["relay_bytes"] += size
+        self.plane.relay(source, destination, datagram, self.clock())
 
     def _ping(self, agent: Agent) -> None:
         self._ping_ids += 1
@@ -542,8 +527,10 @@ class RendezvousServer:
         agent.link.close()
 
     async def _ping_loop(self) -> None:
-        """Status every few seconds and pings to every agent: a failure is logged and the loop
-        goes on (without it, every agent would be dropped as silent)."""
+        """Status every few seconds; every PING_INTERVAL, a ping to each agent silent that long
+        and the end of those silent for three (one round over every agent, no timer of each):
+        a failure is logged and the loop goes on (without it, every agent would be dropped as
+        silent)."""
         ticks = 0
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
@@ -551,11 +538,20 @@ class RendezvousServer:
             try:
                 self._write_status_logged()
                 if ticks % round(PING_INTERVAL / STATUS_INTERVAL) == 0:
-                    for agent in list(self.agents.values()):
-                        self._ping(agent)
+                    self._ping_silent(self.clock())
             except Exception:
                 self.counters["handler_errors"] += 1
                 log.exception("the server's status and ping round failed")
+
+    def _ping_silent(self, now: float) -> None:
+        for agent in list(self.agents.values()):
+            silent = now - agent.last_seen
+            if silent > PING_INTERVAL * 3:
+                log.info("%s silent for %.0f s: dropped", agent.address, silent)
+                self._forget(agent)
+                agent.link.close()
+            elif silent >= PING_INTERVAL:
+                self._ping(agent)
 
 
 def _check_path(connection: ServerConnection, request: Request) -> Response | None:
@@ -563,7 +559,3 @@ def _check_path(connection: ServerConnection, request: Request) -> Response | No
     if request.path != WS_PATH:
         return connection.respond(HTTPStatus.NOT_FOUND, "not a peerpath endpoint\n")
     return None
-
-
-def _endpoint(peer: Any) -> str:
-    return format_endpoint((peer[0], peer[1])) if peer else "unknown"

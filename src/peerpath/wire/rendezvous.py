@@ -339,14 +339,53 @@ def encode_relay(address: bytes, datagram: bytes) -> bytes:
     return _HEADER.pack(FrameType.RELAY << 24 | (ADDRESS_BYTES + len(datagram))) + address + datagram
 
 
-def decode_control(body: bytes) -> Message:
+def encode_relay_header(datagram_length: int) -> bytes:
+    """The 4-byte header of a RELAY frame whose datagram has ``datagram_length`` bytes (the
+    16-byte address and the datagram follow it)."""
+    if not 0 < datagram_length <= MAX_DATAGRAM:
+        raise FrameError(f"datagram of {datagram_length} bytes (1 to {MAX_DATAGRAM})")
+    return _HEADER.pack(FrameType.RELAY << 24 | (ADDRESS_BYTES + datagram_length))
+
+
+def decode_control(body: bytes | memoryview) -> Message:
     """One control message body. Raises :class:`FrameError` for anything malformed."""
-    return decode(_decoder, body, FrameError, "control message")
+    return decode(_decoder, body, FrameError, "control message")  # type: ignore[arg-type]
 
 
 def _header(data: bytes | bytearray) -> tuple[int, int]:
     (word,) = _HEADER.unpack_from(data)
     return word >> 24, word & 0xFFFFFF
+
+
+#: Bytes before a RELAY frame's datagram: the header and the address.
+RELAY_HEAD = _HEADER.size + ADDRESS_BYTES
+_RELAY_LIMIT = ADDRESS_BYTES + MAX_DATAGRAM
+
+
+def frame_at(data: bytes | bytearray | memoryview, offset: int) -> tuple[int, int] | None:
+    """The frame that starts at ``offset`` of a stream buffer, without copying or decoding it:
+    ``(FrameType, end)``, or None if it is not all there yet. Its body is
+    ``data[offset + 4 : end]``; a RELAY frame's address is the body's first 16 bytes and its
+    datagram the rest (at least one byte). Raises :class:`FrameError` for a header no frame has.
+
+    What a relay forwards needs nothing more, so it is routed without being copied twice.
+    """
+    if len(data) - offset < _HEADER.size:
+        return None
+    (word,) = _HEADER.unpack_from(data, offset)
+    kind, length = word >> 24, word & 0xFFFFFF
+    if kind == FrameType.RELAY:
+        if length > _RELAY_LIMIT:
+            raise FrameError(f"RELAY frame of {length} bytes exceeds {_RELAY_LIMIT}")
+        if length <= ADDRESS_BYTES:
+            raise FrameError("relay frame without a datagram")
+    elif kind == FrameType.CONTROL:
+        if length > MAX_CONTROL:
+            raise FrameError(f"CONTROL frame of {length} bytes exceeds {MAX_CONTROL}")
+    else:
+        raise FrameError(f"unknown frame type {kind}")
+    end = offset + _HEADER.size + length
+    return (kind, end) if end <= len(data) else None
 
 
 class FrameDecoder:
@@ -484,6 +523,42 @@ def _seal(key: bytes, frame: bytes) -> bytes:
 def udp_authentic(key: bytes, data: bytes) -> bool:
     """Whether a UDP relay frame's MAC is right under ``key``."""
     return len(data) > MAC_BYTES and bool(key) and hmac.compare_digest(data[-MAC_BYTES:], _mac(key, data[:-MAC_BYTES]))
+
+
+# A relay keys BLAKE2b once per registration and copies the keyed state for each frame, which
+# costs a third less than keying it again every time (a 128-byte key block is hashed each time).
+UdpMac = hashlib.blake2b
+#: Bytes before the datagram of an agent's relay datagram (0x90): kind, token, destination.
+UDP_DATA_HEAD = 1 + TOKEN_BYTES + ADDRESS_BYTES
+#: Sizes an agent's relay datagram (0x90) may have, MAC included.
+UDP_DATA_MIN = UDP_DATA_HEAD + 1 + MAC_BYTES
+UDP_DATA_MAX = UDP_DATA_HEAD + MAX_DATAGRAM + MAC_BYTES
+_DELIVERY = bytes([UDP_FROM_SERVER])
+
+
+def udp_mac(key: bytes) -> UdpMac:
+    """The MAC of one registration's UDP frames, keyed, for :func:`udp_authentic_under` and
+    :func:`seal_udp_delivery` (it is copied per frame, never updated itself)."""
+    return hashlib.blake2b(key=key, digest_size=MAC_BYTES)
+
+
+def udp_authentic_under(mac: UdpMac, data: bytes) -> bool:
+    """:func:`udp_authentic` with the keyed state of :func:`udp_mac` (the frame is not copied)."""
+    if len(data) <= MAC_BYTES:
+        return False
+    state = mac.copy()
+    state.update(memoryview(data)[:-MAC_BYTES])
+    return hmac.compare_digest(state.digest(), data[-MAC_BYTES:])
+
+
+def seal_udp_delivery(mac: UdpMac, source: bytes, datagram: bytes | memoryview) -> bytes:
+    """:func:`encode_udp_delivery` with the keyed state of :func:`udp_mac`: the datagram is
+    copied once, into the frame."""
+    head = _DELIVERY + source
+    state = mac.copy()
+    state.update(head)
+    state.update(datagram)
+    return b"".join((head, datagram, state.digest()))
 
 
 def encode_udp_relay(token: bytes, key: bytes, destination: bytes, datagram: bytes) -> bytes:
