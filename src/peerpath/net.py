@@ -47,6 +47,11 @@ class BoundUdp(Protocol):
         """Send a datagram; raises BlockingIOError when the buffer is full, OSError on failure."""
         ...
 
+    def sendto_unfragmented(self, data: bytes, addr: Endpoint) -> None:
+        """:meth:`sendto` with the don't-fragment bit set and no fragmenting here either (a
+        path MTU probe: too large for a link on the way, it is lost rather than split)."""
+        ...
+
     def close(self) -> None:
         """Stop receiving and release the port."""
         ...
@@ -176,19 +181,27 @@ def large_buffers(sock: socket.socket) -> None:
 _IP_MTU_DISCOVER, _IPV6_MTU_DISCOVER, _PMTUDISC_PROBE = 10, 23, 3
 
 
-def dont_fragment(sock: socket.socket) -> None:
-    """Set the don't-fragment bit on every datagram and never fragment locally (Linux), as
-    QUIC asks (RFC 9000 14) and path MTU probes need: a datagram too large for a link on the
-    way is lost, not split. Elsewhere the system's default stays."""
+def send_unfragmented(sock: socket.socket, data: bytes, addr: Endpoint) -> None:
+    """Send one datagram with the don't-fragment bit set and no local fragmenting (Linux's
+    PROBE mode, for this datagram only), as a path MTU probe needs. The socket keeps its own
+    mode for everything else: the kernel's default, which fragments a datagram larger than
+    the first link rather than fail, so a 1350-byte QUIC packet still leaves over a
+    1280-byte tunnel. Elsewhere the datagram goes as any other."""
     if not sys.platform.startswith("linux"):
+        sock.sendto(data, addr)
         return
-    level, option = (
-        (socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER)
-        if sock.family == socket.AF_INET6
-        else (socket.IPPROTO_IP, _IP_MTU_DISCOVER)
-    )
-    with contextlib.suppress(OSError):
+    ipv6 = sock.family == socket.AF_INET6
+    level, option = (socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER) if ipv6 else (socket.IPPROTO_IP, _IP_MTU_DISCOVER)
+    try:
+        mode = sock.getsockopt(level, option)
         sock.setsockopt(level, option, _PMTUDISC_PROBE)
+    except OSError:
+        sock.sendto(data, addr)
+        return
+    try:
+        sock.sendto(data, addr)
+    finally:
+        sock.setsockopt(level, option, mode)
 
 
 def _reusable(sock: socket.socket) -> None:
@@ -231,6 +244,9 @@ class KernelUdp:
     def sendto(self, data: bytes, addr: Endpoint) -> None:
         self.sock.sendto(data, addr)
 
+    def sendto_unfragmented(self, data: bytes, addr: Endpoint) -> None:
+        send_unfragmented(self.sock, data, addr)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -255,7 +271,6 @@ class KernelNet:
         try:
             sock.bind((host, port))
             large_buffers(sock)
-            dont_fragment(sock)
             return KernelUdp(sock, on_datagram)
         except BaseException:
             sock.close()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import sys
+
 import pytest
 
+from peerpath import net
 from peerpath.session import pmtu
 from peerpath.session.pmtu import BASE_DATAGRAM, MtuSearch
 from peerpath.wire import punch
@@ -90,3 +94,17 @@ def test_padding_must_be_zeros_and_responses_are_never_padded() -> None:
     response = punch.encode_response(KEY, tid, ("198.51.100.7", 4000))
     with pytest.raises(punch.CheckError, match="size"):
         punch.parse(KEY, response + bytes(100))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's path MTU discovery modes")
+def test_a_probe_leaves_unfragmented_and_the_socket_keeps_its_mode() -> None:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+    ):
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(2)
+        mode = sender.getsockopt(socket.IPPROTO_IP, net._IP_MTU_DISCOVER)
+        net.send_unfragmented(sender, bytes(8972), receiver.getsockname())
+        assert len(receiver.recv(65535)) == 8972  # loopback carries it whole
+        assert sender.getsockopt(socket.IPPROTO_IP, net._IP_MTU_DISCOVER) == mode  # QUIC's datagrams: as before

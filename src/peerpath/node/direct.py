@@ -352,7 +352,7 @@ class DirectPaths:
             if path is not proved and self._sockets.get(path, self.node.udp.main) is not sock:
                 # Found again from another socket (an earlier round's mapping is gone): the
                 # path now sends from the socket this round proved.
-                path.send_datagram = proved.send_datagram
+                path.send_datagram, path.send_probe = proved.send_datagram, proved.send_probe
             self._sockets[path] = sock
             log.info("direct path to %s: %s", conn.peer, path.describe())
 
@@ -422,7 +422,7 @@ class DirectPaths:
         if probe is not None:
             tid, datagram = probe
             mtu.sent(tid, size, now)
-            path.send_datagram(datagram)
+            (path.send_probe or path.send_datagram)(datagram)
 
     def _drop(self, session: Watched, path: Path) -> None:
         """A direct path silent for long leaves the session (a later round finds what works)."""

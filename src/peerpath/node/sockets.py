@@ -66,6 +66,15 @@ class UdpSocket:
         except OSError as exc:
             log.debug("UDP send to %s failed: %s", addr, exc)
 
+    def sendto_unfragmented(self, data: bytes, addr: Endpoint) -> None:
+        """Send a path MTU probe: a datagram that is lost, not fragmented, where it does not fit."""
+        if self.closed:
+            return
+        try:
+            self._sock.sendto_unfragmented(data, addr)
+        except OSError as exc:  # EMSGSIZE: larger than the first link; the probe is lost
+            log.debug("UDP probe of %d bytes to %s not sent: %s", len(data), addr, exc)
+
     def close(self) -> None:
         """Stop reading and close the socket."""
         if not self.closed:
@@ -142,8 +151,13 @@ class UdpSockets:
         def send(datagram: bytes) -> None:
             udp.sendto(datagram, remote)
 
+        def probe(datagram: bytes) -> None:
+            udp.sendto_unfragmented(datagram, remote)
+
         mtu = MtuSearch.for_host(remote[0])
-        return Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock(), mtu=mtu)
+        path = Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock(), mtu=mtu)
+        path.send_probe = probe
+        return path
 
     async def stun_mapped(self, server: str, client: UdpStunSocket | None = None) -> Endpoint | None:
         """Where the STUN server at ``server`` ("host:port") sees the main socket (or the socket

@@ -71,8 +71,9 @@ class Path:
     created: float = 0.0
     #: The largest datagram the path carries (a direct UDP path's grows as probes prove it).
     max_datagram: int = BASE_DATAGRAM
-    #: The path MTU search of a direct UDP path.
+    #: The path MTU search of a direct UDP path, and how its probes leave (unfragmented).
     mtu: MtuSearch | None = None
+    send_probe: Callable[[bytes], None] | None = None
     last_received: float | None = None
     bytes_sent: int = 0
     bytes_received: int = 0

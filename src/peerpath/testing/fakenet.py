@@ -345,6 +345,10 @@ class FakeUdp:
         self.local = local
         self.closed = False
 
+    def sendto_unfragmented(self, data: bytes, addr: Endpoint) -> None:
+        """The fake network has no MTU: a datagram of any size is one packet."""
+        self.sendto(data, addr)
+
     def sendto(self, data: bytes, addr: Endpoint) -> None:
         """Send a datagram from this socket."""
         if self.closed:
