@@ -1015,6 +1015,7 @@ def _punch_seeds() -> list[bytes]:
     return [
         punch.encode_check(PUNCH_KEY, tid),
         punch.encode_check(PUNCH_KEY, bytes(range(12, 24))),
+        punch.encode_check(PUNCH_KEY, bytes(range(24, 36)), 2000),  # a path MTU probe
         punch.encode_response(PUNCH_KEY, tid, ("198.51.100.7", 40000)),
         punch.encode_response(PUNCH_KEY, tid, ("2001:db8::7", 1)),
         punch.encode_response(PUNCH_KEY, tid, ("0.0.0.0", 0)),
@@ -1032,13 +1033,14 @@ def _punch_fixup(data: bytes, rng: random.Random) -> bytes:
     if buf and rng.random() < 0.2:
         buf = (buf + bytes(punch.SIZE))[: punch.SIZE]
     head = 1 + punch.TID_BYTES
-    if len(buf) != punch.SIZE:
+    probe = bool(buf) and buf[0] == punch.CHECK and punch.SIZE < len(buf) <= punch.MAX_SIZE
+    if len(buf) != punch.SIZE and not probe:
         return bytes(buf)
     tid, rest = bytes(buf[1:head]), head + punch.TAG_BYTES
     if buf[0] == punch.CHECK:
         buf[head:rest] = _punch_tag(b"check", tid)
         if rng.random() < 0.7:
-            buf[rest:] = bytes(punch.ADDRESS_BYTES)
+            buf[rest:] = bytes(len(buf) - rest)
     elif buf[0] == punch.RESPONSE:
         buf[head:rest] = _punch_tag(b"response", tid, bytes(buf[rest:]))
     return bytes(buf)
