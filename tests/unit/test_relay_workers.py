@@ -320,3 +320,41 @@ def test_messages_between_processes_survive_any_cut() -> None:
         (8, b""),
         (3, ["offline", b"\x01" * 16]),
     ]
+
+
+class _BackedUpLink:
+    """A link to an agent that does not read: its buffer is past the high-water mark."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def buffered(self) -> int:
+        return (1 << 20) + 1
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+
+def test_a_worker_writes_nothing_more_to_an_agent_that_does_not_read() -> None:
+    """Control replies included (a single process drops them too), so the buffer stays bounded."""
+    from peerpath.rendezvous.mesh import write_to
+
+    link, counters = _BackedUpLink(), {"relay_dropped_backpressure": 0, "replies_dropped_backpressure": 0}
+    reply = rv.encode_control(rv.Pong(1))
+    write_to(link, memoryview(reply), counters)  # type: ignore[arg-type]
+    assert link.written == [] and counters["replies_dropped_backpressure"] == 1
+
+
+def test_udp_frames_of_another_process_agents_are_dropped() -> None:
+    """Where the kernel does not steer datagrams, a process still spends only its own agents' quotas."""
+    from peerpath.rendezvous.udp_relay import UdpRelay
+
+    counters: dict[str, int] = {}
+    relay = UdpRelay(counters, lambda *args: None, lambda *args: None)  # type: ignore[arg-type]
+    relay.process = 1
+    hello = bytes([rv.UDP_HELLO, 0]) + bytes(64)  # a token naming process 0
+    relay.received(hello, ("192.0.2.1", 4000), None, 0.0)  # type: ignore[arg-type]
+    assert counters == {"udp_other_process": 1}

@@ -10,11 +10,14 @@ record and one send for many datagrams, :meth:`DataPlane.flush`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 
 from peerpath.rendezvous.presence import SEND_HIGH_WATER, Agent, UdpSocket
 from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
 
 _RELAY = rv.FrameType.RELAY
 _HEAD = rv.RELAY_HEAD
@@ -189,7 +192,10 @@ class DataPlane:
         for target in pending:
             out, target.outbox, target.outbox_bytes = target.outbox, None, 0
             if out and not target.link.is_closing():
-                target.link.write(b"".join(out))
+                try:
+                    target.link.write(b"".join(out))
+                except Exception:  # one broken link must not leave the others' outboxes stuck
+                    log.exception("relayed frames to %s could not be written", target.address)
 
     def forget(self, agent: Agent) -> None:
         """``agent`` is offline: what waits for it is dropped."""

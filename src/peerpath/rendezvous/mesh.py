@@ -168,12 +168,14 @@ class RemoteLink:
 
 
 def write_to(link: WritableLink | None, data: memoryview, counters: dict[str, int]) -> None:
-    """Write what another process sent for one of this process's connections: relayed frames
-    are dropped if the link is backed up (as they would be here), control frames never."""
+    """Write what another process sent for one of this process's connections. Nothing is
+    written to a link that is backed up (an agent that does not read): as in one process,
+    relayed frames and control replies alike are dropped there, so its buffer stays bounded."""
     if link is None or link.is_closing():
         return
-    if data[:1] == _RELAY_TYPE and link.buffered() > SEND_HIGH_WATER:
-        counters["relay_dropped_backpressure"] += 1
+    if link.buffered() > SEND_HIGH_WATER:
+        relayed = data[:1] == _RELAY_TYPE
+        counters["relay_dropped_backpressure" if relayed else "replies_dropped_backpressure"] += 1
         return
     link.write(data if isinstance(link, TlsLink) else bytes(data))  # TLS takes it at once; others keep it
 

@@ -167,6 +167,7 @@ class RendezvousServer:
             self.cluster = cluster
             await cluster.connect()
             self.udp_relay.on_path = cluster.path_changed
+            self.udp_relay.process = 0
         context = tls_server_context(self.identity, self.state_dir)
         context.num_tickets = 0  # agents never resume a session: tickets would be wasted work
         shared = cluster is not None

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 #: Plaintext read from OpenSSL at once (many TLS records), into one buffer shared by every
 #: connection: what a receiver keeps of it past its call, it copies.
 READ_BUFFER = 256 * 1024
+#: Seconds a closed connection may take to hand over what it still has queued before it is aborted.
+CLOSE_GRACE = 10.0
 _buffer = bytearray(READ_BUFFER)
 _view = memoryview(_buffer)
 
@@ -187,7 +189,12 @@ class TlsLink(asyncio.Protocol):
                 self._ssl.unwrap()
             self._flush()
         if self._transport is not None:
-            self._transport.close()
+            transport = self._transport
+            transport.close()
+            # asyncio's close waits for the write buffer to drain: a peer that never reads
+            # (a zero TCP window) would hold the connection, its buffer and its slots forever.
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to wait for
+                asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
     # -- inside -----------------------------------------------------------------------------
 

@@ -45,7 +45,11 @@ UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
 GSO_SEGMENTS = 64
 GSO_BYTES = 65000
 #: What sendmsg fails with where the kernel or the interface cannot segment.
-_NO_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+#: The kernel has no UDP GSO at all: trains stop for good.
+_NO_GSO = {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+#: This train could not go as one (a segment too large for the route's MTU, a device without
+#: checksum offload): it goes one datagram at a time, and the next train is tried again.
+_NOT_THIS_TRAIN = {errno.EINVAL, errno.EIO, errno.EMSGSIZE}
 
 
 class RelayUdp:
@@ -143,12 +147,13 @@ class RelayUdp:
         except BlockingIOError:
             pass  # the socket buffer is full: dropped, as the network may
         except OSError as exc:
-            if exc.errno not in _NO_GSO:
+            if exc.errno in _NO_GSO:
+                log.info("no UDP GSO on this host (%s): relayed datagrams go one by one", exc.strerror or exc)
+                self._gso = None
+            elif exc.errno not in _NOT_THIS_TRAIN:
                 log.debug("UDP relay send to %s failed: %s", addr, exc)
                 return
-            log.info("no UDP GSO on this host (%s): relayed datagrams go one by one", exc.strerror or exc)
-            self._gso = None
-            for data in datagrams:
+            for data in datagrams:  # an agent's choice of sizes never turns GSO off for everyone
                 self._send(data, addr)
 
     def close(self) -> None:
@@ -176,9 +181,17 @@ class UdpRelay:
         #: Told when an agent's UDP endpoint is confirmed, and again (at most every
         #: PATH_REFRESH seconds) when a hello from it says it is still there.
         self.on_path: Callable[[Agent, UdpSocket], None] | None = None
+        #: With several processes (:mod:`.workers`): this one's number, which the first byte of
+        #: the token of every agent whose quota it holds names. Frames of other processes'
+        #: agents are dropped, so an agent's quota is spent in one place even where the
+        #: kernel does not steer datagrams (every process keeps a replica of every agent).
+        self.process: int | None = None
 
     def received(self, data: bytes, addr: Endpoint, sock: UdpSocket, now: float) -> None:
         """A datagram on one of the server's UDP relay sockets."""
+        if self.process is not None and len(data) > 1 and data[1] != self.process:
+            self.counters["udp_other_process"] = self.counters.get("udp_other_process", 0) + 1
+            return
         if data[:1] == _DATA and rv.UDP_DATA_MIN <= len(data) <= rv.UDP_DATA_MAX:
             self._data(data, addr, sock, now)
             return

@@ -354,6 +354,7 @@ class Worker:
         self.plane = DataPlane(self.agents, self.counters, limits.cutoff_drops)
         self.udp_relay = UdpRelay(self.counters, self.plane.relay, self._cut_off)
         self.udp_relay.on_path = self._path_changed
+        self.udp_relay.process = index
         self.udp: list[RelayUdp] = []
         self.links: dict[int, TlsLink] = {}
         self._connections: dict[int, WorkerConnection] = {}
@@ -516,6 +517,9 @@ class Worker:
         if self.udp_relay.tokens.get(agent.token) is agent:
             del self.udp_relay.tokens[agent.token]
         self.plane.forget(agent)
+        for connection in self._connections.values():  # cut off: relays nothing more, at once
+            if connection.agent is agent:
+                connection.agent = None
 
     def lost(self, source: int) -> None:
         if source == 0:
