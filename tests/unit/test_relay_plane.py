@@ -19,6 +19,7 @@ from peerpath.rendezvous.connection import AgentConnection
 from peerpath.rendezvous.limits import CutOff, ServerLimits
 from peerpath.rendezvous.presence import SEND_HIGH_WATER, Agent
 from peerpath.rendezvous.server import PING_INTERVAL, RendezvousServer
+from peerpath.rendezvous.tls import Valve
 from peerpath.rendezvous.udp_relay import RelayUdp
 from peerpath.wire import rendezvous as rv
 
@@ -378,6 +379,23 @@ def test_silent_agents_are_pinged_then_dropped(tmp_path: Path) -> None:
     server._ping_silent(clock.now)
     assert quiet.closed and silent.address.digest not in server.agents
     assert talkative.closed  # it went silent too
+
+
+def test_agents_held_by_the_valve_are_not_dropped_as_silent(tmp_path: Path) -> None:
+    """While another process is backed up, this one's links are paused: their silence is ours."""
+    clock = Clock()
+    server = make_server(tmp_path, clock)
+    server.valve = Valve()
+    link = RecordingLink()
+    agent = admit(server, link)
+    agent.last_seen = clock.now
+    server.valve.shut()
+    clock.now += PING_INTERVAL * 4
+    server._ping_silent(clock.now)
+    assert not link.closed and agent.address.digest in server.agents
+    server.valve.open()
+    server._ping_silent(clock.now)
+    assert link.closed and agent.address.digest not in server.agents
 
 
 def test_an_agent_cut_off_over_udp_is_gone_from_udp_and_its_link(tmp_path: Path) -> None:

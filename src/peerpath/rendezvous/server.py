@@ -545,9 +545,12 @@ class RendezvousServer:
                 log.exception("the server's status and ping round failed")
 
     def _ping_silent(self, now: float) -> None:
+        # While the valve holds this process's links (another process is backed up), their
+        # agents are not heard: silence then says nothing about them, and nobody is dropped.
+        held = self.valve is not None and self.valve.is_shut
         for agent in list(self.agents.values()):
             silent = now - agent.last_seen
-            if silent > PING_INTERVAL * 3:
+            if silent > PING_INTERVAL * 3 and not held:
                 log.info("%s silent for %.0f s: dropped", agent.address, silent)
                 self._forget(agent)
                 agent.link.close()

@@ -55,6 +55,11 @@ class Valve:
         self._shut = 0
         self._held: list[asyncio.Transport] = []
 
+    @property
+    def is_shut(self) -> bool:
+        """Whether links that read are being held (what they send is not heard meanwhile)."""
+        return self._shut > 0
+
     def shut(self) -> None:
         self._shut += 1
 
