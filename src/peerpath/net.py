@@ -263,18 +263,26 @@ class _KernelListener:
         self._server.close()
 
 
+def bind_kernel_udp(host: str, port: int, on_datagram: DatagramHandler, *, reuse_port: bool = False) -> KernelUdp:
+    """A kernel UDP socket on ``host:port`` with large buffers, read in batches; ``reuse_port``:
+    in the port's SO_REUSEPORT group (processes sharing one port)."""
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        large_buffers(sock)
+        return KernelUdp(sock, on_datagram)
+    except BaseException:
+        sock.close()
+        raise
+
+
 class KernelNet:
     """The operating system's network."""
 
     def bind_udp(self, host: str, port: int, on_datagram: DatagramHandler) -> BoundUdp:
-        sock = socket.socket(_family(host), socket.SOCK_DGRAM)
-        try:
-            sock.bind((host, port))
-            large_buffers(sock)
-            return KernelUdp(sock, on_datagram)
-        except BaseException:
-            sock.close()
-            raise
+        return bind_kernel_udp(host, port, on_datagram)
 
     async def listen_tcp(
         self,

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from peerpath.net import DatagramHandler, KernelUdp, large_buffers
+from peerpath.net import DatagramHandler, KernelUdp, bind_kernel_udp
 from peerpath.rendezvous.links import WritableLink
 from peerpath.rendezvous.presence import SEND_HIGH_WATER
 from peerpath.rendezvous.tls import TlsLink
@@ -221,15 +221,7 @@ class MeshHost(Protocol):
 def bind_shared_udp(host: str, port: int, on_datagram: DatagramHandler) -> KernelUdp:
     """A UDP socket on ``host:port`` in the port's SO_REUSEPORT group (the kernel's network only:
     no Net can share a port between processes)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        large_buffers(sock)
-        return KernelUdp(sock, on_datagram)
-    except BaseException:
-        sock.close()
-        raise
+    return bind_kernel_udp(host, port, on_datagram, reuse_port=True)
 
 
 class _Filter(ctypes.Structure):

@@ -609,9 +609,6 @@ class Connection:
         self.quic.stop(stream_id, reason)
         self._schedule_transmit()
 
-    def _unacked(self, stream_id: int) -> int:
-        return self.quic.unacked(stream_id)
-
     async def _drain(self, stream_id: int, high_water: int) -> None:
         while self.quic.unacked(stream_id) > high_water:
             if self.closed.done():
