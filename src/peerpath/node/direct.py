@@ -408,7 +408,9 @@ class DirectPaths:
             tid, datagram = probe
             path.probe_sent(tid, now)
             path.send_datagram(datagram)  # from the socket, link or relay the path uses
-            if path.mtu is not None:
+            if path.send_probe is not None:  # a direct UDP path: its MTU is searched too
+                if path.mtu is None:  # made here, not with every Path a datagram from anywhere makes
+                    path.mtu = MtuSearch.for_host(parse_endpoint(path.remote)[0])
                 self._probe_mtu(session, path, path.mtu, now)
 
     def _probe_mtu(self, session: Session, path: Path, mtu: MtuSearch, now: float) -> None:

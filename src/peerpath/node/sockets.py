@@ -15,7 +15,6 @@ from peerpath.clock import Clock, monotonic
 from peerpath.nat.stun_client import UdpStunSocket
 from peerpath.net import BoundUdp, Net
 from peerpath.session.pathset import Path, PathKind, format_endpoint, parse_endpoint
-from peerpath.session.pmtu import MtuSearch
 from peerpath.wire.endpoint import Endpoint
 from peerpath.wire.stun import Address as TransportAddress
 
@@ -154,8 +153,7 @@ class UdpSockets:
         def probe(datagram: bytes) -> None:
             udp.sendto_unfragmented(datagram, remote)
 
-        mtu = MtuSearch.for_host(remote[0])
-        path = Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock(), mtu=mtu)
+        path = Path(PathKind.DIRECT_UDP, format_endpoint(remote), send, created=self.clock())
         path.send_probe = probe
         return path
 
