@@ -11,14 +11,17 @@
   forwarder), each in its own process on the same event loop as the server, in the same run;
 - the server's memory (RSS) and CPU with thousands of registered idle agents (that send the
   keepalives a node sends and answer the server's pings), how long registering them took, and
-  how busy the server was meanwhile (below 100%: the agents here were the bottleneck).
+  how busy the server was meanwhile (below 100%: the agents here were the bottleneck);
+- the same with the agents resting on UDP, as an idle node does (registered over TLS, UDP
+  confirmed, told yes to a rest, connection closed, a UDP hello every 10 s), on a server of its
+  own started for it (so that what the connected agents left in its heap does not count here).
 
 The server runs in its own process(es) (``peerpath server``, with relay quotas set so that they
 are counted but never bind; its CPU and RSS are those of all its processes); agents and clients
 run here. Ratios are server / plain forwarder. ``forwarder_cpu_percent`` is the forwarding
 process's (or processes') CPU during the measurement: near 100 per process, it was the limit.
 
-    python bench/relay_bench.py [--trials 20] [--mbytes 64] [--agents 10000] [--only capacity,idle]
+    python bench/relay_bench.py [--trials 20] [--mbytes 64] [--agents 10000] [--only capacity,idle,rest]
                                 [--server-arg=--workers --server-arg=2]
 """
 
@@ -47,7 +50,7 @@ from peerpath.cli import run_event_loop
 from peerpath.identity import Identity
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
-from peerpath.rendezvous.client import KEEPALIVE
+from peerpath.rendezvous.client import KEEPALIVE, UDP_HELLO_INTERVAL
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import parse_endpoint
@@ -267,6 +270,8 @@ class RawAgent(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.received = 0
         self.paused: asyncio.Future[None] | None = None
+        #: The answer to a request of ours that the server answers with an Outcome (a rest).
+        self.outcome: asyncio.Future[rv.Outcome] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's are not asyncio's classes)
@@ -287,6 +292,8 @@ class RawAgent(asyncio.Protocol):
                 self.registered.set_exception(RuntimeError(f"refused: {message.reason}"))
             elif isinstance(message, rv.Ping):
                 self.write(rv.encode_control(rv.Pong(message.id)))
+            elif isinstance(message, rv.Outcome) and self.outcome is not None and not self.outcome.done():
+                self.outcome.set_result(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.registered.done():
@@ -673,6 +680,129 @@ async def measure_idle(url: RendezvousUrl, server_pid: int, count: int, seconds:
     }
 
 
+class _UdpSide(asyncio.DatagramProtocol):
+    """The UDP side of raw agents sharing one socket: their hellos, the challenges answered,
+    the acknowledgements awaited (the server keys frames by token, so agents may share)."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.keys: dict[bytes, bytes] = {}
+        self.acked: dict[bytes, asyncio.Future[None]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            frame = rv.parse_udp_relay(data)
+        except rv.FrameError:
+            return
+        key = self.keys.get(frame.token)
+        if key is None or not rv.udp_authentic(key, data) or self.transport is None:
+            return
+        if frame.kind == rv.UDP_CHALLENGE:
+            self.transport.sendto(rv.encode_udp_response(frame.token, key, frame.payload), addr)
+        elif frame.kind == rv.UDP_HELLO_ACK:
+            waiting = self.acked.pop(frame.token, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
+
+    def hello(self, token: bytes) -> None:
+        if self.transport is not None:
+            self.transport.sendto(rv.encode_udp_hello(token, self.keys[token]), self.server)
+
+
+async def rest_raw(agent: RawAgent, registered: rv.Registered, udp: _UdpSide) -> bytes:
+    """Confirm the agent's UDP endpoint, ask to rest, and close its connection once told yes
+    (as an idle node does); its token, for the hellos that keep it registered."""
+    token = registered.token
+    udp.keys[token] = registered.udp_key
+    for attempt in range(4):
+        acked = udp.acked[token] = asyncio.get_running_loop().create_future()
+        udp.hello(token)
+        try:
+            await asyncio.wait_for(acked, 1.0 + attempt)
+            break
+        except TimeoutError:
+            continue
+    else:
+        raise RuntimeError("the server never acknowledged a UDP hello")
+    agent.outcome = asyncio.get_running_loop().create_future()
+    agent.write(rv.encode_control(rv.UdpReady(True)))
+    agent.write(rv.encode_control(rv.Rest(1)))
+    outcome = await asyncio.wait_for(agent.outcome, 30)
+    if not outcome.ok:
+        raise RuntimeError(f"rest refused: {outcome.error}")
+    agent.close()
+    return token
+
+
+async def measure_resting(url: RendezvousUrl, server_pid: int, count: int, seconds: float) -> dict[str, object]:
+    """RSS and CPU of the server with ``count`` agents resting on UDP: each registers over TLS,
+    confirms its UDP endpoint, rests and closes its connection, then sends a hello every
+    UDP_HELLO_INTERVAL seconds (as a resting node does). 100 UDP sockets carry them."""
+    loop = asyncio.get_running_loop()
+    server_udp = (url.host, url.port)
+    sides: list[_UdpSide] = []
+    for i in range(100):
+        _, side = await loop.create_datagram_endpoint(
+            lambda: _UdpSide(server_udp), local_addr=(_source_ip(i * AGENTS_PER_IP), 0)
+        )
+        sides.append(side)
+    rss_before, cpu_before = _proc_stats(server_pid)
+    context = tls_client_context()
+    start = time.perf_counter()
+    tokens: list[tuple[_UdpSide, bytes]] = []
+    parallel = 200
+    for first in range(0, count, parallel):
+        batch = range(first, min(first + parallel, count))
+        registered = await asyncio.gather(*(register_raw(url, i, context) for i in batch))
+        rested = await asyncio.gather(
+            *(
+                rest_raw(agent, answer, sides[i % len(sides)])
+                for i, (agent, answer) in zip(batch, registered, strict=True)
+            )
+        )
+        tokens += [(sides[i % len(sides)], token) for i, token in zip(batch, rested, strict=True)]
+    rested_s = time.perf_counter() - start
+    _, cpu_rested = _proc_stats(server_pid)
+    await asyncio.sleep(2.0)  # the last connections are closed at the server
+    rss, cpu0 = _proc_stats(server_pid)
+    stop = asyncio.Event()
+
+    async def hellos() -> None:
+        slices = 100
+        while not stop.is_set():
+            for k in range(slices):
+                for side, token in tokens[k::slices]:
+                    side.hello(token)
+                await asyncio.sleep(UDP_HELLO_INTERVAL / slices)
+
+    keeping = asyncio.ensure_future(hellos())
+    idle_start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    _, cpu1 = _proc_stats(server_pid)
+    idle_elapsed = time.perf_counter() - idle_start
+    rss_end, _ = _proc_stats(server_pid)
+    stop.set()
+    await keeping
+    for side in sides:
+        if side.transport is not None:
+            side.transport.close()
+    return {
+        "agents": len(tokens),
+        "register_and_rest_all_s": round(rested_s, 2),
+        "register_server_cpu_percent": round((cpu_rested - cpu_before) / rested_s * 100, 1),
+        "rss_before_mib": round(rss_before / 2**20, 1),
+        "rss_with_agents_mib": round(rss / 2**20, 1),
+        "rss_per_agent_kib": round((rss - rss_before) / len(tokens) / 1024, 2),
+        "rss_per_agent_after_idle_kib": round((rss_end - rss_before) / len(tokens) / 1024, 2),
+        "idle_cpu_percent": round((cpu1 - cpu0) / idle_elapsed * 100, 2),
+        "idle_seconds": seconds,
+    }
+
+
 # -- the plain forwarders (helper processes) --------------------------------------------------
 
 
@@ -788,7 +918,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4, help="sender/receiver pairs in the capacity runs")
     parser.add_argument("--datagram", type=int, default=1200, help="relayed datagram size in the capacity runs")
     parser.add_argument("--seconds", type=float, default=3.0, help="each capacity measurement's length")
-    parser.add_argument("--only", default="sessions,capacity,idle", help="which parts to run (comma-separated)")
+    parser.add_argument("--only", default="sessions,capacity,idle,rest", help="which parts to run (comma-separated)")
     parser.add_argument("--server-arg", action="append", default=[], help="an extra argument for peerpath server")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -815,6 +945,16 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(10)
+        if "rest" in parts:
+            (tmp / "resting").mkdir()
+            server, url = _start_server(tmp / "resting", args)
+            try:
+                results["resting_agents"] = run_event_loop(
+                    measure_resting(url, server.pid, args.agents, args.idle_seconds)
+                )
+            finally:
+                server.terminate()
+                server.wait(10)
     print(json.dumps(results, indent=2))
 
 

@@ -451,6 +451,7 @@ def _rendezvous_messages(letters: list[rv.Letter] | None = None) -> list[rv.Mess
         rv.Received(9),
         rv.UdpReady(True),
         rv.UdpReady(False),
+        rv.Rest(19),
         rv.HomeRelay(SERVER_URL),
         *_directory_messages(),
     ]
@@ -753,6 +754,8 @@ def _udp_seeds() -> list[bytes]:
         rv.encode_udp_ack(UDP_TOKEN, UDP_KEY),
         rv.encode_udp_ack(BOB_TOKEN, UDP_KEY),  # another registration's token
         rv.encode_udp_challenge(UDP_TOKEN, UDP_KEY, UDP_NONCE),
+        rv.encode_udp_wake(UDP_TOKEN, UDP_KEY),
+        rv.encode_udp_wake(BOB_TOKEN, UDP_KEY),  # another registration's token
     ]
 
 
@@ -941,7 +944,7 @@ def _connection_seeds() -> list[bytes]:
     register = rv.encode_control(rv.Register(ALICE.public_key, bytes(64)))  # signed over the server's nonce
     messages = _rendezvous_messages(_letters(int(time.time())))
     agents = (
-        *(rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.UdpReady, rv.HomeRelay),
+        *(rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.UdpReady, rv.Rest, rv.HomeRelay),
         *(rv.ClaimName, rv.ReleaseName, rv.ResolveName, rv.SetProfile, rv.Find),
     )
     # What an agent sends, then what only a server sends (which ends the connection).

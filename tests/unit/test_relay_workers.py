@@ -20,6 +20,7 @@ import pytest
 
 from peerpath.certs import tls_client_context
 from peerpath.identity import Identity
+from peerpath.rendezvous.letters import make_letter
 from peerpath.rendezvous.limits import ServerLimits
 from peerpath.rendezvous.mesh import MeshLink, RemoteLink, mesh_sockets
 from peerpath.rendezvous.server import RendezvousServer
@@ -171,6 +172,47 @@ async def test_udp_frames_go_to_their_agents_process_and_reach_the_other(hub: Hu
     if hub.server.cluster is not None and hub.server.cluster.steered:
         assert hub.server.counters["udp_frames"] == hub_frames + 1
         assert hub.worker.counters["udp_frames"] == worker_frames + 1
+    for agent in agents:
+        agent.close()
+
+
+async def test_agents_rest_on_udp_in_either_process_and_a_letter_wakes_them(hub: Hub) -> None:
+    a, b, agents = await one_on_each(hub)
+    assert a.registered is not None and b.registered is not None and hub.server.cluster is not None
+    await a.on_udp()
+    await b.on_udp()
+    await eventually(
+        lambda: all(hub.server.agents[x.identity.address.digest].udp_path(hub.server.clock()) for x in (a, b))
+    )
+    for agent in (a, b):
+        agent.writer.write(rv.encode_control(rv.Rest(3)))
+        (answer,) = await agent.messages()
+        assert isinstance(answer, rv.Outcome) and answer.ok, answer
+        agent.writer.close()
+    await eventually(lambda: all(hub.server.agents[x.identity.address.digest].rests for x in (a, b)))
+    b_digest = b.identity.address.digest
+    await eventually(lambda: hub.worker.agents[b_digest].rests)  # the worker holds no connection for it
+    assert sum(hub.server.cluster.agents_at.values()) == len(agents)
+
+    # Still reachable over UDP, from either process.
+    server_udp = parse_endpoint(a.registered.udp_relay[0])
+    assert a.udp is not None and b.udp is not None
+    a.udp.sendto(
+        rv.encode_udp_relay(a.registered.token, a.registered.udp_key, b.identity.address.digest, b"to b"), server_udp
+    )
+    loop = asyncio.get_running_loop()
+    to_b = rv.parse_udp_relay(await asyncio.wait_for(loop.sock_recv(b.udp, 2048), 5))
+    assert (to_b.address, to_b.payload) == (a.identity.address.digest, b"to b")
+
+    # A letter for the one a worker held: the hub wakes it over UDP.
+    poster = await Agent.register(hub.server.url())
+    agents.append(poster)
+    letter = make_letter(poster.identity, "sealed", b.identity.address, sealed=b"box")
+    poster.writer.write(rv.encode_control(rv.Post(4, letter)))
+    (posted,) = await poster.messages()
+    assert isinstance(posted, rv.PostResult) and posted.ok
+    wake = await asyncio.wait_for(loop.sock_recv(b.udp, 2048), 5)
+    assert rv.parse_udp_relay(wake).kind == rv.UDP_WAKE and rv.udp_authentic(b.registered.udp_key, wake)
     for agent in agents:
         agent.close()
 

@@ -1,6 +1,11 @@
 """An agent's long-lived connection to its rendezvous server: registration, lookups, names
 and tags, and the relay transport. Reconnects with jittered exponential backoff when the server goes
 away; sessions riding on other paths are not affected by an outage.
+
+An agent idle for REST_AFTER seconds rests on UDP where the server allows it: it closes its
+connection and stays registered by its UDP hellos alone (peers still find it, and relayed
+datagrams still reach it over UDP). It connects again at once when it needs the server (a
+request), when the server wakes it (a letter waits), or when UDP stops answering.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ SEND_HIGH_WATER = 1 << 20
 #: UDP relay hellos: how often, and how long without an acknowledgement before falling back to TCP.
 UDP_HELLO_INTERVAL = 10.0
 UDP_ACK_TIMEOUT = 25.0
+#: Idle this long (nothing on the connection but keepalives, no request waiting), an agent asks
+#: to rest on UDP.
+REST_AFTER = 60.0
 
 UdpSender = Callable[[bytes, Endpoint], None]
 #: Connecting: the whole attempt, and how long TLS over TCP goes alone before WebSocket joins.
@@ -78,6 +86,7 @@ class RendezvousClient:
         rng: random.Random | None = None,
         net: Net | None = None,
         clock: Clock = monotonic,
+        rest_after: float | None = REST_AFTER,
     ) -> None:
         self.identity = identity
         self.net = net or KernelNet()
@@ -123,6 +132,14 @@ class RendezvousClient:
         self._registered_listeners: list[RegisteredListener] = []
         self._ids = itertools.count(1)
         self._closed = False
+        #: Idle this long, ask to rest on UDP (None: never).
+        self.rest_after = rest_after
+        #: Resting on UDP: registered, with no connection (see the module's text).
+        self.resting = False
+        self._rest_allowed = False
+        self._rest_asked: tuple[int, float] | None = None
+        self._active = clock()
+        self._woken = asyncio.Event()
 
     async def start(self) -> None:
         """Start connecting in the background (returns at once)."""
@@ -153,7 +170,8 @@ class RendezvousClient:
             "observed": self.observed,
             "last_error": self.last_error,
             "registrations": self.registrations,
-            "connection": self.transport_name,
+            "connection": "resting on udp" if self.resting else self.transport_name,
+            "resting": self.resting,
             "relay_transport": "udp" if self.udp_ready else self.transport_name,
             **self.counters,
         }
@@ -162,7 +180,7 @@ class RendezvousClient:
 
     async def lookup(self, address: Address, timeout: float = 5.0) -> rv.LookupResult:
         """Ask the server whether ``address`` is online and how to reach it."""
-        await self.wait_registered(timeout)
+        await self._ready(timeout)
         request_id = next(self._ids)
         future: asyncio.Future[rv.LookupResult] = asyncio.get_running_loop().create_future()
         self._lookups[request_id] = future
@@ -176,7 +194,7 @@ class RendezvousClient:
 
     async def post(self, letter: rv.Letter, timeout: float = 10.0) -> None:
         """Hand a signed letter to the server, which keeps it until its recipient is online."""
-        await self.wait_registered(timeout)
+        await self._ready(timeout)
         request_id = next(self._ids)
         future: asyncio.Future[rv.PostResult] = asyncio.get_running_loop().create_future()
         self._posts[request_id] = future
@@ -189,6 +207,20 @@ class RendezvousClient:
             self._posts.pop(request_id, None)
         if not result.ok:
             raise RendezvousError(f"the server refused the letter: {result.error}")
+
+    async def _ready(self, timeout: float) -> None:
+        """Registered with a connection for a request: a resting agent connects again."""
+        self.wake("a request")
+        await self.wait_registered(timeout)
+
+    def wake(self, why: str) -> None:
+        """Stop resting on UDP (if resting) and connect to the server again at once."""
+        if not self.resting:
+            return
+        log.info("rendezvous %s: connecting again (%s)", self.url.endpoint, why)
+        self.resting = False
+        self.registered.clear()  # until the new registration
+        self._woken.set()
 
     def add_registered_listener(self, listener: RegisteredListener) -> Callable[[], None]:
         """Call ``listener`` after every registration from now on (each reconnection is one), after
@@ -206,7 +238,7 @@ class RendezvousClient:
     ) -> _Answer:
         """Send the directory request ``make(id)`` and return its answer; a refusal raises
         :class:`RendezvousError` as "WHAT: the server's reason"."""
-        await self.wait_registered(timeout)
+        await self._ready(timeout)
         request_id = next(self._ids)
         future: asyncio.Future[rv.Message] = asyncio.get_running_loop().create_future()
         self._answers[request_id] = future
@@ -311,6 +343,7 @@ class RendezvousClient:
             return False
         link.write(rv.encode_relay(destination, datagram))
         self.counters["relay_sent"] += 1
+        self._active = self.clock()
         return True
 
     def udp_received(self, data: bytes, addr: Endpoint) -> None:
@@ -330,6 +363,8 @@ class RendezvousClient:
             self._deliver(frame.address, frame.payload)
         elif frame.kind == rv.UDP_CHALLENGE and frame.token == self._token and self._udp_send is not None:
             self._udp_send(rv.encode_udp_response(self._token, self._udp_key, frame.payload), addr)
+        elif frame.kind == rv.UDP_WAKE and frame.token == self._token:
+            self.wake("the server woke us")
         elif frame.kind == rv.UDP_HELLO_ACK and frame.token == self._token:
             self._udp_acked = self.clock()
             if not self.udp_ready:
@@ -355,14 +390,21 @@ class RendezvousClient:
             self._udp_send(hello, self._udp_endpoint)
             if self.udp_ready and self.clock() - self._udp_acked > UDP_ACK_TIMEOUT:
                 self.udp_ready = False
+                log.info("UDP relay to %s stopped answering; back to TCP", self.url.endpoint)
+                if self.resting:
+                    self.wake("UDP stopped answering")  # the server is about to drop us
+                    continue
                 with contextlib.suppress(errors.NetworkError):
                     self._send(rv.encode_control(rv.UdpReady(False)))
-                log.info("UDP relay to %s stopped answering; back to TCP", self.url.endpoint)
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frame: bytes, active: bool = True) -> None:
+        """Write a frame to the connection; ``active``: it is the agent's own doing (a
+        keepalive is not), which keeps the agent from resting a while longer."""
         if self._link is None or self._link.is_closing():
             raise errors.NetworkError(f"not connected to {self.url.endpoint}")
         self._link.write(frame)
+        if active:
+            self._active = self.clock()
 
     # -- the connection -----------------------------------------------------------------
 
@@ -376,15 +418,24 @@ class RendezvousClient:
                 await self._connect_and_serve()
                 delay = low  # it was up: the next outage starts from the shortest backoff
             except (*_CONNECTION_ERRORS, rv.FrameError, errors.PeerpathError) as exc:
-                self.last_error = str(exc) or type(exc).__name__
-                log.info("rendezvous %s: %s", self.url.endpoint, self.last_error)
+                if not self.resting:
+                    self.last_error = str(exc) or type(exc).__name__
+                    log.info("rendezvous %s: %s", self.url.endpoint, self.last_error)
             except Exception as exc:
                 self.last_error = f"internal error: {type(exc).__name__}: {exc}"
                 log.exception("rendezvous %s: the connection failed", self.url.endpoint)
+                self.resting = False
             finally:
-                self._drop_connection("disconnected")
+                if self.resting:
+                    self._close_link()  # registered still: the UDP hellos go on
+                else:
+                    self._drop_connection("disconnected")
             if self._closed:
                 return
+            if self.resting:
+                await self._woken.wait()
+                delay = low
+                continue
             # Full jitter (AWS architecture blog's "exponential backoff and jitter").
             await asyncio.sleep(self._rng.uniform(low, delay))
             delay = min(high, delay * 2)
@@ -452,12 +503,18 @@ class RendezvousClient:
                         self._on_control(message)  # type: ignore[arg-type]
                     else:
                         self.counters["relay_received"] += 1
+                        self._active = self.clock()
                         self._deliver(message, datagram)  # type: ignore[arg-type]
-            self.last_error = "the server closed the connection"
+                if self.resting:
+                    return
+            if not self.resting:
+                self.last_error = "the server closed the connection"
         finally:
             keepalive.cancel()
 
     def _on_control(self, message: rv.Message) -> None:
+        if not isinstance(message, rv.Ping | rv.Pong | rv.Outcome):
+            self._active = self.clock()
         if isinstance(message, rv.Challenge):
             if message.server != str(self.url.address):
                 raise RendezvousError(f"server names itself {message.server}, expected {self.url.address}")
@@ -469,6 +526,10 @@ class RendezvousClient:
             self._token = message.token
             self._udp_key = message.udp_key
             self._udp_endpoint = _pick_udp_endpoint(message.udp_relay, self.url.host)
+            self.udp_ready = False  # this registration's UDP is not acknowledged yet
+            self._rest_allowed = message.rest
+            self._rest_asked = None
+            self._woken.clear()
             if self._udp_task is not None:
                 self._udp_task.cancel()
             self._udp_task = asyncio.get_running_loop().create_task(self._udp_hellos())
@@ -497,6 +558,8 @@ class RendezvousClient:
             posted = self._posts.get(message.id)
             if posted is not None and not posted.done():
                 posted.set_result(message)
+        elif isinstance(message, rv.Outcome) and self._rest_asked is not None and message.id == self._rest_asked[0]:
+            self._rest_answered(message, self._rest_asked[1])
         elif isinstance(message, rv.NameResolved | rv.Found | rv.Outcome):
             answered = self._answers.get(message.id)
             if answered is not None and not answered.done():
@@ -515,19 +578,65 @@ class RendezvousClient:
                     return
             self._send(rv.encode_control(rv.Received(message.letter_id)))
         elif isinstance(message, rv.Ping):
-            self._send(rv.encode_control(rv.Pong(message.id)))
+            self._send(rv.encode_control(rv.Pong(message.id)), active=False)
         elif isinstance(message, rv.Pong | rv.Unreachable):
             pass
         else:
             raise RendezvousError(f"unexpected {type(message).__name__} from the server")
 
     async def _keepalive(self) -> None:
+        """Every KEEPALIVE seconds a ping, or, idle long enough, the question whether we may rest."""
         while True:
             await asyncio.sleep(KEEPALIVE)
+            ident = next(self._ids)
+            message: rv.Ping | rv.Rest = rv.Ping(ident)
+            if self._may_rest():
+                message = rv.Rest(ident)
+                self._rest_asked = (ident, self.clock())
             with contextlib.suppress(errors.NetworkError):
-                self._send(rv.encode_control(rv.Ping(next(self._ids))))
+                self._send(rv.encode_control(message), active=False)
+
+    def _waiting(self) -> bool:
+        """Whether a request waits for the server's answer."""
+        return bool(self._lookups or self._posts or self._answers)
+
+    def _may_rest(self) -> bool:
+        """Idle for ``rest_after`` on a connection whose server lets agents rest, with UDP
+        acknowledged lately (a resting agent lives by its UDP hellos) and nothing waiting."""
+        now = self.clock()
+        return (
+            self.rest_after is not None
+            and self._rest_allowed
+            and self._rest_asked is None
+            and self.udp_ready
+            and now - self._udp_acked < UDP_HELLO_INTERVAL * 2
+            and now - self._active >= self.rest_after
+            and not self._waiting()
+        )
+
+    def _rest_answered(self, outcome: rv.Outcome, asked: float) -> None:
+        """The server's answer to our :class:`~peerpath.wire.rendezvous.Rest`: rest (close the
+        connection) if it said yes and nothing happened since we asked (anything we sent since
+        has called the rest off at the server)."""
+        self._rest_asked = None
+        if not outcome.ok:
+            log.info("rendezvous %s: staying connected: %s", self.url.endpoint, outcome.error)
+            self._active = self.clock()  # ask again only after another idle spell
+            return
+        if self._active > asked or self._waiting() or not self.udp_ready:
+            return
+        log.info("rendezvous %s: idle; resting on UDP", self.url.endpoint)
+        self.resting = True
+        self._woken.clear()
+        self._close_link()
+
+    def _close_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     def _drop_connection(self, reason: str) -> None:
+        self.resting = False
         self.registered.clear()
         self.udp_ready = False
         if self._udp_task is not None:

@@ -164,7 +164,9 @@ class AgentConnection(FrameStream):
             self._counted = False
             self.server._connection_closed(self.network)
         agent, self.agent = self.agent, None
-        if agent is not None:
+        if agent is not None and agent.resting and self.server.agents.get(agent.address.digest) is agent:
+            self.server._rested(agent)
+        elif agent is not None:
             self.server._forget(agent)
         self._nonce = self._partial = None
         self.link.close()

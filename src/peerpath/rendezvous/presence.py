@@ -2,12 +2,15 @@
 
 A server keeps ten thousand of these, so an agent is a slotted object whose rarely used parts
 (letters in flight, quota overruns, relayed bytes waiting for its link) exist only while used.
+An idle agent may rest on UDP (:class:`~peerpath.wire.rendezvous.Rest`): its connection closes,
+its link is :data:`RESTING`, and what is left of it here is this object.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Protocol
+import ssl
+from typing import Any, Protocol
 
 from peerpath.identity import Address
 from peerpath.ratelimit import TokenBucket
@@ -30,6 +33,34 @@ class UdpSocket(Protocol):
         ...
 
 
+class _Resting:
+    """The link of an agent resting on UDP: it has no connection, so nothing is written to it."""
+
+    __slots__ = ()
+
+    def peername(self) -> Any:
+        return None
+
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def buffered(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+#: The link of every agent resting on UDP.
+RESTING: WritableLink = _Resting()
+
+
 class Agent:
     """A registered agent."""
 
@@ -50,6 +81,7 @@ class Agent:
         "relay_quota",
         "relayed_in",
         "relayed_out",
+        "resting",
         "token",
         "udp_challenges",
         "udp_endpoint",
@@ -57,6 +89,7 @@ class Agent:
         "udp_seen",
         "udp_socket",
         "udp_told",
+        "wake",
     )
 
     def __init__(
@@ -104,6 +137,15 @@ class Agent:
         #: for many datagrams); None when empty.
         self.outbox: list[bytes | memoryview] | None = None
         self.outbox_bytes = 0
+        #: The agent asked to rest on UDP and was told yes (its link is RESTING once its
+        #: connection is over); ``wake``: something waits for it that needs a connection.
+        self.resting = False
+        self.wake = False
+
+    @property
+    def rests(self) -> bool:
+        """Whether the agent rests on UDP: registered, with no connection."""
+        return self.link is RESTING
 
     @property
     def udp_key(self) -> bytes:

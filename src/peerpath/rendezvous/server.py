@@ -2,6 +2,7 @@
 their presence, answers lookups for agents that are online, keeps letters for them, keeps the
 names they claim and the tags of those that chose to be listed (:mod:`.directory`), and relays
 their end-to-end encrypted session datagrams (over the same connection) within per-agent quotas.
+An idle agent may rest on UDP, its connection closed (:mod:`.resting`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from peerpath.rendezvous.letters import LetterError, check_letter
 from peerpath.rendezvous.limits import CutOff, ServerLimits, client_network, registration_rate
 from peerpath.rendezvous.links import WS_MAX_MESSAGE, WS_PATH, Link, WebSocketLink, WritableLink
 from peerpath.rendezvous.mailbox import Mailbox
-from peerpath.rendezvous.presence import Agent
+from peerpath.rendezvous.presence import RESTING, Agent
+from peerpath.rendezvous.resting import Rests, silent_too_long
 from peerpath.rendezvous.tls import Receiver, TlsLink, Valve
 from peerpath.rendezvous.udp_relay import RelayUdp, UdpRelay
 from peerpath.rendezvous.url import DEFAULT_PORT, RendezvousUrl
@@ -127,6 +129,8 @@ class RendezvousServer:
         #: Relayed datagrams between the agents online.
         self.plane = DataPlane(self.agents, self.counters, self.limits.cutoff_drops)
         self.udp_relay = UdpRelay(self.counters, self.plane.relay, self._cut_off)
+        #: Agents resting on UDP, and their wakes.
+        self.rests = Rests(self.counters)
         self._udp: list[RelayUdp] = []
         self.mailbox: Mailbox | None = None
         #: Names and tags (its names database opens with :meth:`start`).
@@ -242,6 +246,7 @@ class RendezvousServer:
             "url": str(self.url()) if self.hosts else None,
             "agents_online": len(self.agents),
             "agents_on_udp": sum(1 for a in self.agents.values() if a.udp_ready),
+            "agents_resting": sum(1 for a in self.agents.values() if a.rests),
             "relays": [str(r) for r in self.relays],
             "directory": self.directory.describe(),
             "counters": counters,
@@ -276,9 +281,7 @@ class RendezvousServer:
 
     def _tls_link(self, context: ssl.SSLContext) -> TlsLink:
         """A TLS connection accepted: it has REGISTER_TIMEOUT to complete the handshake and register."""
-        link = TlsLink(context, self._tls_opened, self._links, next(self._idents), self.valve)
-        asyncio.get_running_loop().call_later(REGISTER_TIMEOUT, self._registration_due, link)
-        return link
+        return TlsLink(context, self._tls_opened, self._links, next(self._idents), self.valve, REGISTER_TIMEOUT)
 
     def _tls_opened(self, link: TlsLink) -> Receiver | None:
         connection = AgentConnection(self, link)
@@ -286,11 +289,6 @@ class RendezvousServer:
             connection.end()
             return None
         return connection
-
-    @staticmethod
-    def _registration_due(link: TlsLink) -> None:
-        if not link.registered:
-            link.close()
 
     async def _serve_websocket(self, ws: ServerConnection) -> None:
         task = asyncio.current_task()
@@ -341,6 +339,7 @@ class RendezvousServer:
         if tokens.get(agent.token) is agent:
             del tokens[agent.token]
         self.plane.forget(agent)
+        self.rests.forget(agent)
         if self.agents.get(agent.address.digest) is agent:
             del self.agents[agent.address.digest]
             if self.cluster is not None:
@@ -386,11 +385,20 @@ class RendezvousServer:
             token=agent.token,
             stun=self.stun,
             udp_key=agent.udp_key,
+            rest=True,
         )
         link.write(rv.encode_control(registered))
         log.info("%s online from %s", claimed, observed)
         self._deliver_waiting(agent)
         return agent
+
+    def _rested(self, agent: Agent) -> None:
+        """The connection of an agent told it may rest is over: it stays online on UDP."""
+        agent.link = RESTING
+        self.plane.forget(agent)
+        if self.cluster is not None:
+            self.cluster.rested(agent)
+        log.info("%s resting on UDP", agent.address)
 
     def _relay_urls(self) -> list[str]:
         """This server's own URL first, then the other relays it knows."""
@@ -409,6 +417,8 @@ class RendezvousServer:
             return
         if agent.overquota is not None:
             agent.within("control")
+        if agent.resting and not isinstance(message, rv.Ping | rv.Pong):
+            self._unrest(agent)  # the agent went on using its connection: it stays connected
         if isinstance(message, rv.Lookup):
             self.counters["lookups"] += 1
             agent.send(rv.encode_control(self._lookup(message)))
@@ -427,6 +437,8 @@ class RendezvousServer:
             agent.udp_ready = message.ready
             if self.cluster is not None:
                 self.cluster.udp_ready(agent)
+        elif isinstance(message, rv.Rest):
+            agent.send(rv.encode_control(self.rests.answer(agent, message, now)))
         elif isinstance(message, rv.HomeRelay):
             if message.url not in self._relay_urls():
                 raise rv.FrameError(f"{message.url} is not one of this server's relays")
@@ -435,6 +447,13 @@ class RendezvousServer:
             agent.send(rv.encode_control(self._ask_directory(agent, message)))
         else:
             raise rv.FrameError(f"unexpected {type(message).__name__} from an agent")
+
+    def _unrest(self, agent: Agent) -> None:
+        agent.resting = False
+        self.rests.forget(agent)
+        if agent.wake:
+            agent.wake = False
+            self._deliver_waiting(agent)  # what its wake was for
 
     def _ask_directory(self, agent: Agent, request: DirectoryRequest) -> rv.Message:
         """The directory's answer, within the agent's directory quotas (counted like its others:
@@ -469,7 +488,9 @@ class RendezvousServer:
             return rv.PostResult(request.id, ok=False, error=str(exc))
         self.counters["letters_posted"] += 1
         target = self.agents.get(recipient.digest)
-        if target is not None:
+        if target is not None and target.resting:
+            self.rests.wake(target)  # it gets the letter when it has registered anew
+        elif target is not None:
             self._deliver(target, letter_id, request.letter)
         return rv.PostResult(request.id, ok=True)
 
@@ -528,16 +549,17 @@ class RendezvousServer:
         agent.link.close()
 
     async def _ping_loop(self) -> None:
-        """Status every few seconds; every PING_INTERVAL, a ping to each agent silent that long
-        and the end of those silent for three (one round over every agent, no timer of each):
-        a failure is logged and the loop goes on (without it, every agent would be dropped as
-        silent)."""
+        """Status and the wakes still due every few seconds; every PING_INTERVAL, a ping to each
+        agent silent that long and the end of those silent for three (one round over every
+        agent, no timer of each): a failure is logged and the loop goes on (without it, every
+        agent would be dropped as silent)."""
         ticks = 0
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
             ticks += 1
             try:
                 self._write_status_logged()
+                self.rests.retry(self.agents)
                 if ticks % round(PING_INTERVAL / STATUS_INTERVAL) == 0:
                     self._ping_silent(self.clock())
             except Exception:
@@ -549,6 +571,11 @@ class RendezvousServer:
         # agents are not heard: silence then says nothing about them, and nobody is dropped.
         held = self.valve is not None and self.valve.is_shut
         for agent in list(self.agents.values()):
+            if agent.rests:
+                if silent_too_long(agent, now):
+                    log.info("%s resting and silent on UDP: dropped", agent.address)
+                    self._forget(agent)
+                continue
             silent = now - agent.last_seen
             if silent > PING_INTERVAL * 3 and not held:
                 log.info("%s silent for %.0f s: dropped", agent.address, silent)

@@ -83,7 +83,11 @@ class TlsLink(asyncio.Protocol):
 
     ``opened(link)`` is called once the handshake is done and returns the receiver of what the
     client sends (None: close). Until then nothing but the handshake is read. The link is in
-    ``owner``, under its number ``ident``, while its connection is open.
+    ``owner``, under its number ``ident``, while its connection is open. A client that has not
+    registered within ``register_within`` seconds is closed.
+
+    The link's one timer (that deadline, then the grace of a close) ends with its connection:
+    nothing holds a closed connection's TLS state past its end.
     """
 
     __slots__ = (
@@ -95,6 +99,7 @@ class TlsLink(asyncio.Protocol):
         "_owner",
         "_receiver",
         "_ssl",
+        "_timer",
         "_transport",
         "_valve",
         "ident",
@@ -107,6 +112,7 @@ class TlsLink(asyncio.Protocol):
         owner: dict[int, TlsLink],
         ident: int,
         valve: Valve | None = None,
+        register_within: float = 10.0,
     ) -> None:
         self._context = context
         self._valve = valve
@@ -119,6 +125,9 @@ class TlsLink(asyncio.Protocol):
         self._ssl: ssl.SSLObject | None = None
         self._receiver: Receiver | None = None
         self._closing = False
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            register_within, self._registration_due
+        )
 
     # -- the transport's side ---------------------------------------------------------------
 
@@ -147,6 +156,7 @@ class TlsLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._cancel_timer()
         self._owner.pop(self.ident, None)
         receiver, self._receiver = self._receiver, None
         self._opened = None
@@ -193,15 +203,26 @@ class TlsLink(asyncio.Protocol):
             with contextlib.suppress(ssl.SSLError, ValueError):  # SSLWantReadError: theirs is not awaited
                 self._ssl.unwrap()
             self._flush()
+        self._cancel_timer()
         if self._transport is not None:
             transport = self._transport
             transport.close()
             # asyncio's close waits for the write buffer to drain: a peer that never reads
             # (a zero TCP window) would hold the connection, its buffer and its slots forever.
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to wait for
-                asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
+                self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
     # -- inside -----------------------------------------------------------------------------
+
+    def _registration_due(self) -> None:
+        self._timer = None
+        if not self.registered:
+            self.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _handshake(self, sslobj: ssl.SSLObject, opened: Callable[[TlsLink], Receiver | None]) -> bool:
         """Go on with the handshake; True once it is done (and the receiver made)."""

@@ -56,7 +56,7 @@ from peerpath.rendezvous.mesh import (
     steer_by_token,
     write_to,
 )
-from peerpath.rendezvous.presence import Agent, UdpSocket
+from peerpath.rendezvous.presence import RESTING, Agent, UdpSocket
 from peerpath.rendezvous.server import REGISTER_TIMEOUT, RendezvousServer
 from peerpath.rendezvous.tls import Receiver, TlsLink, Valve
 from peerpath.rendezvous.udp_relay import RelayUdp, UdpRelay
@@ -187,12 +187,19 @@ class Cluster:
         self._broadcast("online", agent.address.digest, owner, ident, agent.token, agent.udp_key, agent.udp_ready)
 
     def forgotten(self, agent: Agent) -> None:
+        self._drop_local(agent)
+        self.agents_at[agent.token[0]] -= 1  # its token names its process (admitted)
+        self._broadcast("offline", agent.address.digest)
+
+    def rested(self, agent: Agent) -> None:
+        """``agent`` rests on UDP: its connection (the hub's own, if it was) is gone. Its
+        replicas elsewhere keep writing to a connection that is no more, which drops it."""
+        self._drop_local(agent)
+
+    def _drop_local(self, agent: Agent) -> None:
         ident = self._local_ident.pop(agent.address.digest, None)
         if ident is not None:
             self._local.pop(ident, None)
-        link = agent.link
-        self.agents_at[link.owner if isinstance(link, RemoteLink) else 0] -= 1
-        self._broadcast("offline", agent.address.digest)
 
     def udp_ready(self, agent: Agent) -> None:
         self._broadcast("udp-ready", agent.address.digest, agent.udp_ready)
@@ -411,9 +418,7 @@ class Worker:
     # -- connections ---------------------------------------------------------------------------
 
     def _tls_link(self, context: ssl.SSLContext) -> TlsLink:
-        link = TlsLink(context, self._opened, self.links, next(self._idents), self.valve)
-        asyncio.get_running_loop().call_later(REGISTER_TIMEOUT, _close_unregistered, link)
-        return link
+        return TlsLink(context, self._opened, self.links, next(self._idents), self.valve, REGISTER_TIMEOUT)
 
     def _opened(self, link: TlsLink) -> Receiver:
         connection = WorkerConnection(self, link)
@@ -425,6 +430,9 @@ class Worker:
     def ended(self, connection: WorkerConnection) -> None:
         if self._connections.pop(connection.ident, None) is not None:
             self.hub.send("lost", connection.ident)
+        if connection.agent is not None:
+            # Resting on UDP, or offline as soon as the hub says so: either way no connection.
+            connection.agent.link = RESTING
         connection.agent = None
         connection.link.close()
 
@@ -437,7 +445,7 @@ class Worker:
         log.warning("cutting off %s: %s", agent.address, exc)
         if self.udp_relay.tokens.get(agent.token) is agent:
             del self.udp_relay.tokens[agent.token]  # its next UDP frames are strangers'
-        if isinstance(agent.link, RemoteLink):
+        if isinstance(agent.link, RemoteLink) or agent.rests:
             self.hub.send("cut-off", agent.address.digest, str(exc))
             return
         with contextlib.suppress(Exception):
@@ -524,11 +532,6 @@ class Worker:
     def lost(self, source: int) -> None:
         if source == 0:
             self.done.set()  # the hub is gone: so is the server
-
-
-def _close_unregistered(link: TlsLink) -> None:
-    if not link.registered:
-        link.close()
 
 
 # -- processes -------------------------------------------------------------------------------------

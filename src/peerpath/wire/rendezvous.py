@@ -94,7 +94,8 @@ class Registered(msgspec.Struct, tag="registered", frozen=True):
     """Server -> agent: welcome; the address the server sees you at, and the relays.
 
     ``udp_relay`` lists the server's UDP relay endpoints; ``token`` names this registration
-    there and ``udp_key`` authenticates its frames (see :func:`encode_udp_relay`).
+    there and ``udp_key`` authenticates its frames (see :func:`encode_udp_relay`). ``rest``
+    says the server lets an idle agent :class:`Rest` on UDP (servers before it leave it out).
     """
 
     observed: Text
@@ -103,6 +104,7 @@ class Registered(msgspec.Struct, tag="registered", frozen=True):
     token: Blob = b""
     stun: Endpoints = []
     udp_key: Blob = b""
+    rest: bool = False
 
 
 class Refused(msgspec.Struct, tag="refused", frozen=True):
@@ -211,6 +213,18 @@ class UdpReady(msgspec.Struct, tag="udp-ready", frozen=True):
     ready: bool
 
 
+class Rest(msgspec.Struct, tag="rest", frozen=True):
+    """Agent -> server: I am idle; keep my registration on UDP alone while I close this
+    connection. Answered by an :class:`Outcome`; once it says yes, the agent closes the
+    connection and the server keeps it online (lookups find it, relayed datagrams reach it over
+    UDP) for as long as its UDP hellos go on. Anything else the agent sends on the connection
+    afterwards calls the rest off. What needs the connection again (a letter for it) is said
+    with a UDP wake (0x96), and the agent registers anew.
+    """
+
+    id: RequestId
+
+
 class NameClaim(msgspec.Struct, frozen=True):
     """A name an agent claims at one server, signed with the agent's key over
     :func:`name_claim_payload` (which names the server too), so that whoever resolves the name
@@ -308,6 +322,7 @@ Message = (
     | Deliver
     | Received
     | UdpReady
+    | Rest
     | HomeRelay
     | ClaimName
     | ReleaseName
@@ -470,6 +485,11 @@ def name_claim_payload(name: str, public_key: bytes, server: bytes) -> bytes:
 #   0x93 hello-ack   token(8)                           MAC    server -> agent
 #   0x94 challenge   token(8) nonce(16)                 MAC    server -> agent
 #   0x95 response    token(8) nonce(16)                 MAC    agent -> server
+#   0x96 wake        token(8)                           MAC    server -> agent
+#
+# A wake goes only to an agent resting on UDP (see :class:`Rest`): the server has something
+# for it that needs its connection. Replaying one does no more than the first did: the agent
+# registers anew, and its new registration's key no longer authenticates it.
 #
 # A hello is padded to a challenge's size: the server never answers a stranger's datagram
 # with more bytes than it received.
@@ -480,17 +500,19 @@ UDP_HELLO = 0x92
 UDP_HELLO_ACK = 0x93
 UDP_CHALLENGE = 0x94
 UDP_RESPONSE = 0x95
+UDP_WAKE = 0x96
 TOKEN_BYTES = 8
 UDP_KEY_BYTES = 32
 UDP_NONCE_BYTES = 16
 MAC_BYTES = 16
-_TOKENED = (UDP_TO_SERVER, UDP_HELLO, UDP_HELLO_ACK, UDP_CHALLENGE, UDP_RESPONSE)
+_TOKENED = (UDP_TO_SERVER, UDP_HELLO, UDP_HELLO_ACK, UDP_CHALLENGE, UDP_RESPONSE, UDP_WAKE)
 #: Sizes of the fixed-size frames, MAC included.
 _FIXED = {
     UDP_HELLO: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
     UDP_HELLO_ACK: 1 + TOKEN_BYTES + MAC_BYTES,
     UDP_CHALLENGE: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
     UDP_RESPONSE: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
+    UDP_WAKE: 1 + TOKEN_BYTES + MAC_BYTES,
 }
 
 
@@ -579,6 +601,11 @@ def encode_udp_hello(token: bytes, key: bytes) -> bytes:
 def encode_udp_ack(token: bytes, key: bytes) -> bytes:
     """The server's "relayed datagrams for you go to the endpoint this came to"."""
     return _seal(key, bytes([UDP_HELLO_ACK]) + token)
+
+
+def encode_udp_wake(token: bytes, key: bytes) -> bytes:
+    """The server's "connect again: something waits for you" to an agent resting on UDP."""
+    return _seal(key, bytes([UDP_WAKE]) + token)
 
 
 def encode_udp_challenge(token: bytes, key: bytes, nonce: bytes) -> bytes:

@@ -1,0 +1,185 @@
+"""Idle agents rest on UDP: their connection closes, they stay online (found by lookups,
+reached by relayed datagrams over UDP), and they connect again when they need the server,
+when a letter waits for them, or when UDP stops answering."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from peerpath.identity import Identity
+from peerpath.node.node import Node
+from peerpath.node.trust import TrustStore
+from peerpath.rendezvous import client as client_module
+from peerpath.rendezvous import server as server_module
+from peerpath.rendezvous.letters import make_letter
+from peerpath.rendezvous.server import RendezvousServer
+from peerpath.session.connection import Connection
+from peerpath.wire import rendezvous as rv
+
+from .conftest import eventually
+from .test_rendezvous import raw_connect, register_frame
+
+
+@pytest.fixture
+async def resting(
+    tmp_path: Path, server: RendezvousServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[list[Node]]:
+    """Nodes registered with ``server`` whose clients ask to rest after 0.2 s idle (and check
+    every 0.1 s); the server sends its wakes again every 0.2 s. Closed after the test."""
+    monkeypatch.setattr(client_module, "KEEPALIVE", 0.1)
+    monkeypatch.setattr(server_module, "STATUS_INTERVAL", 0.2)
+    nodes: list[Node] = []
+
+    async def start(name: str) -> Node:
+        node = await Node.start(
+            identity=Identity.generate(),
+            trust=TrustStore(tmp_path / f"{name}.json"),
+            host="127.0.0.1",
+            rendezvous=server.url(),
+            direct=False,
+        )
+        nodes.append(node)
+        assert node.rendezvous is not None
+        node.rendezvous.rest_after = 0.2
+        await node.rendezvous.wait_registered(5)
+        return node
+
+    # The server's ping loop started before the patch: restart it on the short interval.
+    server._pinger.cancel()  # type: ignore[union-attr]
+    server._pinger = asyncio.get_running_loop().create_task(server._ping_loop())
+    yield start  # type: ignore[misc]
+    for node in nodes:
+        await node.close()
+
+
+async def rests(server: RendezvousServer, node: Node) -> None:
+    """Wait until ``node`` rests on UDP, at both ends."""
+    client = node.rendezvous
+    assert client is not None
+    await eventually(lambda: client.resting and server.agents[node.address.digest].rests)
+
+
+async def echo(conn: Connection, data: bytes) -> bytes:
+    return b"re:" + data
+
+
+async def test_an_idle_agent_rests_and_stays_reachable_over_the_udp_relay(resting, server) -> None:
+    a, b = await resting("a"), await resting("b")
+    a.trust.add(b.address)
+    b.trust.add(a.address)
+    b.on_message(echo)
+    open_before = len(server._links)
+    await rests(server, b)
+    assert len(server._links) < open_before  # its TLS connection is gone
+    assert server.status()["agents_resting"] >= 1
+    assert b.rendezvous is not None and b.rendezvous.status()["connection"] == "resting on udp"
+    registrations = b.rendezvous.registrations
+
+    conn = await a.connect(b.address)  # the lookup finds it; the relay reaches it over UDP
+    assert await conn.request(b"hello") == b"re:hello"
+    assert b.rendezvous.resting and b.rendezvous.registrations == registrations
+    assert server.counters["wakes"] == 0
+
+
+async def test_a_letter_wakes_a_resting_agent(resting, server) -> None:
+    a, b = await resting("a"), await resting("b")
+    got: list[rv.Letter] = []
+    b.on_letter("sealed", got.append)
+    await rests(server, b)
+    assert a.rendezvous is not None and b.rendezvous is not None
+    registrations = b.rendezvous.registrations
+
+    await a.rendezvous.post(make_letter(a.identity, "sealed", b.address, sealed=b"wake up"))
+    await eventually(lambda: got)
+    assert got[0].sealed == b"wake up"
+    assert server.counters["wakes"] >= 1
+    assert b.rendezvous.registrations == registrations + 1
+    await eventually(lambda: server.mailbox is not None and not server.mailbox.waiting_for(b.address.digest, 10))
+
+
+async def test_a_lost_wake_is_sent_again(resting, server) -> None:
+    a, b = await resting("a"), await resting("b")
+    got: list[rv.Letter] = []
+    b.on_letter("sealed", got.append)
+    await rests(server, b)
+    assert a.rendezvous is not None and b.rendezvous is not None
+    client = b.rendezvous
+    heard = client.udp_received
+    lost = []
+
+    def lose_the_first_wake(data: bytes, addr: tuple[str, int]) -> None:
+        if data[0] == rv.UDP_WAKE and not lost:
+            lost.append(data)
+            return
+        heard(data, addr)
+
+    client.udp_received = lose_the_first_wake  # type: ignore[method-assign]
+    await a.rendezvous.post(make_letter(a.identity, "sealed", b.address, sealed=b"again"))
+    await eventually(lambda: got)
+    assert lost and server.counters["wakes"] >= 2
+
+
+async def test_a_request_brings_a_resting_agent_back(resting, server) -> None:
+    a, b = await resting("a"), await resting("b")
+    await rests(server, b)
+    assert b.rendezvous is not None
+    registrations = b.rendezvous.registrations
+    found = await b.rendezvous.lookup(a.address)
+    assert found.online
+    assert not b.rendezvous.resting and b.rendezvous.registrations == registrations + 1
+
+
+async def test_a_forged_wake_is_dropped(resting, server) -> None:
+    b = await resting("b")
+    await rests(server, b)
+    client = b.rendezvous
+    assert client is not None and client.udp_endpoint is not None
+    dropped = client.counters["udp_dropped"]
+    client.udp_received(rv.encode_udp_wake(server.agents[b.address.digest].token, bytes(32)), client.udp_endpoint)
+    assert client.counters["udp_dropped"] == dropped + 1
+    assert client.resting
+
+
+async def test_a_resting_agent_silent_on_udp_goes_offline(resting, server) -> None:
+    b = await resting("b")
+    await rests(server, b)
+    server._ping_silent(time.monotonic() + 60)
+    assert b.address.digest not in server.agents
+
+
+async def test_an_agent_that_goes_on_talking_is_not_left_resting(server) -> None:
+    """Rest is refused without a confirmed UDP path; and a "yes" is called off by whatever the
+    agent sends next on its connection."""
+    reader, writer, challenge = await raw_connect(server)
+    try:
+        identity = Identity.generate()
+        writer.write(register_frame(identity, identity, challenge.nonce, server))
+        registered = await read_control(reader)
+        assert isinstance(registered, rv.Registered) and registered.rest
+        writer.write(rv.encode_control(rv.Rest(7)))
+        answer = await read_control(reader)
+        assert isinstance(answer, rv.Outcome) and answer.id == 7 and not answer.ok
+        assert "UDP" in answer.error and server.counters["rests_refused"] == 1
+
+        agent = server.agents[identity.address.digest]
+        agent.resting = True  # as if it had been told yes
+        writer.write(rv.encode_control(rv.Lookup(8, str(identity.address))))
+        assert isinstance(await read_control(reader), rv.LookupResult)
+        assert not agent.resting
+    finally:
+        writer.close()
+
+
+async def read_control(reader: asyncio.StreamReader) -> rv.Message:
+    decoder = rv.FrameDecoder()
+    while True:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "the server closed the connection"
+        for message, datagram in decoder.feed(data):
+            if datagram is None:
+                return message  # type: ignore[return-value]
