@@ -452,6 +452,7 @@ def _rendezvous_messages(letters: list[rv.Letter] | None = None) -> list[rv.Mess
         rv.UdpReady(True),
         rv.UdpReady(False),
         rv.Rest(19),
+        rv.Stay(19),
         rv.HomeRelay(SERVER_URL),
         *_directory_messages(),
     ]
@@ -746,6 +747,8 @@ def _udp_seeds() -> list[bytes]:
         rv.encode_udp_relay(UDP_TOKEN, BOB_KEY, bob, b"x"),  # the wrong key
         rv.encode_udp_hello(UDP_TOKEN, UDP_KEY),
         rv.encode_udp_hello(BOB_TOKEN, BOB_KEY),
+        rv.encode_udp_hello(UDP_TOKEN, UDP_KEY, 5),  # numbered
+        rv.encode_udp_hello(UDP_TOKEN, UDP_KEY, 2**64 - 1),
         rv.encode_udp_response(UDP_TOKEN, UDP_KEY, UDP_NONCE),
         rv.encode_udp_response(UDP_TOKEN, UDP_KEY, bytes(rv.UDP_NONCE_BYTES)),  # not the nonce asked for
         # Server -> agent.
@@ -944,7 +947,7 @@ def _connection_seeds() -> list[bytes]:
     register = rv.encode_control(rv.Register(ALICE.public_key, bytes(64)))  # signed over the server's nonce
     messages = _rendezvous_messages(_letters(int(time.time())))
     agents = (
-        *(rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.UdpReady, rv.Rest, rv.HomeRelay),
+        *(rv.Lookup, rv.Ping, rv.Pong, rv.Post, rv.Received, rv.UdpReady, rv.Rest, rv.Stay, rv.HomeRelay),
         *(rv.ClaimName, rv.ReleaseName, rv.ResolveName, rv.SetProfile, rv.Find),
     )
     # What an agent sends, then what only a server sends (which ends the connection).

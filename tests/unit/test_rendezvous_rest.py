@@ -5,6 +5,7 @@ when a letter waits for them, or when UDP stops answering."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,10 +15,15 @@ import pytest
 from peerpath.identity import Identity
 from peerpath.node.node import Node
 from peerpath.node.trust import TrustStore
+from peerpath.ratelimit import TokenBucket
 from peerpath.rendezvous import client as client_module
 from peerpath.rendezvous import server as server_module
 from peerpath.rendezvous.letters import make_letter
+from peerpath.rendezvous.limits import ServerLimits
+from peerpath.rendezvous.presence import RESTING, Agent
+from peerpath.rendezvous.resting import silent_too_long
 from peerpath.rendezvous.server import RendezvousServer
+from peerpath.rendezvous.udp_relay import UdpRelay
 from peerpath.session.connection import Connection
 from peerpath.wire import rendezvous as rv
 
@@ -183,3 +189,145 @@ async def read_control(reader: asyncio.StreamReader) -> rv.Message:
         for message, datagram in decoder.feed(data):
             if datagram is None:
                 return message  # type: ignore[return-value]
+
+
+# -- what an agent may not do with a rest ---------------------------------------------------------
+
+
+async def test_resting_agents_count_against_their_address(tmp_path: Path, monkeypatch) -> None:
+    """One address holds as many registrations as it may hold connections, resting or not."""
+    monkeypatch.setattr(client_module, "KEEPALIVE", 0.1)
+    server = RendezvousServer(Identity.generate(), tmp_path / "server", limits=ServerLimits(max_connections_per_ip=2))
+    await server.start(["127.0.0.1"], 0)
+    nodes: list[Node] = []
+    try:
+        for name in ("a", "b"):
+            node = await Node.start(
+                identity=Identity.generate(),
+                trust=TrustStore(tmp_path / f"{name}.json"),
+                host="127.0.0.1",
+                rendezvous=server.url(),
+                direct=False,
+            )
+            nodes.append(node)
+            assert node.rendezvous is not None
+            node.rendezvous.rest_after = 0.2
+            await node.rendezvous.wait_registered(5)
+            await rests(server, node)
+        third = await Node.start(
+            identity=Identity.generate(),
+            trust=TrustStore(tmp_path / "c.json"),
+            host="127.0.0.1",
+            rendezvous=server.url(),
+            direct=False,
+        )
+        nodes.append(third)
+        assert third.rendezvous is not None
+        await eventually(lambda: "too many agents registered" in (third.rendezvous.last_error or ""))
+        assert len(server.agents) == 2
+    finally:
+        for node in nodes:
+            await node.close()
+        await server.close()
+
+
+def test_a_replayed_hello_keeps_no_resting_agent_alive() -> None:
+    counters: dict[str, int] = {"udp_frames": 0, "udp_unauthentic": 0, "udp_unknown_token": 0, "udp_malformed": 0}
+    relay = UdpRelay(counters, lambda *args: None, lambda agent, exc: None)
+    agent = Agent(
+        Identity.generate().address,
+        RESTING,
+        "192.0.2.1:4000",
+        connected=0.0,
+        relay_quota=TokenBucket(1, 1, 0.0),
+        control_quota=TokenBucket(1, 1, 0.0),
+        last_seen=0.0,
+    )
+    sent: list[bytes] = []
+
+    class Sock:
+        def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+            sent.append(data)
+            return True
+
+    sock, endpoint = Sock(), ("192.0.2.1", 4000)
+    agent.udp_endpoint, agent.udp_socket = endpoint, sock
+    relay.tokens[agent.token] = agent
+    hello = rv.encode_udp_hello(agent.token, agent.udp_key, 7)
+    relay.received(hello, endpoint, sock, 10.0)
+    assert agent.hello_seen == 10.0 and len(sent) == 1  # acknowledged
+    relay.received(hello, endpoint, sock, 50.0)  # a copy, later
+    assert agent.hello_seen == 10.0 and len(sent) == 1 and counters["udp_replayed"] == 1
+    assert silent_too_long(agent, 60.0)
+    relay.received(rv.encode_udp_hello(agent.token, agent.udp_key, 8), endpoint, sock, 55.0)
+    assert agent.hello_seen == 55.0 and not silent_too_long(agent, 60.0)
+
+
+async def told_yes(
+    server: RendezvousServer,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, Identity, socket.socket]:
+    """A raw agent registered, its UDP endpoint taken as confirmed, told yes to a rest."""
+    reader, writer, challenge = await raw_connect(server)
+    identity = Identity.generate()
+    writer.write(register_frame(identity, identity, challenge.nonce, server))
+    assert isinstance(await read_control(reader), rv.Registered)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.setblocking(False)
+    agent = server.agents[identity.address.digest]
+    agent.udp_ready, agent.udp_endpoint, agent.udp_socket = True, udp.getsockname(), server._udp[0]
+    agent.udp_seen = agent.hello_seen = server.clock()
+    writer.write(rv.encode_control(rv.Rest(5)))
+    answer = await read_control(reader)
+    assert isinstance(answer, rv.Outcome) and answer.ok
+    return reader, writer, identity, udp
+
+
+async def post_to(server: RendezvousServer, recipient: Identity) -> None:
+    reader, writer, challenge = await raw_connect(server)
+    sender = Identity.generate()
+    writer.write(register_frame(sender, sender, challenge.nonce, server))
+    assert isinstance(await read_control(reader), rv.Registered)
+    writer.write(rv.encode_control(rv.Post(1, make_letter(sender, "sealed", recipient.address, sealed=b"x"))))
+    result = await read_control(reader)
+    assert isinstance(result, rv.PostResult) and result.ok
+    writer.close()
+
+
+async def test_a_letter_between_the_yes_and_the_rest_is_not_lost(server) -> None:
+    """Stay: the agent changed its mind, and gets the letter on its connection. Rest: the wake
+    goes as soon as its connection is over."""
+    loop = asyncio.get_running_loop()
+    reader, writer, identity, udp = await told_yes(server)
+    try:
+        await post_to(server, identity)
+        wake = await asyncio.wait_for(loop.sock_recv(udp, 2048), 5)
+        assert wake[0] == rv.UDP_WAKE
+        writer.write(rv.encode_control(rv.Stay(5)))
+        delivered = await read_control(reader)
+        assert isinstance(delivered, rv.Deliver)
+        assert not server.agents[identity.address.digest].resting
+    finally:
+        writer.close()
+        udp.close()
+
+    reader, writer, identity, udp = await told_yes(server)
+    try:
+        await post_to(server, identity)
+        await asyncio.wait_for(loop.sock_recv(udp, 2048), 5)  # the wake while still connected
+        writer.close()
+        await eventually(lambda: server.agents[identity.address.digest].rests)
+        wake = await asyncio.wait_for(loop.sock_recv(udp, 2048), 5)  # again, once it rests
+        assert wake[0] == rv.UDP_WAKE
+    finally:
+        udp.close()
+
+
+async def test_an_agent_cut_off_after_its_yes_goes_offline(server) -> None:
+    _, writer, identity, udp = await told_yes(server)
+    try:
+        writer.write(b"\xff\x00\x00\x01x")  # no frame has that type
+        await eventually(lambda: identity.address.digest not in server.agents)
+    finally:
+        writer.close()
+        udp.close()

@@ -137,8 +137,11 @@ class RendezvousClient:
         #: Resting on UDP: registered, with no connection (see the module's text).
         self.resting = False
         self._rest_allowed = False
-        self._rest_asked: tuple[int, float] | None = None
+        #: Our Rest waiting for its answer: its id, and how much had happened when we asked.
+        self._rest_asked: tuple[int, int] | None = None
+        #: When something last happened on the connection, and how many things have (:meth:`_touch`).
         self._active = clock()
+        self._activity = 0
         self._woken = asyncio.Event()
 
     async def start(self) -> None:
@@ -343,7 +346,7 @@ class RendezvousClient:
             return False
         link.write(rv.encode_relay(destination, datagram))
         self.counters["relay_sent"] += 1
-        self._active = self.clock()
+        self._touch()
         return True
 
     def udp_received(self, data: bytes, addr: Endpoint) -> None:
@@ -364,7 +367,10 @@ class RendezvousClient:
         elif frame.kind == rv.UDP_CHALLENGE and frame.token == self._token and self._udp_send is not None:
             self._udp_send(rv.encode_udp_response(self._token, self._udp_key, frame.payload), addr)
         elif frame.kind == rv.UDP_WAKE and frame.token == self._token:
-            self.wake("the server woke us")
+            if self.resting:
+                self.wake("the server woke us")
+            else:
+                self._touch()  # it said yes to a rest and then had a letter: we stay
         elif frame.kind == rv.UDP_HELLO_ACK and frame.token == self._token:
             self._udp_acked = self.clock()
             if not self.udp_ready:
@@ -383,11 +389,10 @@ class RendezvousClient:
     async def _udp_hellos(self) -> None:
         if self._udp_send is None or self._udp_endpoint is None:
             return
-        hello = rv.encode_udp_hello(self._token, self._udp_key)
         delays = [0.0, 0.3, 1.0, 3.0]
-        while True:
+        for sequence in itertools.count(1):  # numbered: a copy replayed later proves nothing
             await asyncio.sleep(delays.pop(0) if delays else UDP_HELLO_INTERVAL)
-            self._udp_send(hello, self._udp_endpoint)
+            self._udp_send(rv.encode_udp_hello(self._token, self._udp_key, sequence), self._udp_endpoint)
             if self.udp_ready and self.clock() - self._udp_acked > UDP_ACK_TIMEOUT:
                 self.udp_ready = False
                 log.info("UDP relay to %s stopped answering; back to TCP", self.url.endpoint)
@@ -404,7 +409,7 @@ class RendezvousClient:
             raise errors.NetworkError(f"not connected to {self.url.endpoint}")
         self._link.write(frame)
         if active:
-            self._active = self.clock()
+            self._touch()
 
     # -- the connection -----------------------------------------------------------------
 
@@ -503,7 +508,7 @@ class RendezvousClient:
                         self._on_control(message)  # type: ignore[arg-type]
                     else:
                         self.counters["relay_received"] += 1
-                        self._active = self.clock()
+                        self._touch()
                         self._deliver(message, datagram)  # type: ignore[arg-type]
                 if self.resting:
                     return
@@ -514,7 +519,7 @@ class RendezvousClient:
 
     def _on_control(self, message: rv.Message) -> None:
         if not isinstance(message, rv.Ping | rv.Pong | rv.Outcome):
-            self._active = self.clock()
+            self._touch()
         if isinstance(message, rv.Challenge):
             if message.server != str(self.url.address):
                 raise RendezvousError(f"server names itself {message.server}, expected {self.url.address}")
@@ -592,7 +597,7 @@ class RendezvousClient:
             message: rv.Ping | rv.Rest = rv.Ping(ident)
             if self._may_rest():
                 message = rv.Rest(ident)
-                self._rest_asked = (ident, self.clock())
+                self._rest_asked = (ident, self._activity)
             with contextlib.suppress(errors.NetworkError):
                 self._send(rv.encode_control(message), active=False)
 
@@ -614,16 +619,24 @@ class RendezvousClient:
             and not self._waiting()
         )
 
-    def _rest_answered(self, outcome: rv.Outcome, asked: float) -> None:
+    def _touch(self) -> None:
+        """Something happened on the connection (sent or received), or a wake came: the idle
+        spell starts again, and a rest asked for before it is called off."""
+        self._active = self.clock()
+        self._activity += 1
+
+    def _rest_answered(self, outcome: rv.Outcome, activity: int) -> None:
         """The server's answer to our :class:`~peerpath.wire.rendezvous.Rest`: rest (close the
-        connection) if it said yes and nothing happened since we asked (anything we sent since
-        has called the rest off at the server)."""
+        connection) if it said yes and nothing happened since we asked; else say we stay, so
+        that both ends agree that we are connected."""
         self._rest_asked = None
         if not outcome.ok:
             log.info("rendezvous %s: staying connected: %s", self.url.endpoint, outcome.error)
-            self._active = self.clock()  # ask again only after another idle spell
+            self._touch()  # ask again only after another idle spell
             return
-        if self._active > asked or self._waiting() or not self.udp_ready:
+        if self._activity != activity or self._waiting() or not self.udp_ready:
+            with contextlib.suppress(errors.NetworkError):
+                self._send(rv.encode_control(rv.Stay(outcome.id)), active=False)
             return
         log.info("rendezvous %s: idle; resting on UDP", self.url.endpoint)
         self.resting = True

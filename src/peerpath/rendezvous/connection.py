@@ -74,6 +74,7 @@ class FrameStream:
             log.exception("connection from %s failed", self._who())
         finally:
             self._flush()
+        self._failed()
         return False
 
     # -- what a subclass says -------------------------------------------------------------------
@@ -91,6 +92,9 @@ class FrameStream:
     def _going_on(self) -> bool:
         """Whether the connection goes on after what was just read."""
         return True
+
+    def _failed(self) -> None:
+        """The connection ends for something its peer sent (or a bug): not a rest."""
 
     def _flush(self) -> None:
         """What was read is handled: write what it made."""
@@ -185,6 +189,10 @@ class AgentConnection(FrameStream):
 
     def _going_on(self) -> bool:
         return self._nonce is not None or self.agent is not None
+
+    def _failed(self) -> None:
+        if self.agent is not None:
+            self.agent.resting = False  # cut off, or broke the protocol: it goes offline
 
     def _flush(self) -> None:
         self.server.plane.flush()

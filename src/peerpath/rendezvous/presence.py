@@ -70,6 +70,8 @@ class Agent:
         "address",
         "connected",
         "control_quota",
+        "hello_seen",
+        "hello_sequence",
         "home_relay",
         "last_seen",
         "letters_out",
@@ -126,6 +128,11 @@ class Agent:
         self.udp_endpoint: Endpoint | None = None
         self.udp_socket: UdpSocket | None = None
         self.udp_seen = 0.0
+        #: The last hello's sequence number, and when the agent last proved itself alive over
+        #: UDP (a hello numbered higher than any before, or an answered challenge): what keeps
+        #: a resting agent registered (a replayed frame does not).
+        self.hello_sequence = 0
+        self.hello_seen = 0.0
         #: When the server's other processes were last told of the UDP endpoint (workers.py).
         self.udp_told = 0.0
         #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A

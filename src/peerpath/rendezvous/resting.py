@@ -32,13 +32,13 @@ class Rests:
         #: Resting agents woken that have not registered anew yet (their wakes go again).
         self._waking: set[Agent] = set()
 
-    def answer(self, agent: Agent, request: rv.Rest, now: float) -> rv.Outcome:
+    def answer(self, agent: Agent, request: rv.Rest, now: float, letters_waiting: bool) -> rv.Outcome:
         """Whether ``agent`` may rest: only with a UDP path the server confirmed lately (else
-        nothing would reach it) and no letters waiting for its acknowledgement."""
+        nothing would reach it) and no letters waiting for it, delivered or not."""
         if agent.udp_path(now) is None:
             reason = "no confirmed UDP relay path: stay connected"
-        elif agent.letters_out:
-            reason = "letters wait for your acknowledgement"
+        elif agent.letters_out or letters_waiting:
+            reason = "letters wait for you"
         else:
             agent.resting = True
             self.counters["rests"] += 1
@@ -50,17 +50,25 @@ class Rests:
         """Something waits for ``agent`` that needs its connection: a wake now, and again with
         every :meth:`retry` until it has registered anew."""
         agent.wake = True
-        self._waking.add(agent)
-        self._send_wake(agent)
+        if agent not in self._waking:  # one wake at a time, however many letters come
+            self._waking.add(agent)
+            self._send_wake(agent)
+
+    def rested(self, agent: Agent) -> None:
+        """``agent``'s connection is over and it rests: a wake at once if one is due (a letter
+        came between the yes and the end of its connection)."""
+        if agent.wake:
+            self._send_wake(agent)
 
     def retry(self, agents: dict[bytes, Agent]) -> None:
-        """Wake again the agents still resting that were woken (those that registered anew, or
-        went offline, are forgotten here)."""
+        """Wake again the agents still resting that were woken (one told yes whose connection
+        is not over yet waits for it; those that registered anew, stayed, or went offline are
+        forgotten here)."""
         for agent in list(self._waking):
-            if agent.rests and agents.get(agent.address.digest) is agent:
-                self._send_wake(agent)
-            else:
+            if not agent.resting or agents.get(agent.address.digest) is not agent:
                 self._waking.discard(agent)
+            elif agent.rests:
+                self._send_wake(agent)
 
     def forget(self, agent: Agent) -> None:
         """``agent`` is offline (or replaced by a new registration)."""
@@ -75,5 +83,6 @@ class Rests:
 
 
 def silent_too_long(agent: Agent, now: float) -> bool:
-    """Whether a resting agent's UDP hellos stopped (it is gone, or its NAT forgot it)."""
-    return now - agent.udp_seen > REST_SILENT
+    """Whether a resting agent's UDP hellos stopped (it is gone, or its NAT forgot it): only
+    fresh ones count, so copies replayed by someone on the path keep nobody registered."""
+    return now - agent.hello_seen > REST_SILENT

@@ -125,6 +125,8 @@ class RendezvousServer:
         }
         self._open = 0
         self._per_ip: dict[str, int] = {}
+        #: Agents registered (connected or resting) by the network they registered from.
+        self._agents_per_ip: dict[str, int] = {}
         self._registrations = registration_rate(self.limits)
         #: Relayed datagrams between the agents online.
         self.plane = DataPlane(self.agents, self.counters, self.limits.cutoff_drops)
@@ -342,6 +344,11 @@ class RendezvousServer:
         self.rests.forget(agent)
         if self.agents.get(agent.address.digest) is agent:
             del self.agents[agent.address.digest]
+            network = _network_of(agent.observed)
+            if self._agents_per_ip.get(network, 0) <= 1:
+                self._agents_per_ip.pop(network, None)
+            else:
+                self._agents_per_ip[network] -= 1
             if self.cluster is not None:
                 self.cluster.forgotten(agent)
             self.directory.left(agent.address, self.wall_clock())
@@ -355,9 +362,17 @@ class RendezvousServer:
             self._refuse(link, "the server is full; try again later")
             return None
         now = self.clock()
-        if not self._registrations.allow(client_network(observed.rpartition(":")[0]), now):
+        network = _network_of(observed)
+        if not self._registrations.allow(network, now):
             self.counters["registrations_refused"] += 1
             self._refuse(link, "too many registrations from your address; try again later")
+            return None
+        # As many agents from one address as it may hold connections, resting ones included
+        # (an agent replacing its own registration from there takes no more room).
+        replaces = previous is not None and _network_of(previous.observed) == network
+        if self._agents_per_ip.get(network, 0) - replaces >= self.limits.max_connections_per_ip:
+            self.counters["registrations_refused"] += 1
+            self._refuse(link, "too many agents registered from your address; try again later")
             return None
         limits = self.limits
         agent = Agent(
@@ -375,6 +390,7 @@ class RendezvousServer:
         if self.cluster is not None:
             self.cluster.admitted(agent)
         self.agents[claimed.digest] = agent
+        self._agents_per_ip[network] = self._agents_per_ip.get(network, 0) + 1
         self.directory.arrived(claimed, register.public_key, now)
         self.udp_relay.tokens[agent.token] = agent
         self.counters["registered"] += 1
@@ -398,7 +414,11 @@ class RendezvousServer:
         self.plane.forget(agent)
         if self.cluster is not None:
             self.cluster.rested(agent)
+        self.rests.rested(agent)
         log.info("%s resting on UDP", agent.address)
+
+    def _letters_waiting(self, agent: Agent) -> bool:
+        return self.mailbox is not None and bool(self.mailbox.waiting_for(agent.address.digest, 1))
 
     def _relay_urls(self) -> list[str]:
         """This server's own URL first, then the other relays it knows."""
@@ -438,7 +458,12 @@ class RendezvousServer:
             if self.cluster is not None:
                 self.cluster.udp_ready(agent)
         elif isinstance(message, rv.Rest):
-            agent.send(rv.encode_control(self.rests.answer(agent, message, now)))
+            waiting = self._letters_waiting(agent)
+            agent.send(rv.encode_control(self.rests.answer(agent, message, now, waiting)))
+            if waiting and not agent.letters_out:
+                self._deliver_waiting(agent)  # (not delivered when posted: its link was backed up)
+        elif isinstance(message, rv.Stay):
+            pass  # the rest is called off above, as by anything the agent sends
         elif isinstance(message, rv.HomeRelay):
             if message.url not in self._relay_urls():
                 raise rv.FrameError(f"{message.url} is not one of this server's relays")
@@ -583,6 +608,11 @@ class RendezvousServer:
                 agent.link.close()
             elif silent >= PING_INTERVAL:
                 self._ping(agent)
+
+
+def _network_of(observed: str) -> str:
+    """What the per-address limits count an agent seen at ``observed`` ("host:port") by."""
+    return client_network(observed.rpartition(":")[0])
 
 
 def _check_path(connection: ServerConnection, request: Request) -> Response | None:

@@ -211,8 +211,14 @@ class UdpRelay:
         self.counters["udp_frames"] += 1
         confirmed = addr == agent.udp_endpoint and sock is agent.udp_socket
         if frame.kind == rv.UDP_HELLO:
+            sequence = rv.hello_sequence(frame)
+            if sequence:
+                if sequence <= agent.hello_sequence:
+                    self.counters["udp_replayed"] = self.counters.get("udp_replayed", 0) + 1
+                    return  # a copy of an old hello: it proves nothing
+                agent.hello_sequence = sequence
             if confirmed:
-                agent.udp_seen = now
+                agent.udp_seen = agent.hello_seen = now
                 sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
                 if self.on_path is not None and now - agent.udp_told >= PATH_REFRESH:
                     agent.udp_told = now
@@ -225,6 +231,7 @@ class UdpRelay:
                 # The agent holds the key and receives at this address: deliver there from now on.
                 agent.udp_challenges.clear()
                 agent.udp_endpoint, agent.udp_socket, agent.udp_seen = addr, sock, now
+                agent.hello_seen = now
                 sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
                 if self.on_path is not None:
                     agent.udp_told = now

@@ -233,7 +233,7 @@ class Cluster:
             if not connection.open():
                 self._end(worker, args[0])
         elif kind == "lost":
-            self._end(worker, args[0])
+            self._end(worker, args[0], failed=len(args) > 1 and bool(args[1]))
         elif kind == "close":
             local = self._local.get(args[0])
             if local is not None:
@@ -249,9 +249,12 @@ class Cluster:
         elif kind == "bound" and self._bound is not None and not self._bound.done():
             self._bound.set_result(None)
 
-    def _end(self, worker: int, ident: int) -> None:
+    def _end(self, worker: int, ident: int, failed: bool = False) -> None:
+        """A worker's connection is over; ``failed``: for what the agent sent (not a rest)."""
         connection = self._remote.pop((worker, ident), None)
         if connection is not None:
+            if failed and connection.agent is not None:
+                connection.agent.resting = False
             connection.end()
 
     def lost(self, worker: int) -> None:
@@ -286,7 +289,9 @@ def learn_path(agent: Agent | None, args: list[Any], sockets: list[RelayUdp]) ->
         return
     sock = _udp_socket_for(sockets, args[4])
     if sock is not None:
+        # Announced only when a fresh hello or an answered challenge confirmed it.
         agent.udp_endpoint, agent.udp_socket, agent.udp_seen = (args[1], args[2]), sock, args[3]
+        agent.hello_seen = args[3]
 
 
 # -- a worker --------------------------------------------------------------------------------------
@@ -296,13 +301,15 @@ class WorkerConnection(FrameStream):
     """A TLS connection a worker holds: relay frames are routed here once the hub has said whose
     it is; every other frame (all of them before that) goes to the hub as it came."""
 
-    __slots__ = ("agent", "ident", "worker")
+    __slots__ = ("agent", "failed", "ident", "worker")
 
     def __init__(self, worker: Worker, link: TlsLink) -> None:
         super().__init__(link)
         self.worker = worker
         self.ident = link.ident
         self.agent: Agent | None = None
+        #: It ended for what the agent sent (the hub then keeps no rest of it).
+        self.failed = False
 
     @property
     def registered(self) -> bool:
@@ -328,6 +335,9 @@ class WorkerConnection(FrameStream):
 
     def _counters(self) -> dict[str, int]:
         return self.worker.counters
+
+    def _failed(self) -> None:
+        self.failed = True
 
     def _flush(self) -> None:
         self.worker.plane.flush()
@@ -429,7 +439,7 @@ class Worker:
 
     def ended(self, connection: WorkerConnection) -> None:
         if self._connections.pop(connection.ident, None) is not None:
-            self.hub.send("lost", connection.ident)
+            self.hub.send("lost", connection.ident, connection.failed)
         if connection.agent is not None:
             # Resting on UDP, or offline as soon as the hub says so: either way no connection.
             connection.agent.link = RESTING

@@ -218,9 +218,17 @@ class Rest(msgspec.Struct, tag="rest", frozen=True):
     connection. Answered by an :class:`Outcome`; once it says yes, the agent closes the
     connection and the server keeps it online (lookups find it, relayed datagrams reach it over
     UDP) for as long as its UDP hellos go on. Anything else the agent sends on the connection
-    afterwards calls the rest off. What needs the connection again (a letter for it) is said
-    with a UDP wake (0x96), and the agent registers anew.
+    afterwards calls the rest off (:class:`Stay` says so and nothing more). What needs the
+    connection again (a letter for it) is said with a UDP wake (0x96), and the agent registers
+    anew.
     """
+
+    id: RequestId
+
+
+class Stay(msgspec.Struct, tag="stay", frozen=True):
+    """Agent -> server: calls off the rest the server agreed to; the agent stays connected
+    (something happened between its :class:`Rest` and the answer)."""
 
     id: RequestId
 
@@ -323,6 +331,7 @@ Message = (
     | Received
     | UdpReady
     | Rest
+    | Stay
     | HomeRelay
     | ClaimName
     | ReleaseName
@@ -481,7 +490,7 @@ def name_claim_payload(name: str, public_key: bytes, server: bytes) -> bytes:
 #
 #   0x90 to-server   token(8) destination(16) datagram  MAC    agent -> server
 #   0x91 delivery    source(16) datagram                MAC    server -> agent
-#   0x92 hello       token(8) zero(16)                  MAC    agent -> server
+#   0x92 hello       token(8) sequence(8) zero(8)       MAC    agent -> server
 #   0x93 hello-ack   token(8)                           MAC    server -> agent
 #   0x94 challenge   token(8) nonce(16)                 MAC    server -> agent
 #   0x95 response    token(8) nonce(16)                 MAC    agent -> server
@@ -492,7 +501,9 @@ def name_claim_payload(name: str, public_key: bytes, server: bytes) -> bytes:
 # registers anew, and its new registration's key no longer authenticates it.
 #
 # A hello is padded to a challenge's size: the server never answers a stranger's datagram
-# with more bytes than it received.
+# with more bytes than it received. Its sequence number grows with every hello of a
+# registration (1, 2, ...), so a copy replayed later says nothing about the agent; agents
+# from before it send zero, which the server takes as it always did.
 
 UDP_TO_SERVER = 0x90
 UDP_FROM_SERVER = 0x91
@@ -593,9 +604,14 @@ def encode_udp_delivery(key: bytes, source: bytes, datagram: bytes) -> bytes:
     return _seal(key, bytes([UDP_FROM_SERVER]) + source + datagram)
 
 
-def encode_udp_hello(token: bytes, key: bytes) -> bytes:
-    """An agent's "this is my UDP endpoint"."""
-    return _seal(key, bytes([UDP_HELLO]) + token + bytes(UDP_NONCE_BYTES))
+def encode_udp_hello(token: bytes, key: bytes, sequence: int = 0) -> bytes:
+    """An agent's "this is my UDP endpoint", the ``sequence``-th of its registration."""
+    return _seal(key, bytes([UDP_HELLO]) + token + sequence.to_bytes(8, "big") + bytes(UDP_NONCE_BYTES - 8))
+
+
+def hello_sequence(frame: UdpRelayFrame) -> int:
+    """The sequence number of a parsed hello (0: an agent that does not number them)."""
+    return int.from_bytes(frame.payload[:8], "big")
 
 
 def encode_udp_ack(token: bytes, key: bytes) -> bytes:
