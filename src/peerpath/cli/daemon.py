@@ -36,6 +36,7 @@ from peerpath.cli.common import (
 from peerpath.node import control
 from peerpath.node.local import LocalRendezvous
 from peerpath.node.node import Node
+from peerpath.rendezvous.client import REST_AFTER
 from peerpath.services.agent import AgentNode
 from peerpath.services.files import DEFAULT_MAX_SIZE
 from peerpath.session.connection import SessionConfig
@@ -81,6 +82,16 @@ def up_command(
     direct: Annotated[
         bool, typer.Option("--direct/--relay-only", help="Move sessions to direct paths where NATs allow.")
     ] = True,
+    rest_after: Annotated[
+        float,
+        typer.Option(
+            "--rest-after",
+            min=0.0,
+            metavar="S",
+            help="Idle this long, rest at the rendezvous server on UDP alone, without a connection "
+            "(0: stay connected).",
+        ),
+    ] = REST_AFTER,
     files_dir: Annotated[
         Path | None,
         typer.Option("--files-to", metavar="DIR", help="Save received files here (default: STATE_DIR/files)."),
@@ -112,6 +123,7 @@ def up_command(
             rendezvous=embedded.url if embedded is not None else url,
             direct=direct,
         )
+        node.relays.rest_after(rest_after or None)
         if files_dir is not None:
             node.files.directory = files_dir.expanduser().resolve()
         node.files.max_size = max_file_size

@@ -13,7 +13,7 @@ from peerpath import errors
 from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
 from peerpath.net import Net, open_stream
-from peerpath.rendezvous.client import LetterHandler, RendezvousClient, UdpSender
+from peerpath.rendezvous.client import REST_AFTER, LetterHandler, RendezvousClient, UdpSender
 from peerpath.rendezvous.url import RendezvousUrl
 from peerpath.tasks import spawn
 from peerpath.wire import rendezvous as rv
@@ -49,6 +49,13 @@ class Relays:
         #: The relay peers reach us through (a URL the server offered).
         self.home: str | None = None
         self._home_task: asyncio.Task[None] | None = None
+        self._rest_after: float | None = REST_AFTER
+
+    def rest_after(self, seconds: float | None) -> None:
+        """Idle this long, every relay client (now and later) rests on UDP (None: never)."""
+        self._rest_after = seconds
+        for client in self.every():
+            client.rest_after = seconds
 
     async def start(
         self, url: RendezvousUrl, on_letter: LetterHandler, on_registered: Callable[[rv.Registered], None]
@@ -73,6 +80,7 @@ class Relays:
             on_registered=on_registered,
             net=self._net,
             clock=self._clock,
+            rest_after=self._rest_after,
         )
         client.on_relay = functools.partial(self._on_relayed, client)  # it needs the client itself
         return client
