@@ -15,6 +15,7 @@ import time
 
 from peerpath.clock import monotonic as clock
 from peerpath.node.node import Node
+from peerpath.rendezvous import client as rendezvous_client
 from peerpath.session.connection import Connection, SessionConfig
 from peerpath.session.pathset import HOLD_DOWN
 
@@ -24,6 +25,10 @@ WAIT_DIRECT_STEPS = int(os.environ.get("PEERPATH_WAIT_DIRECT", "40"))
 SMALL = os.environ.get("PEERPATH_AGENT_SMALL", "0") == "1"
 #: Seconds a direct path set aside for its quality stays aside (SessionConfig.path_hold_down).
 HOLD_DOWN_S = float(os.environ.get("PEERPATH_HOLD_DOWN", str(HOLD_DOWN)))
+#: Seconds idle before the node rests on UDP at the server, and how often its client checks
+#: (both shortened by the tests of resting agents).
+REST_AFTER = os.environ.get("PEERPATH_REST_AFTER")
+rendezvous_client.KEEPALIVE = float(os.environ.get("PEERPATH_RENDEZVOUS_KEEPALIVE", str(rendezvous_client.KEEPALIVE)))
 #: A recognisable plaintext inside the payloads; it must never show up on the wire.
 MARKER = b"PEERPATH-PLAINTEXT-MARKER-7f3a"
 
@@ -154,6 +159,8 @@ async def mesh(state_dir: str, url: str) -> None:
     async with Node.start(state_dir, rendezvous=url, direct=direct, config=config) as node:
         node.serve(7, echo)
         node.on_message(handle)
+        if REST_AFTER is not None:
+            node.relays.rest_after(float(REST_AFTER))
         assert node.rendezvous is not None
         await node.rendezvous.wait_registered(30)
         print("ready", node.address, flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,46 @@ def test_hard_networks_reach_each_other_by_address(tmp_path: Path, kind: str) ->
         result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
         assert result.get("ok"), result
         assert result["path"] == f"relay {SERVER_IPS[0]}:7000"
+
+
+def test_resting_agents_behind_nats_stay_reachable_over_udp(tmp_path: Path) -> None:
+    """Idle agents behind real NATs rest on UDP (their hellos keep the mappings open); a peer
+    reaches one by address alone, over the relay's UDP through its NAT, and it goes on resting."""
+    from peerpath.testing.netlab import NatKind
+
+    resting = {**RELAY_ONLY, "PEERPATH_REST_AFTER": "0.5", "PEERPATH_RENDEZVOUS_KEEPALIVE": "0.5"}
+    with Lab() as lab:
+        server = lab.public_host("server", SERVER_IPS)
+        url = start_peerpath_server(server)
+        one = lab.host("one", behind=lab.router("r1", NatKind.PORT_RESTRICTED))
+        two = lab.host("two", behind=lab.router("r2", NatKind.SYMMETRIC))
+        procs = {}
+        for name, host in (("one", one), ("two", two)):
+            procs[name] = host.popen(
+                [sys.executable, AGENT, "mesh", str(tmp_path / name), url], stdin=-1, stderr=-3, env=resting
+            )
+        addrs = {n: Address.parse(p.stdout.readline().split()[1]) for n, p in procs.items()}  # type: ignore[union-attr]
+        TrustStore.in_state_dir(tmp_path / "one").add(addrs["two"])
+        TrustStore.in_state_dir(tmp_path / "two").add(addrs["one"])
+
+        def rendezvous(name: str) -> dict[str, object]:
+            procs[name].stdin.write("status\n")  # type: ignore[union-attr]
+            procs[name].stdin.flush()  # type: ignore[union-attr]
+            return json.loads(procs[name].stdout.readline())["rendezvous"]  # type: ignore[union-attr, no-any-return]
+
+        deadline = time.monotonic() + 30
+        while not all(rendezvous(n)["resting"] for n in procs):
+            assert time.monotonic() < deadline, {n: rendezvous(n) for n in procs}
+            time.sleep(0.5)
+        procs["one"].stdin.write(f"exercise {addrs['two']}\n")  # type: ignore[union-attr]
+        procs["one"].stdin.flush()  # type: ignore[union-attr]
+        result = json.loads(procs["one"].stdout.readline())  # type: ignore[union-attr]
+        assert procs["one"].stdout.readline().strip() == "done"  # type: ignore[union-attr]
+        assert result.get("ok"), result
+        assert result["path"] == f"relay {SERVER_IPS[0]}:7000"
+        two_status = rendezvous("two")
+        assert two_status["resting"] and two_status["registrations"] == 1, two_status
+        assert two_status["relay_received_udp"] > 0
 
 
 def test_server_restart_agents_reregister_and_the_session_keeps_flowing(tmp_path: Path) -> None:
