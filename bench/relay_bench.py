@@ -687,6 +687,7 @@ class _UdpSide(asyncio.DatagramProtocol):
     def __init__(self, server: tuple[str, int]) -> None:
         self.server = server
         self.keys: dict[bytes, bytes] = {}
+        self.sequence: dict[bytes, int] = {}
         self.acked: dict[bytes, asyncio.Future[None]] = {}
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -709,8 +710,10 @@ class _UdpSide(asyncio.DatagramProtocol):
                 waiting.set_result(None)
 
     def hello(self, token: bytes) -> None:
+        """The agent's next hello (numbered, as a node's: the server ignores a repeated number)."""
         if self.transport is not None:
-            self.transport.sendto(rv.encode_udp_hello(token, self.keys[token]), self.server)
+            sequence = self.sequence[token] = self.sequence.get(token, 0) + 1
+            self.transport.sendto(rv.encode_udp_hello(token, self.keys[token], sequence), self.server)
 
 
 async def rest_raw(agent: RawAgent, registered: rv.Registered, udp: _UdpSide) -> bytes:
