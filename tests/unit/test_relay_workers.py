@@ -20,13 +20,14 @@ import pytest
 
 from peerpath.certs import tls_client_context
 from peerpath.identity import Identity
+from peerpath.rendezvous.hub import Cluster
 from peerpath.rendezvous.letters import make_letter
 from peerpath.rendezvous.limits import ServerLimits
 from peerpath.rendezvous.mesh import MeshLink, RemoteLink, mesh_sockets
 from peerpath.rendezvous.server import RendezvousServer
 from peerpath.rendezvous.tls import Valve
 from peerpath.rendezvous.url import RendezvousUrl
-from peerpath.rendezvous.workers import Cluster, Worker
+from peerpath.rendezvous.workers import Worker
 from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import parse_endpoint
 

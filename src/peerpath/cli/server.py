@@ -16,11 +16,12 @@ from peerpath.cli.common import URL_FILE, fail, load_identity, log, parse_rendez
 from peerpath.identity import Identity
 from peerpath.nat.stun_server import DEFAULT_STUN_PORT, StunServer
 from peerpath.node.state import default_state_dir
+from peerpath.rendezvous.hub import MAX_WORKERS, Cluster
 from peerpath.rendezvous.limits import ServerLimits
 from peerpath.rendezvous.server import RendezvousServer
 from peerpath.rendezvous.url import DEFAULT_PORT as DEFAULT_RENDEZVOUS_PORT
 from peerpath.rendezvous.url import RendezvousUrl
-from peerpath.rendezvous.workers import MAX_WORKERS, Cluster, fork_workers, stop_workers
+from peerpath.rendezvous.workers import fork_workers, stop_workers
 from peerpath.wire.stun import Address
 
 # The limits a server or a relay enforces (docs/security.md lists them all).

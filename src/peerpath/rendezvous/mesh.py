@@ -22,8 +22,9 @@ import msgspec
 
 from peerpath.net import DatagramHandler, KernelUdp, bind_kernel_udp
 from peerpath.rendezvous.links import WritableLink
-from peerpath.rendezvous.presence import SEND_HIGH_WATER
+from peerpath.rendezvous.presence import SEND_HIGH_WATER, Agent, UdpSocket
 from peerpath.rendezvous.tls import TlsLink
+from peerpath.rendezvous.udp_relay import RelayUdp
 from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import Endpoint
 
@@ -249,3 +250,36 @@ def steer_by_token(sock: socket.socket, count: int) -> bool:
         log.warning("UDP relay datagrams not steered to their agent's process: %s", exc.strerror or exc)
         return False
     return True
+
+
+# -- agents' UDP paths, told between processes ------------------------------------------------
+
+
+def _udp_socket_for(sockets: list[RelayUdp], host: str) -> RelayUdp | None:
+    for udp in sockets:
+        if udp.host == host:
+            return udp
+    return None
+
+
+def announce_path(mesh: Any, agent: Agent, sock: UdpSocket) -> None:
+    """Tell every other process where ``agent``'s relayed datagrams go over UDP, and from which
+    of the server's addresses."""
+    endpoint = agent.udp_endpoint
+    host = getattr(sock, "host", None)
+    if endpoint is None or host is None:
+        return
+    for link in mesh:
+        link.send("udp-path", agent.address.digest, endpoint[0], endpoint[1], agent.udp_seen, host)
+
+
+def learn_path(agent: Agent | None, args: list[Any], sockets: list[RelayUdp]) -> None:
+    """What :func:`announce_path` told: the agent's UDP endpoint, and this process's socket on
+    the same address of the server."""
+    if agent is None:
+        return
+    sock = _udp_socket_for(sockets, args[4])
+    if sock is not None:
+        # Announced only when a fresh hello or an answered challenge confirmed it.
+        agent.udp_endpoint, agent.udp_socket, agent.udp_seen = (args[1], args[2]), sock, args[3]
+        agent.hello_seen = args[3]

@@ -133,7 +133,7 @@ class Agent:
         #: a resting agent registered (a replayed frame does not).
         self.hello_sequence = 0
         self.hello_seen = 0.0
-        #: When the server's other processes were last told of the UDP endpoint (workers.py).
+        #: When the server's other processes were last told of the UDP endpoint (mesh.py).
         self.udp_told = 0.0
         #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A
         #: few at once, so copies of a hello replayed from one address cannot hold the agent's

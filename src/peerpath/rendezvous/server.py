@@ -45,7 +45,7 @@ from peerpath.wire import rendezvous as rv
 from peerpath.wire.endpoint import Endpoint
 
 if TYPE_CHECKING:
-    from peerpath.rendezvous.workers import Cluster
+    from peerpath.rendezvous.hub import Cluster
 
 log = logging.getLogger(__name__)
 
