@@ -268,14 +268,17 @@ def test_a_valve_pauses_only_the_links_that_read_while_shut() -> None:
     assert not busy.paused
 
 
-def test_the_server_command_runs_its_workers_and_stops_them(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["server", "relay"])
+def test_the_server_command_runs_its_workers_and_stops_them(tmp_path: Path, kind: str) -> None:
     def free_port(kind: socket.SocketKind) -> int:
         with socket.socket(type=kind) as s:
             s.bind(("127.0.0.1", 0))
             return int(s.getsockname()[1])
 
-    command = [sys.executable, "-m", "peerpath", "server", "--public-ip", "127.0.0.1", "--port", "0", "--workers", "2"]
-    command += ["--stun-port", str(free_port(socket.SOCK_DGRAM)), "--wss-port", "0", "--state-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "peerpath", kind, "--public-ip", "127.0.0.1", "--port", "0", "--workers", "2"]
+    if kind == "server":
+        command += ["--stun-port", str(free_port(socket.SOCK_DGRAM))]
+    command += ["--wss-port", "0", "--state-dir", str(tmp_path)]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
@@ -291,7 +294,9 @@ def test_the_server_command_runs_its_workers_and_stops_them(tmp_path: Path) -> N
         asyncio.run(register_two())
         workers = _children(server.pid)
         assert len(workers) == 1
-        again = [*command[:-6], "--stun-port", str(free_port(socket.SOCK_DGRAM)), *command[-4:]]
+        again = list(command)
+        if kind == "server":
+            again[again.index("--stun-port") + 1] = str(free_port(socket.SOCK_DGRAM))
         second = subprocess.run(again, check=False, capture_output=True, text=True, timeout=30)
         assert second.returncode != 0 and "another server uses" in second.stderr  # the state directory is not shared
     finally:

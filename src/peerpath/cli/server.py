@@ -263,6 +263,7 @@ def relay_command(
     relay_burst: RelayBurst = ServerLimits.relay_burst,
     max_agents: MaxAgents = ServerLimits.max_agents,
     max_per_ip: MaxPerIp = ServerLimits.max_connections_per_ip,
+    workers: Workers = 1,
 ) -> None:
     """Run a relay alone; agents near it pick it as their home relay.
 
@@ -276,13 +277,14 @@ def relay_command(
     directory = state_dir if state_dir is not None else default_state_dir() / "relay"
     identity = load_identity(directory)
     limits = _server_limits(relay_rate, relay_burst, max_agents, max_per_ip)
+    processes = Processes(workers, identity, directory, limits, public_ip)
 
     async def run() -> None:
-        relay = await _start_rendezvous(identity, directory, public_ip, port, wss_port, limits, [])
+        relay = await _start_rendezvous(identity, directory, public_ip, port, wss_port, limits, [], processes=processes)
         try:
-            await until_signalled()
+            await processes.until_stopped()
         finally:
             await relay.close()
-            log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in relay.counters.items()))
+            log.info("stopped; %s", ", ".join(f"{k} {v}" for k, v in relay.status()["counters"].items()))
 
-    run_event_loop(run())
+    processes.run(run())
