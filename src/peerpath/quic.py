@@ -21,6 +21,9 @@ private attributes of aioquic used anywhere are used in this file):
 - *Credit that follows reads.* A byte stream registered with :meth:`QuicEngine.follow_reads`
   gets as credit what its reader consumed plus one stream window (aioquic grants credit as
   data arrives), so a peer that does not read holds the sender at the window.
+- *One key share.* The handshake offers and accepts X25519 alone: aioquic would make a key
+  share for each of four groups (P-256, P-384, X25519, X448) and settle on P-256, which is
+  most of a new connection's key exchange cost. Peers of any version offer X25519.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class StreamFinished(Exception):
 
 
 class _Connection(QuicConnection):
-    """aioquic's connection with the three behaviours the module docstring lists."""
+    """aioquic's connection with the behaviours the module docstring lists."""
 
     authentic_packets = 0
     windows_open = False
@@ -158,6 +161,10 @@ class _Connection(QuicConnection):
         super().__init__(*args, **kwargs)
         #: Streams whose credit follows reads: stream id -> bytes its reader consumed.
         self.consumed: dict[int, Callable[[], int]] = {}
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        self.tls._supported_groups = [tls.Group.X25519]  # see "One key share" above
 
     def _payload_received(self, *args: Any, **kwargs: Any) -> Any:
         self.authentic_packets += 1

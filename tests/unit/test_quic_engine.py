@@ -83,6 +83,17 @@ def test_the_handshake_gives_the_peer_certificate_and_the_protocol() -> None:
     assert pair.client.rtt is not None
 
 
+def test_the_key_exchange_is_x25519_alone() -> None:
+    """The initiator makes one key share (X25519), not one for each of aioquic's four groups,
+    and the responder agrees on it: the handshake's costliest work, done once."""
+    pair = Pair()
+    client_tls = pair.client._quic.tls
+    assert client_tls._x25519_private_key is not None
+    assert client_tls._x448_private_key is None and not client_tls._ec_private_keys
+    assert pair.server._quic.tls.key_schedule is not None
+    assert pair.server._quic.tls._x25519_private_key is not None
+
+
 def test_only_datagrams_that_decrypt_count_as_authentic() -> None:
     pair = Pair()
     assert all(pair.authentic) and len(pair.authentic) >= 2
