@@ -23,6 +23,11 @@ from peerpath.identity import Address, Identity, is_usable_key
 
 #: Certificates are valid for a long time: validity is not what authenticates them.
 _VALIDITY = datetime.timedelta(days=3650)
+#: A responder's certificate is signed once a day and reused by every session (signing one is
+#: a few percent of accepting a session); the last few identities' are kept.
+_REUSE = datetime.timedelta(days=1)
+_KEPT = 16
+_made: dict[bytes, tuple[datetime.datetime, x509.Certificate]] = {}
 
 
 def self_signed_certificate(identity: Identity, now: datetime.datetime | None = None) -> x509.Certificate:
@@ -39,6 +44,21 @@ def self_signed_certificate(identity: Identity, now: datetime.datetime | None = 
         .not_valid_after(now + _VALIDITY)
         .sign(identity.private_key, None)
     )
+
+
+def session_certificate(identity: Identity, now: datetime.datetime | None = None) -> x509.Certificate:
+    """``identity``'s certificate for the sessions it accepts: :func:`self_signed_certificate`,
+    made again once a day."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    made = _made.get(identity.public_key)
+    if made is not None and now - made[0] < _REUSE:
+        return made[1]
+    certificate = self_signed_certificate(identity, now)
+    _made.pop(identity.public_key, None)
+    _made[identity.public_key] = (now, certificate)
+    while len(_made) > _KEPT:
+        del _made[next(iter(_made))]
+    return certificate
 
 
 def certificate_public_key(certificate: x509.Certificate) -> bytes | None:

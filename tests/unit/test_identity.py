@@ -203,3 +203,18 @@ def test_real_keys_are_usable() -> None:
         identity = Identity.generate()
         assert is_usable_key(identity.public_key)
         assert verify(identity.public_key, identity.sign(b"data"), b"data")
+
+
+def test_a_responder_certificate_is_reused_for_a_day_then_made_again() -> None:
+    import datetime
+
+    from peerpath.certs import certificate_address, session_certificate
+
+    identity, other = Identity.generate(), Identity.generate()
+    now = datetime.datetime(2026, 12, 3, tzinfo=datetime.UTC)
+    first = session_certificate(identity, now)
+    assert certificate_address(first) == identity.address
+    assert session_certificate(identity, now + datetime.timedelta(hours=23)) is first
+    assert certificate_address(session_certificate(other, now)) == other.address  # its own
+    later = session_certificate(identity, now + datetime.timedelta(days=1, seconds=1))
+    assert later is not first and certificate_address(later) == identity.address

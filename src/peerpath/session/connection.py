@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, SupportsIndex
 
 from peerpath import errors, quic
-from peerpath.certs import self_signed_certificate
+from peerpath.certs import session_certificate
 from peerpath.clock import Clock, monotonic
 from peerpath.identity import Address, Identity
 from peerpath.quic import QuicEngine
@@ -191,7 +191,7 @@ class Connection:
             idle_timeout=config.idle_timeout,
             max_datagram_size=config.max_datagram_size,
             max_stream_data=config.max_stream_data,
-            certificate=None if initiator else self_signed_certificate(identity),
+            certificate=None if initiator else session_certificate(identity),
             private_key=None if initiator else identity.private_key,
             original_destination_connection_id=original_destination_connection_id,
             retry_source_connection_id=retry_source_connection_id,
