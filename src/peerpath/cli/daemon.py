@@ -232,6 +232,8 @@ def status_command(state_dir: StateDir = None, json_out: JsonOption = False) -> 
     rendezvous = status.get("rendezvous")
     if rendezvous:
         state = f"registered, seen from {rendezvous['observed']}" if rendezvous["registered"] else "not registered"
+        if rendezvous.get("resting"):
+            state += ", resting on UDP"
         if not rendezvous["registered"] and rendezvous["last_error"]:
             state += f" ({rendezvous['last_error']})"
         console.print(f"rendezvous {rendezvous['url']}: {state}")
