@@ -51,7 +51,7 @@ def session_certificate(identity: Identity, now: datetime.datetime | None = None
     made again once a day."""
     now = now or datetime.datetime.now(datetime.UTC)
     made = _made.get(identity.public_key)
-    if made is not None and now - made[0] < _REUSE:
+    if made is not None and datetime.timedelta(0) <= now - made[0] < _REUSE:
         return made[1]
     certificate = self_signed_certificate(identity, now)
     _made.pop(identity.public_key, None)

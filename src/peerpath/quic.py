@@ -164,7 +164,8 @@ class _Connection(QuicConnection):
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
-        self.tls._supported_groups = [tls.Group.X25519]  # see "One key share" above
+        if tls.Group.X25519 in self.tls._supported_groups:  # (not in a FIPS build of OpenSSL)
+            self.tls._supported_groups = [tls.Group.X25519]  # see "One key share" above
 
     def _payload_received(self, *args: Any, **kwargs: Any) -> Any:
         self.authentic_packets += 1

@@ -840,7 +840,7 @@ def _run_udp_server(data: bytes, rng: random.Random) -> None:
     sender = server.udp_relay.tokens.get(data[1 : 1 + rv.TOKEN_BYTES], agents[ALICE])
     state = rng.random()
     if state < 0.3:
-        sender.udp_challenges[source] = (UDP_NONCE, sock, now)  # type: ignore[assignment]
+        sender.udp_challenges[source] = (UDP_NONCE, sock, now, 0)  # type: ignore[assignment]
     elif state < 0.6:
         sender.udp_endpoint, sender.udp_socket, sender.udp_seen = source, sock, now  # type: ignore[assignment]
     try:

@@ -105,7 +105,7 @@ class Agent:
         sock.bind(("127.0.0.1", 0))
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        sock.sendto(rv.encode_udp_hello(token, key), server)
+        sock.sendto(rv.encode_udp_hello(token, key, 1), server)
         while True:
             frame = rv.parse_udp_relay(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5))
             if frame.kind == rv.UDP_CHALLENGE:
@@ -406,3 +406,31 @@ def test_udp_frames_of_another_process_agents_are_dropped() -> None:
     hello = bytes([rv.UDP_HELLO, 0]) + bytes(64)  # a token naming process 0
     relay.received(hello, ("192.0.2.1", 4000), None, 0.0)  # type: ignore[arg-type]
     assert counters == {"udp_other_process": 1}
+
+
+def test_with_port_443_taken_the_relay_runs_its_workers_without_websocket(tmp_path: Path) -> None:
+    """No --wss-port: 443 where the relay may listen on it; else it runs without WebSocket and
+    says so, workers or not (it used to refuse to start with workers)."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 443))  # as root; otherwise 443 is out of reach anyway
+        holder.listen()
+    except OSError:
+        pass
+    command = [sys.executable, "-m", "peerpath", "relay", "--public-ip", "127.0.0.1", "--port", "0", "--workers", "2"]
+    relay = subprocess.Popen(
+        [*command, "--state-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert relay.stdout is not None
+        url = RendezvousUrl.parse(relay.stdout.readline())
+        assert url.wss_port is None
+        assert relay.stderr is not None
+        said = [relay.stderr.readline(), relay.stderr.readline()]
+        assert "no WebSocket listener: port 443 is not available" in said[0], said
+        assert "(2 processes)" in said[1], said
+    finally:
+        relay.terminate()
+        relay.communicate(timeout=20)
+        holder.close()

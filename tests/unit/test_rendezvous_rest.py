@@ -261,6 +261,13 @@ def test_a_replayed_hello_keeps_no_resting_agent_alive() -> None:
     assert silent_too_long(agent, 60.0)
     relay.received(rv.encode_udp_hello(agent.token, agent.udp_key, 8), endpoint, sock, 55.0)
     assert agent.hello_seen == 55.0 and not silent_too_long(agent, 60.0)
+    # A copy that beats the agent's own hello from elsewhere draws a challenge there, and
+    # takes nothing from the real one.
+    ninth = rv.encode_udp_hello(agent.token, agent.udp_key, 9)
+    relay.received(ninth, ("198.51.100.9", 5000), sock, 56.0)
+    assert rv.parse_udp_relay(sent[-1]).kind == rv.UDP_CHALLENGE
+    relay.received(ninth, endpoint, sock, 57.0)
+    assert agent.hello_seen == 57.0 and rv.parse_udp_relay(sent[-1]).kind == rv.UDP_HELLO_ACK
 
 
 async def told_yes(
@@ -277,6 +284,10 @@ async def told_yes(
     agent = server.agents[identity.address.digest]
     agent.udp_ready, agent.udp_endpoint, agent.udp_socket = True, udp.getsockname(), server._udp[0]
     agent.udp_seen = agent.hello_seen = server.clock()
+    writer.write(rv.encode_control(rv.Rest(4)))  # its hellos are not numbered yet
+    refused = await read_control(reader)
+    assert isinstance(refused, rv.Outcome) and not refused.ok and "numbered" in refused.error
+    agent.hello_sequence = 1
     writer.write(rv.encode_control(rv.Rest(5)))
     answer = await read_control(reader)
     assert isinstance(answer, rv.Outcome) and answer.ok

@@ -218,21 +218,20 @@ async def _start_rendezvous(
     processes: Processes | None = None,
 ) -> RendezvousServer:
     """Start a rendezvous/relay server, print its URL (and write it to DIR/rendezvous.url)."""
+    if wss_port is None:  # 443 where this process may listen on it, else no WebSocket
+        try:
+            _try_listen(public_ip, 443)
+            wss_port = 443
+        except OSError as exc:
+            log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
     rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
     cluster = processes.make_cluster(rendezvous) if processes is not None else None
     try:
-        await rendezvous.start(public_ip, port, wss_port=443 if wss_port is None else wss_port, cluster=cluster)
+        await rendezvous.start(public_ip, port, wss_port=wss_port, cluster=cluster)
     except OSError as exc:
         await rendezvous.close()
-        if wss_port is not None or cluster is not None:
-            fail(f"cannot listen on port {port} or --wss-port {wss_port}: {exc.strerror or exc}")
-        log.warning("no WebSocket listener: port 443 is not available (%s); use --wss-port", exc.strerror or exc)
-        rendezvous = RendezvousServer(identity, directory, limits=limits, relays=relays, stun=stun)
-        try:
-            await rendezvous.start(public_ip, port)
-        except OSError as again:
-            await rendezvous.close()
-            fail(f"cannot listen on port {port}: {again.strerror or again}")
+        also = f" or --wss-port {wss_port}" if wss_port is not None else ""
+        fail(f"cannot listen on port {port}{also}: {exc.strerror or exc}")
     url = str(rendezvous.url())
     (directory / URL_FILE).write_text(url + "\n")
     typer.echo(url)
@@ -243,6 +242,15 @@ async def _start_rendezvous(
     shared = f" ({cluster.count} processes)" if cluster is not None else ""
     log.info("rendezvous and relay on %s%s", ", ".join(listeners), shared)
     return rendezvous
+
+
+def _try_listen(hosts: list[str], port: int) -> None:
+    """Raise OSError unless a TCP socket can listen on ``port`` of every host (then closed)."""
+    for host in hosts:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen()
 
 
 @app.command("relay")

@@ -369,8 +369,8 @@ class RendezvousClient:
         elif frame.kind == rv.UDP_WAKE and frame.token == self._token:
             if self.resting:
                 self.wake("the server woke us")
-            else:
-                self._touch()  # it said yes to a rest and then had a letter: we stay
+            elif self._rest_asked is not None:
+                self._touch()  # it said yes to our rest and then had a letter: we stay
         elif frame.kind == rv.UDP_HELLO_ACK and frame.token == self._token:
             self._udp_acked = self.clock()
             if not self.udp_ready:

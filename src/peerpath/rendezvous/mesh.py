@@ -263,14 +263,15 @@ def _udp_socket_for(sockets: list[RelayUdp], host: str) -> RelayUdp | None:
 
 
 def announce_path(mesh: Any, agent: Agent, sock: UdpSocket) -> None:
-    """Tell every other process where ``agent``'s relayed datagrams go over UDP, and from which
-    of the server's addresses."""
+    """Tell every other process where ``agent``'s relayed datagrams go over UDP, from which of
+    the server's addresses, and how far its numbered hellos have come."""
     endpoint = agent.udp_endpoint
     host = getattr(sock, "host", None)
     if endpoint is None or host is None:
         return
+    told = (agent.address.digest, endpoint[0], endpoint[1], agent.udp_seen, host, agent.hello_sequence)
     for link in mesh:
-        link.send("udp-path", agent.address.digest, endpoint[0], endpoint[1], agent.udp_seen, host)
+        link.send("udp-path", *told)
 
 
 def learn_path(agent: Agent | None, args: list[Any], sockets: list[RelayUdp]) -> None:
@@ -283,3 +284,4 @@ def learn_path(agent: Agent | None, args: list[Any], sockets: list[RelayUdp]) ->
         # Announced only when a fresh hello or an answered challenge confirmed it.
         agent.udp_endpoint, agent.udp_socket, agent.udp_seen = (args[1], args[2]), sock, args[3]
         agent.hello_seen = args[3]
+        agent.hello_sequence = max(agent.hello_sequence, args[5])

@@ -135,10 +135,10 @@ class Agent:
         self.hello_seen = 0.0
         #: When the server's other processes were last told of the UDP endpoint (mesh.py).
         self.udp_told = 0.0
-        #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent). A
-        #: few at once, so copies of a hello replayed from one address cannot hold the agent's
-        #: real new endpoint back.
-        self.udp_challenges: dict[Endpoint, tuple[bytes, UdpSocket, float]] = {}
+        #: Challenges outstanding, by the endpoint they went to: (nonce, socket, when sent, the
+        #: sequence number of the hello that drew it). A few at once, so copies of a hello
+        #: replayed from one address cannot hold the agent's real new endpoint back.
+        self.udp_challenges: dict[Endpoint, tuple[bytes, UdpSocket, float, int]] = {}
         #: Relayed frames for the link (their parts, and how many bytes), gathered while the
         #: frames that bring them are read and written together (one TLS record and one send
         #: for many datagrams); None when empty.

@@ -37,6 +37,8 @@ class Rests:
         nothing would reach it) and no letters waiting for it, delivered or not."""
         if agent.udp_path(now) is None:
             reason = "no confirmed UDP relay path: stay connected"
+        elif not agent.hello_sequence:
+            reason = "your UDP hellos are not numbered: stay connected"
         elif agent.letters_out or letters_waiting:
             reason = "letters wait for you"
         else:

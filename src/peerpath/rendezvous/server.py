@@ -597,7 +597,7 @@ class RendezvousServer:
         held = self.valve is not None and self.valve.is_shut
         for agent in list(self.agents.values()):
             if agent.rests:
-                if silent_too_long(agent, now):
+                if silent_too_long(agent, now) and not held:  # (its hellos may be told late)
                     log.info("%s resting and silent on UDP: dropped", agent.address)
                     self._forget(agent)
                 continue

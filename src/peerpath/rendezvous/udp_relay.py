@@ -212,19 +212,20 @@ class UdpRelay:
         confirmed = addr == agent.udp_endpoint and sock is agent.udp_socket
         if frame.kind == rv.UDP_HELLO:
             sequence = rv.hello_sequence(frame)
-            if sequence:
-                if sequence <= agent.hello_sequence:
-                    self.counters["udp_replayed"] = self.counters.get("udp_replayed", 0) + 1
-                    return  # a copy of an old hello: it proves nothing
-                agent.hello_sequence = sequence
+            if sequence and sequence <= agent.hello_sequence:
+                self.counters["udp_replayed"] = self.counters.get("udp_replayed", 0) + 1
+                return  # a copy of an old hello: it proves nothing
             if confirmed:
+                # (Only here: a copy that raced the agent's hello from elsewhere draws a
+                # challenge there, and leaves the real one to count.)
+                agent.hello_sequence = max(agent.hello_sequence, sequence)
                 agent.udp_seen = agent.hello_seen = now
                 sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
                 if self.on_path is not None and now - agent.udp_told >= PATH_REFRESH:
                     agent.udp_told = now
                     self.on_path(agent, sock)
             else:
-                self._challenge(agent, addr, sock, now)
+                self._challenge(agent, addr, sock, now, sequence)
         else:
             pending = agent.udp_challenges.get(addr)
             if pending is not None and pending[1] is sock and hmac.compare_digest(pending[0], frame.payload):
@@ -232,6 +233,7 @@ class UdpRelay:
                 agent.udp_challenges.clear()
                 agent.udp_endpoint, agent.udp_socket, agent.udp_seen = addr, sock, now
                 agent.hello_seen = now
+                agent.hello_sequence = max(agent.hello_sequence, pending[3])  # the hello it answered
                 sock.sendto(rv.encode_udp_ack(agent.token, agent.udp_key), addr)
                 if self.on_path is not None:
                     agent.udp_told = now
@@ -262,7 +264,7 @@ class UdpRelay:
         except CutOff as exc:
             self._cut_off(agent, exc)
 
-    def _challenge(self, agent: Agent, addr: Endpoint, sock: UdpSocket, now: float) -> None:
+    def _challenge(self, agent: Agent, addr: Endpoint, sock: UdpSocket, now: float, sequence: int = 0) -> None:
         """Ask a new endpoint to prove it is the agent's: one challenge per endpoint per
         interval, to at most UDP_CHALLENGES endpoints at once (the oldest is forgotten)."""
         pending = agent.udp_challenges.get(addr)
@@ -270,7 +272,7 @@ class UdpRelay:
             return
         nonce = os.urandom(rv.UDP_NONCE_BYTES)
         agent.udp_challenges.pop(addr, None)
-        agent.udp_challenges[addr] = (nonce, sock, now)
+        agent.udp_challenges[addr] = (nonce, sock, now, sequence)
         while len(agent.udp_challenges) > UDP_CHALLENGES:
             del agent.udp_challenges[next(iter(agent.udp_challenges))]
         sock.sendto(rv.encode_udp_challenge(agent.token, agent.udp_key, nonce), addr)
