@@ -12,7 +12,7 @@ from typing import IO
 
 import pytest
 
-from peerpath.identity import Address
+from peerpath.identity import Address, Identity
 from peerpath.node.trust import TrustStore
 from peerpath.testing import netlab
 from peerpath.testing.netlab import Lab, Node
@@ -63,6 +63,25 @@ def run_netcheck(host: Node, *extra: str) -> dict[str, object]:
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout)
     return result
+
+
+def identity_of(state: Path) -> str:
+    """The address of ``state``'s identity, created on first use: what ``peerpath address
+    --state-dir STATE`` prints. Done in this process, for setup: the key file is the same
+    wherever it is written from (a namespace shares the file system), and no interpreter
+    has to start for it."""
+    return str(Identity.load_or_create(state).address)
+
+
+def trust_in(state: Path, address: str, name: str = "") -> None:
+    """What ``peerpath trust add ADDRESS [--note NAME]`` writes to ``state``'s trust store (a
+    note that is a name is pinned to the peer), done in this process, for setup. A node
+    already running there reads the change as it does the command's."""
+    store = TrustStore.in_state_dir(state)
+    peer = Address.parse(address)
+    store.add(peer, name)
+    if name:
+        store.pin(name, peer)
 
 
 AGENT = str(Path(__file__).with_name("agent.py"))

@@ -14,7 +14,7 @@ from typing import Any
 
 from peerpath.testing.netlab import Lab, NatKind, Node
 
-from .conftest import PEERPATH, SERVER_IPS, start_peerpath_server
+from .conftest import PEERPATH, SERVER_IPS, identity_of, start_peerpath_server, trust_in
 
 SIZE = 96 << 20
 #: A task that takes a while, reporting progress: the worker runs it per task.
@@ -33,7 +33,7 @@ class Agent:
 
     def __init__(self, host: Node, state: Path, url: str) -> None:
         self.host, self.state, self.url = host, state, url
-        self.address = host.run([*PEERPATH, "address", "--state-dir", str(state)]).strip()
+        self.address = identity_of(state)
         self.daemon: Any = None
 
     def cli(self, *args: str, timeout: float = 60.0) -> str:
@@ -70,8 +70,8 @@ def test_a_peer_goes_offline_and_comes_back_and_everything_completes(tmp_path: P
         restricted, symmetric = lab.router("pr", NatKind.PORT_RESTRICTED), lab.router("sym", NatKind.SYMMETRIC)
         alice = Agent(lab.host("alice", behind=restricted), tmp_path / "alice", url)
         bob = Agent(lab.host("bob", behind=symmetric), tmp_path / "bob", url)
-        alice.cli("trust", "add", bob.address, "--note", "bob")
-        bob.cli("trust", "add", alice.address, "--note", "alice")
+        trust_in(alice.state, bob.address, "bob")  # as `peerpath trust add ADDR --note bob` does
+        trust_in(bob.state, alice.address, "alice")
         alice.up()
         bob.up()
         alice.cli("send", "bob", "hello", "--wait", "--timeout", "30")

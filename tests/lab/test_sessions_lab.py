@@ -9,21 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from peerpath.testing.netlab import Impairment, Lab, NatKind, Node
+from peerpath.testing.netlab import Impairment, Lab, NatKind
 
-from .conftest import PEERPATH
+from .conftest import PEERPATH, identity_of, trust_in
 
 AGENT = str(Path(__file__).with_name("agent.py"))
 
 
-def identity(host: Node, state: Path) -> str:
-    return host.run([*PEERPATH, "address", "--state-dir", str(state)]).strip()
-
-
-def introduce(a: Node, a_state: Path, b: Node, b_state: Path) -> tuple[str, str]:
-    a_addr, b_addr = identity(a, a_state), identity(b, b_state)
-    a.run([*PEERPATH, "trust", "add", b_addr, "--state-dir", str(a_state)])
-    b.run([*PEERPATH, "trust", "add", a_addr, "--state-dir", str(b_state)])
+def introduce(a_state: Path, b_state: Path) -> tuple[str, str]:
+    """Identities for two state directories that trust each other (written in this process,
+    as `peerpath address` and `peerpath trust add` would); their addresses."""
+    a_addr, b_addr = identity_of(a_state), identity_of(b_state)
+    trust_in(a_state, b_addr)
+    trust_in(b_state, a_addr)
     return a_addr, b_addr
 
 
@@ -33,7 +31,7 @@ def test_agents_across_a_nat_exchange_streams_and_messages_both_ways(tmp_path: P
         server = lab.public_host("server")
         client = lab.host("client", behind=lab.router("home", NatKind.PORT_RESTRICTED, link=link))
         s_state, c_state = tmp_path / "server", tmp_path / "client"
-        _, s_addr = introduce(client, c_state, server, s_state)
+        _, s_addr = introduce(c_state, s_state)
         server.start([sys.executable, AGENT, "serve", str(s_state), "4433"], ready="^ready ")
         pcap = tmp_path / "wire.pcap"
         capture = lab.internet.start(["tcpdump", "-i", "lan0", "-w", str(pcap), "-U", "udp"], ready="listening on")
@@ -54,7 +52,7 @@ def test_ping_between_daemons_in_two_namespaces(tmp_path: Path) -> None:
         a = lab.public_host("a")
         b = lab.host("b", behind=lab.router("home", NatKind.FULL_CONE))
         a_state, b_state = tmp_path / "a", tmp_path / "b"
-        a_addr, _ = introduce(a, a_state, b, b_state)
+        a_addr, _ = introduce(a_state, b_state)
         a.start([*PEERPATH, "up", "--state-dir", str(a_state), "--port", "4000"], ready="up on udp")
         b.start([*PEERPATH, "up", "--state-dir", str(b_state)], ready="up on udp")
         proc = b.run_proc(
@@ -76,8 +74,8 @@ def test_untrusted_agent_in_another_namespace_is_refused(tmp_path: Path) -> None
         a = lab.public_host("a")
         b = lab.public_host("b")
         a_state, b_state = tmp_path / "a", tmp_path / "b"
-        a_addr = identity(a, a_state)
-        b.run([*PEERPATH, "trust", "add", a_addr, "--state-dir", str(b_state)])  # one-sided trust
+        a_addr = identity_of(a_state)
+        trust_in(b_state, a_addr)  # one-sided trust
         a.start([*PEERPATH, "up", "--state-dir", str(a_state), "--port", "4000"], ready="up on udp")
         b.start([*PEERPATH, "up", "--state-dir", str(b_state)], ready="up on udp")
         proc = b.run_proc([*PEERPATH, "ping", f"{a_addr}@{a.ip}:4000", "-c", "1", "--state-dir", str(b_state)])

@@ -17,7 +17,7 @@ import pytest
 from peerpath.testing import sshd
 from peerpath.testing.netlab import Lab, NatKind, Node
 
-from .conftest import PEERPATH, SERVER_IPS, start_peerpath_server
+from .conftest import PEERPATH, SERVER_IPS, identity_of, start_peerpath_server, trust_in
 from .test_direct_lab import forward_filter
 
 pytestmark = pytest.mark.skipif(sshd.available() is not None, reason=str(sshd.available()))
@@ -48,9 +48,9 @@ def test_ssh_and_scp_across_nats_while_the_path_changes_and_is_cut(tmp_path: Pat
         symmetric, restricted = lab.router("sym", NatKind.SYMMETRIC), lab.router("pr", NatKind.PORT_RESTRICTED)
         service, client = lab.host("svc", behind=symmetric), lab.host("cli", behind=restricted)
         states = {"svc": tmp_path / "svc", "cli": tmp_path / "cli"}
-        addresses = {n: service.run([*PEERPATH, "address", "--state-dir", str(d)]).strip() for n, d in states.items()}
-        service.run([*PEERPATH, "trust", "add", addresses["cli"], "--state-dir", str(states["svc"])])
-        client.run([*PEERPATH, "trust", "add", addresses["svc"], "--state-dir", str(states["cli"])])
+        addresses = {n: identity_of(d) for n, d in states.items()}
+        trust_in(states["svc"], addresses["cli"])
+        trust_in(states["cli"], addresses["svc"])
         server = sshd.prepare(tmp_path / "ssh", SSH_PORT)
         service.start(server.command, ready="Server listening")
         for host, name in ((service, "svc"), (client, "cli")):

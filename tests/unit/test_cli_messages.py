@@ -8,18 +8,16 @@ import time
 
 import pytest
 
-from .test_cli_node import PEERPATH, daemons, private_local_rendezvous, run  # noqa: F401
+from .test_cli_node import PEERPATH, daemons, private_local_rendezvous, run, run_each  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("private_local_rendezvous")
 
 
 @pytest.fixture
 def pair(tmp_path):
-    """Two daemons that trust each other, one knowing the other as "planner"."""
-    for nodes, procs in daemons(tmp_path, befriend=True):
-        (one, _, _), (_, two_address, _) = nodes
-        run("trust", "add", two_address, "--note", "planner", "--state-dir", str(one))
-        yield nodes, procs
+    """Two daemons that trust each other, one knowing the other as "planner" (a pinned note,
+    as `peerpath trust add ADDR --note planner` leaves it); fresh ones for every test."""
+    yield from daemons(tmp_path, befriend=True, one_calls_two="planner")
 
 
 def test_send_by_name_then_read_and_acknowledge_the_inbox(pair) -> None:
@@ -76,8 +74,8 @@ def test_send_errors_are_one_clear_line(pair, tmp_path) -> None:
         (["inbox", "--ack", "zz"], 1, "a message id is hex"),
         (["inbox", "--ack", "abcdef12"], 1, "no message abcdef12"),
     ]
-    for args, code, words in cases:
-        proc = run(*args, "--state-dir", str(one))
+    procs = run_each([[*args, "--state-dir", str(one)] for args, _, _ in cases])
+    for (args, code, words), proc in zip(cases, procs, strict=True):
         assert (proc.returncode, words in proc.stderr, "Traceback" in proc.stderr) == (code, True, False), (
             args,
             proc.stderr,

@@ -7,14 +7,15 @@ import json
 
 import pytest
 
-from .test_cli_node import daemons, private_local_rendezvous, run  # noqa: F401
+from .test_cli_node import daemons, private_local_rendezvous, run, run_each  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("private_local_rendezvous")
 
 
 @pytest.fixture
 def strangers(tmp_path):
-    """Two daemons that do not trust each other yet."""
+    """Two daemons that do not trust each other yet; fresh ones for every test (the tests
+    claim names and set tags at the rendezvous)."""
     yield from daemons(tmp_path, befriend=False)
 
 
@@ -81,8 +82,8 @@ def test_bad_names_and_tags_are_usage_errors_in_one_line(tmp_path) -> None:
         (["trust", "add", "not a name"], 2, "lower-case letters, digits and '-'"),
         (["name", "set", "planner"], 1, "no node is running"),
     ]
-    for args, code, words in cases:
-        proc = run(*args, *state)
+    procs = run_each([[*args, *state] for args, _, _ in cases])
+    for (args, code, words), proc in zip(cases, procs, strict=True):
         assert (proc.returncode, words in proc.stderr, len(proc.stderr.splitlines())) == (code, True, 1), (
             args,
             proc.stderr,

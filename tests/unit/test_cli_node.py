@@ -9,10 +9,14 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from peerpath.identity import Address, Identity
+from peerpath.node.trust import TrustStore
 
 PEERPATH = [sys.executable, "-m", "peerpath"]
 
@@ -41,6 +45,17 @@ def free_tcp_and_udp_port() -> int:
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PEERPATH, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_each(commands: Sequence[Sequence[str]], timeout: float = 60) -> list[subprocess.CompletedProcess[str]]:
+    """``run(*args)`` for every command, all at once; the results in the order given.
+
+    Only for commands that are independent of each other (usage errors, lookups that fail
+    and change nothing): each is still a `peerpath` process of its own, as a user runs it,
+    but their interpreter start-ups overlap instead of queueing.
+    """
+    with ThreadPoolExecutor(max_workers=len(commands) or 1) as pool:
+        return list(pool.map(lambda args: run(*args, timeout=timeout), commands))
 
 
 def free_udp_port() -> int:
@@ -85,15 +100,20 @@ def test_trust_add_list_remove(tmp_path: Path) -> None:
 def test_mistyped_address_is_a_usage_error_that_says_typo(tmp_path: Path) -> None:
     good = run("address", "--state-dir", str(tmp_path / "x")).stdout.strip()
     typo = good[:-3] + ("q" if good[-3] != "q" else "p") + good[-2:]
-    proc = run("trust", "add", typo, "--state-dir", str(tmp_path))
-    assert proc.returncode == 2
-    assert "a typo?" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run("ping", typo, "--state-dir", str(tmp_path))
-    assert proc.returncode == 2 and "a typo?" in proc.stderr
-    proc = run("ping", "no name\x1b[2J", "--state-dir", str(tmp_path))
-    assert proc.returncode == 2 and "neither an address nor a peer's name" in proc.stderr
-    proc = run("ping", f"{good}@nohost", "--state-dir", str(tmp_path))
-    assert proc.returncode == 2 and "HOST:PORT" in proc.stderr
+    state = ["--state-dir", str(tmp_path)]
+    trusted, pinged, unnamed, hostless = run_each(
+        [
+            ["trust", "add", typo, *state],
+            ["ping", typo, *state],
+            ["ping", "no name\x1b[2J", *state],
+            ["ping", f"{good}@nohost", *state],
+        ]
+    )
+    assert trusted.returncode == 2
+    assert "a typo?" in trusted.stderr and "Traceback" not in trusted.stderr
+    assert pinged.returncode == 2 and "a typo?" in pinged.stderr
+    assert unnamed.returncode == 2 and "neither an address nor a peer's name" in unnamed.stderr
+    assert hostless.returncode == 2 and "HOST:PORT" in hostless.stderr
 
 
 def test_up_refuses_a_keepalive_longer_than_the_idle_timeout(tmp_path: Path) -> None:
@@ -103,24 +123,45 @@ def test_up_refuses_a_keepalive_longer_than_the_idle_timeout(tmp_path: Path) -> 
 
 def test_commands_that_need_the_daemon_say_how_to_start_it(tmp_path: Path) -> None:
     good = run("address", "--state-dir", str(tmp_path / "x")).stdout.strip()
-    for args in (["status"], ["ping", good]):
-        proc = run(*args, "--state-dir", str(tmp_path))
+    commands = (["status"], ["ping", good])
+    for proc in run_each([[*args, "--state-dir", str(tmp_path)] for args in commands]):
         assert proc.returncode == 1
         assert "no node is running" in proc.stderr and "peerpath up" in proc.stderr
 
 
+def new_identity(state: Path) -> str:
+    """The address of ``state``'s identity, created on first use: what ``peerpath address
+    --state-dir STATE`` prints, done in this process (fixtures' setup, not a command under test)."""
+    return str(Identity.load_or_create(state).address)
+
+
+def trust_before_start(state: Path, address: str, name: str = "") -> None:
+    """What ``peerpath trust add ADDRESS [--note NAME]`` writes to ``state``'s trust store (the
+    peer trusted; a note that is a name pinned to it), done in this process before the node
+    starts (fixtures' setup, not a command under test)."""
+    store = TrustStore.in_state_dir(state)
+    peer = Address.parse(address)
+    store.add(peer, name)
+    if name:
+        store.pin(name, peer)
+
+
 def daemons(
-    tmp_path: Path, befriend: bool
+    tmp_path: Path, befriend: bool, one_calls_two: str = ""
 ) -> Iterator[tuple[list[tuple[Path, str, int]], list[subprocess.Popen[str]]]]:
+    """Two running daemons, "one" and "two", on state directories under ``tmp_path``;
+    trusting each other if ``befriend``, one knowing two by the name ``one_calls_two`` if
+    given. Identities and trust are written in this process before the daemons start (the
+    same files `peerpath address` and `peerpath trust add` write, without an interpreter
+    start-up each); both daemons are stopped at the end, also when the test fails."""
     nodes, procs = [], []
     try:
         for name in ("one", "two"):
             state = tmp_path / name
-            address = run("address", "--state-dir", str(state)).stdout.strip()
-            nodes.append((state, address, free_udp_port()))
+            nodes.append((state, new_identity(state), free_udp_port()))
         if befriend:
-            run("trust", "add", nodes[1][1], "--state-dir", str(nodes[0][0]))
-            run("trust", "add", nodes[0][1], "--state-dir", str(nodes[1][0]))
+            trust_before_start(nodes[0][0], nodes[1][1], one_calls_two)
+            trust_before_start(nodes[1][0], nodes[0][1])
         for state, _, port in nodes:
             procs.append(
                 subprocess.Popen(
@@ -138,9 +179,14 @@ def daemons(
                 time.sleep(0.05)
         yield nodes, procs
     finally:
-        for proc in procs:
+        for proc in procs:  # both told to stop first, then both waited for: they stop side by side
             proc.terminate()
-            proc.wait(10)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
             if proc.stderr is not None:
                 proc.stderr.close()
 

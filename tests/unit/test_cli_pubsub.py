@@ -9,7 +9,7 @@ import time
 import pytest
 
 from .test_cli_messages import pair  # noqa: F401
-from .test_cli_node import PEERPATH, private_local_rendezvous, run  # noqa: F401
+from .test_cli_node import PEERPATH, private_local_rendezvous, run, run_each  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("private_local_rendezvous")
 
@@ -50,10 +50,11 @@ def test_topic_rules_refuse_with_a_clear_line(pair) -> None:  # noqa: F811
     assert rules == [{"pattern": "admin.>", "publishers": [], "subscribers": [one_address]}]
     refused = run("publish", f"{two_address}/admin.reboot", "now", "--state-dir", str(one))
     assert refused.returncode == 1 and "may not publish to 'admin.reboot'" in refused.stderr
-    for args, code, words in [
+    cases = [
         (["publish", "Bad Topic", "x"], 1, "bad topic"),
         (["publish", "jobs"], 2, "give the event once"),
         (["subscribe", f"{two_address}/a.>.b"], 1, "'>' (last)"),
-    ]:
-        proc = run(*args, "--state-dir", str(one))
+    ]
+    procs = run_each([[*args, "--state-dir", str(one)] for args, _, _ in cases])
+    for (_, code, words), proc in zip(cases, procs, strict=True):
         assert (proc.returncode, words in proc.stderr, "Traceback" in proc.stderr) == (code, True, False), proc.stderr

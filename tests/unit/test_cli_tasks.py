@@ -10,7 +10,7 @@ import time
 import pytest
 
 from .test_cli_messages import pair  # noqa: F401
-from .test_cli_node import PEERPATH, private_local_rendezvous, run  # noqa: F401
+from .test_cli_node import PEERPATH, private_local_rendezvous, run, run_each  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("private_local_rendezvous")
 
@@ -79,8 +79,8 @@ def test_task_errors_are_one_clear_line(pair) -> None:  # noqa: F811
         (["task", "status", "abcdef"], 1, "no task abcdef"),
         (["task", "list", "--role", "boss"], 2, "--role is submitted or working"),
     ]
-    for args, code, words in cases:
-        proc = run(*args, "--state-dir", str(one))
+    procs = run_each([[*args, "--state-dir", str(one)] for args, _, _ in cases])
+    for (args, code, words), proc in zip(cases, procs, strict=True):
         assert (proc.returncode, words in proc.stderr, "Traceback" in proc.stderr) == (code, True, False), (
             args,
             proc.stderr,
