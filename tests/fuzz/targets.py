@@ -749,6 +749,8 @@ def _udp_seeds() -> list[bytes]:
         rv.encode_udp_hello(BOB_TOKEN, BOB_KEY),
         rv.encode_udp_hello(UDP_TOKEN, UDP_KEY, 5),  # numbered
         rv.encode_udp_hello(UDP_TOKEN, UDP_KEY, 2**64 - 1),
+        rv.encode_udp_goodbye(UDP_TOKEN, UDP_KEY),
+        rv.encode_udp_goodbye(BOB_TOKEN, UDP_KEY),  # another registration's key
         rv.encode_udp_response(UDP_TOKEN, UDP_KEY, UDP_NONCE),
         rv.encode_udp_response(UDP_TOKEN, UDP_KEY, bytes(rv.UDP_NONCE_BYTES)),  # not the nonce asked for
         # Server -> agent.

@@ -214,6 +214,9 @@ async def test_agents_rest_on_udp_in_either_process_and_a_letter_wakes_them(hub:
     assert isinstance(posted, rv.PostResult) and posted.ok
     wake = await asyncio.wait_for(loop.sock_recv(b.udp, 2048), 5)
     assert rv.parse_udp_relay(wake).kind == rv.UDP_WAKE and rv.udp_authentic(b.registered.udp_key, wake)
+    # Its goodbye reaches the worker its token names, and the hub takes it offline.
+    b.udp.sendto(rv.encode_udp_goodbye(b.registered.token, b.registered.udp_key), server_udp)
+    await eventually(lambda: b_digest not in hub.server.agents and b_digest not in hub.worker.agents)
     for agent in agents:
         agent.close()
 

@@ -342,3 +342,45 @@ async def test_an_agent_cut_off_after_its_yes_goes_offline(server) -> None:
     finally:
         writer.close()
         udp.close()
+
+
+async def test_a_resting_agent_that_closes_is_offline_at_once(resting, server) -> None:
+    a, b = await resting("a"), await resting("b")
+    await rests(server, b)
+    await b.close()  # its goodbye over UDP: no 45 s of "online" for a peer to dial in vain
+    await eventually(lambda: b.address.digest not in server.agents, timeout=2)
+    assert a.rendezvous is not None and not (await a.rendezvous.lookup(b.address)).online
+
+
+def test_a_goodbye_counts_only_from_a_resting_agents_endpoint() -> None:
+    counters = {"udp_frames": 0, "udp_unauthentic": 0, "udp_unknown_token": 0, "udp_malformed": 0}
+    relay = UdpRelay(counters, lambda *args: None, lambda agent, exc: None)
+    gone: list[Agent] = []
+    relay.on_goodbye = gone.append
+    agent = Agent(
+        Identity.generate().address,
+        RESTING,
+        "192.0.2.1:4000",
+        connected=0.0,
+        relay_quota=TokenBucket(1, 1, 0.0),
+        control_quota=TokenBucket(1, 1, 0.0),
+        last_seen=0.0,
+    )
+
+    class Sock:
+        def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+            return True
+
+    sock, endpoint = Sock(), ("192.0.2.1", 4000)
+    agent.udp_endpoint, agent.udp_socket = endpoint, sock
+    relay.tokens[agent.token] = agent
+    goodbye = rv.encode_udp_goodbye(agent.token, agent.udp_key)
+    relay.received(goodbye, ("198.51.100.9", 4000), sock, 1.0)  # a copy from elsewhere
+    relay.received(rv.encode_udp_goodbye(agent.token, bytes(32)), endpoint, sock, 1.0)  # forged
+    assert not gone
+    agent.link = object()  # type: ignore[assignment]  (any link but RESTING: a connected agent)
+    relay.received(goodbye, endpoint, sock, 1.0)
+    assert not gone
+    agent.link = RESTING
+    relay.received(goodbye, endpoint, sock, 1.0)
+    assert gone == [agent]

@@ -157,8 +157,13 @@ class RendezvousClient:
             raise errors.NetworkError(f"not registered with {self.url.endpoint} within {timeout:g} s{reason}") from None
 
     async def close(self) -> None:
-        """Disconnect and stop reconnecting."""
+        """Disconnect and stop reconnecting (resting, say goodbye: offline at once)."""
         self._closed = True
+        if self.resting and self._udp_send is not None and self._udp_endpoint is not None:
+            goodbye = rv.encode_udp_goodbye(self._token, self._udp_key)
+            with contextlib.suppress(Exception):  # the node's socket may be closing too
+                for _ in range(2):  # (one may be lost)
+                    self._udp_send(goodbye, self._udp_endpoint)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

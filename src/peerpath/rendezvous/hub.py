@@ -201,6 +201,10 @@ class Cluster:
                 local.close()
         elif kind == "udp-path":
             learn_path(server.agents.get(args[0]), args, server._udp)
+        elif kind == "goodbye":
+            agent = server.agents.get(args[0])
+            if agent is not None:
+                server._said_goodbye(agent)
         elif kind == "cut-off":
             agent = server.agents.get(args[0])
             if agent is not None:

@@ -131,6 +131,7 @@ class RendezvousServer:
         #: Relayed datagrams between the agents online.
         self.plane = DataPlane(self.agents, self.counters, self.limits.cutoff_drops)
         self.udp_relay = UdpRelay(self.counters, self.plane.relay, self._cut_off)
+        self.udp_relay.on_goodbye = self._said_goodbye
         #: Agents resting on UDP, and their wakes.
         self.rests = Rests(self.counters)
         self._udp: list[RelayUdp] = []
@@ -416,6 +417,12 @@ class RendezvousServer:
             self.cluster.rested(agent)
         self.rests.rested(agent)
         log.info("%s resting on UDP", agent.address)
+
+    def _said_goodbye(self, agent: Agent) -> None:
+        """A resting agent closed (its goodbye came from its confirmed endpoint)."""
+        if agent.rests and self.agents.get(agent.address.digest) is agent:
+            log.info("%s said goodbye", agent.address)
+            self._forget(agent)
 
     def _letters_waiting(self, agent: Agent) -> bool:
         return self.mailbox is not None and bool(self.mailbox.waiting_for(agent.address.digest, 1))

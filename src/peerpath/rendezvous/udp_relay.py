@@ -181,6 +181,8 @@ class UdpRelay:
         #: Told when an agent's UDP endpoint is confirmed, and again (at most every
         #: PATH_REFRESH seconds) when a hello from it says it is still there.
         self.on_path: Callable[[Agent, UdpSocket], None] | None = None
+        #: Told when a resting agent says goodbye from its confirmed endpoint (it goes offline).
+        self.on_goodbye: Callable[[Agent], None] | None = None
         #: With several processes (:mod:`.workers`): this one's number, which the first byte of
         #: the token of every agent whose quota it holds names. Frames of other processes'
         #: agents are dropped, so an agent's quota is spent in one place even where the
@@ -202,7 +204,7 @@ class UdpRelay:
             return
         agent = self.tokens.get(frame.token)
         # (Relayed data went the short way above: parse_udp_relay takes no other data frame.)
-        if agent is None or frame.kind not in (rv.UDP_HELLO, rv.UDP_RESPONSE):
+        if agent is None or frame.kind not in (rv.UDP_HELLO, rv.UDP_RESPONSE, rv.UDP_GOODBYE):
             self.counters["udp_unknown_token"] += 1
             return
         if not rv.udp_authentic(agent.udp_key, data):
@@ -210,7 +212,10 @@ class UdpRelay:
             return
         self.counters["udp_frames"] += 1
         confirmed = addr == agent.udp_endpoint and sock is agent.udp_socket
-        if frame.kind == rv.UDP_HELLO:
+        if frame.kind == rv.UDP_GOODBYE:
+            if confirmed and agent.rests and self.on_goodbye is not None:
+                self.on_goodbye(agent)  # (a connected agent goes offline by closing its connection)
+        elif frame.kind == rv.UDP_HELLO:
             sequence = rv.hello_sequence(frame)
             if sequence and sequence <= agent.hello_sequence:
                 self.counters["udp_replayed"] = self.counters.get("udp_replayed", 0) + 1

@@ -145,6 +145,7 @@ class Worker:
         self.plane = DataPlane(self.agents, self.counters, limits.cutoff_drops)
         self.udp_relay = UdpRelay(self.counters, self.plane.relay, self._cut_off)
         self.udp_relay.on_path = self._path_changed
+        self.udp_relay.on_goodbye = lambda agent: self.hub.send("goodbye", agent.address.digest)
         self.udp_relay.process = index
         self.udp: list[RelayUdp] = []
         self.links: dict[int, TlsLink] = {}

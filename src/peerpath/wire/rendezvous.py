@@ -495,10 +495,13 @@ def name_claim_payload(name: str, public_key: bytes, server: bytes) -> bytes:
 #   0x94 challenge   token(8) nonce(16)                 MAC    server -> agent
 #   0x95 response    token(8) nonce(16)                 MAC    agent -> server
 #   0x96 wake        token(8)                           MAC    server -> agent
+#   0x97 goodbye     token(8)                           MAC    agent -> server
 #
 # A wake goes only to an agent resting on UDP (see :class:`Rest`): the server has something
 # for it that needs its connection. Replaying one does no more than the first did: the agent
-# registers anew, and its new registration's key no longer authenticates it.
+# registers anew, and its new registration's key no longer authenticates it. A goodbye is a
+# resting agent's last word, from its confirmed endpoint: it is offline at once (as closing
+# its connection makes a connected agent), not when its hellos have been missed long enough.
 #
 # A hello is padded to a challenge's size: the server never answers a stranger's datagram
 # with more bytes than it received. Its sequence number grows with every hello of a
@@ -512,11 +515,12 @@ UDP_HELLO_ACK = 0x93
 UDP_CHALLENGE = 0x94
 UDP_RESPONSE = 0x95
 UDP_WAKE = 0x96
+UDP_GOODBYE = 0x97
 TOKEN_BYTES = 8
 UDP_KEY_BYTES = 32
 UDP_NONCE_BYTES = 16
 MAC_BYTES = 16
-_TOKENED = (UDP_TO_SERVER, UDP_HELLO, UDP_HELLO_ACK, UDP_CHALLENGE, UDP_RESPONSE, UDP_WAKE)
+_TOKENED = (UDP_TO_SERVER, UDP_HELLO, UDP_HELLO_ACK, UDP_CHALLENGE, UDP_RESPONSE, UDP_WAKE, UDP_GOODBYE)
 #: Sizes of the fixed-size frames, MAC included.
 _FIXED = {
     UDP_HELLO: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
@@ -524,6 +528,7 @@ _FIXED = {
     UDP_CHALLENGE: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
     UDP_RESPONSE: 1 + TOKEN_BYTES + UDP_NONCE_BYTES + MAC_BYTES,
     UDP_WAKE: 1 + TOKEN_BYTES + MAC_BYTES,
+    UDP_GOODBYE: 1 + TOKEN_BYTES + MAC_BYTES,
 }
 
 
@@ -622,6 +627,11 @@ def encode_udp_ack(token: bytes, key: bytes) -> bytes:
 def encode_udp_wake(token: bytes, key: bytes) -> bytes:
     """The server's "connect again: something waits for you" to an agent resting on UDP."""
     return _seal(key, bytes([UDP_WAKE]) + token)
+
+
+def encode_udp_goodbye(token: bytes, key: bytes) -> bytes:
+    """A resting agent's "I am going offline" (it closes)."""
+    return _seal(key, bytes([UDP_GOODBYE]) + token)
 
 
 def encode_udp_challenge(token: bytes, key: bytes, nonce: bytes) -> bytes:
