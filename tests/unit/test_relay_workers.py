@@ -221,6 +221,23 @@ async def test_agents_rest_on_udp_in_either_process_and_a_letter_wakes_them(hub:
         agent.close()
 
 
+async def test_a_worker_drops_control_frames_over_the_quota_before_they_cross_to_the_hub(hub: Hub) -> None:
+    """What the hub would drop does not fill the socketpair every connection of the worker
+    shares: the worker applies the same control quota first."""
+    _, b, agents = await one_on_each(hub)
+    await eventually(lambda: b.identity.address.digest in hub.worker.agents)
+    burst = int(hub.worker.limits.control_burst)
+    b.writer.write(b"".join(rv.encode_control(rv.Ping(i)) for i in range(burst * 2)))
+    pongs: list[rv.Message] = []
+    while len(pongs) < burst - 5:  # (the registration took a token at the worker)
+        pongs += [m for m in await b.messages() if isinstance(m, rv.Pong)]
+    dropped = hub.worker.counters["control_dropped_quota"]
+    assert dropped >= burst * 2 - len(pongs) - 10  # (a few tokens come back while they are read)
+    assert hub.server.counters["control_dropped_quota"] == 0  # none crossed to be dropped there
+    for agent in agents:
+        agent.close()
+
+
 async def test_the_newest_connection_of_an_agent_wins_whichever_process_holds_it(hub: Hub) -> None:
     url = hub.server.url()
     first = await Agent.register(url)

@@ -68,14 +68,17 @@ WORKER_COUNTERS = (
     "udp_unknown_token",
     "udp_unauthentic",
     "udp_unconfirmed",
+    "control_dropped_quota",
 )
 
 
 class WorkerConnection(FrameStream):
     """A TLS connection a worker holds: relay frames are routed here once the hub has said whose
-    it is; every other frame (all of them before that) goes to the hub as it came."""
+    it is; every other frame (all of them before that) goes to the hub as it came, within the
+    control quota the hub applies (what the hub would drop is dropped here, before it crosses
+    to the hub and fills the socketpair every connection of this worker shares)."""
 
-    __slots__ = ("agent", "failed", "ident", "worker")
+    __slots__ = ("agent", "control", "drops", "failed", "ident", "worker")
 
     def __init__(self, worker: Worker, link: TlsLink) -> None:
         super().__init__(link)
@@ -84,6 +87,10 @@ class WorkerConnection(FrameStream):
         self.agent: Agent | None = None
         #: It ended for what the agent sent (the hub then keeps no rest of it).
         self.failed = False
+        limits = worker.limits
+        self.control = TokenBucket(limits.control_rate, limits.control_burst, worker.clock())
+        #: Control frames dropped in a row (so many and the agent is cut off, as at the hub).
+        self.drops = 0
 
     @property
     def registered(self) -> bool:
@@ -101,11 +108,28 @@ class WorkerConnection(FrameStream):
                 if offset > start:
                     worker.hub.send("frames", self.ident, bytes(view[start:offset]))
                 offset = start = worker.plane.relay_frames(self.agent, view, offset, worker.clock())
-            else:
+            elif self._within_quota():
                 offset = found[1]
+            else:  # dropped: what came before it goes, and the rest after it
+                if offset > start:
+                    worker.hub.send("frames", self.ident, bytes(view[start:offset]))
+                offset = start = found[1]
         if offset > start:
             worker.hub.send("frames", self.ident, bytes(view[start:offset]))
         return offset
+
+    def _within_quota(self) -> bool:
+        """One more control frame: within the quota, or dropped (counted; cut off after the
+        hub's number of drops in a row)."""
+        worker = self.worker
+        if self.control.take(1, worker.clock()):
+            self.drops = 0
+            return True
+        worker.counters["control_dropped_quota"] += 1
+        self.drops += 1
+        if self.drops >= worker.limits.cutoff_drops:
+            raise CutOff(f"control quota exceeded {self.drops} times in a row")
+        return False
 
     def _counters(self) -> dict[str, int]:
         return self.worker.counters
