@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -644,26 +645,9 @@ async def measure_idle(url: RendezvousUrl, server_pid: int, count: int, seconds:
     registered_s = time.perf_counter() - start
     _, cpu_registered = _proc_stats(server_pid)
     await asyncio.sleep(1.0)  # the last registrations' work is done
-    rss, cpu0 = _proc_stats(server_pid)
-    stop = asyncio.Event()
-
-    async def keepalive() -> None:
-        ping = rv.encode_control(rv.Ping(1))
-        slices = 100
-        while not stop.is_set():
-            for k in range(slices):
-                for agent in agents[k::slices]:
-                    agent.write(ping)
-                await asyncio.sleep(KEEPALIVE / slices)
-
-    keeping = asyncio.ensure_future(keepalive())
-    idle_start = time.perf_counter()
-    await asyncio.sleep(seconds)
-    _, cpu1 = _proc_stats(server_pid)
-    idle_elapsed = time.perf_counter() - idle_start
-    rss_end, _ = _proc_stats(server_pid)
-    stop.set()
-    await keeping
+    ping = rv.encode_control(rv.Ping(1))
+    keepalives = [functools.partial(agent.write, ping) for agent in agents]
+    idle = await _keep_idle(server_pid, rss_before, keepalives, KEEPALIVE, seconds)
     for agent in agents:
         agent.close()
     return {
@@ -671,10 +655,40 @@ async def measure_idle(url: RendezvousUrl, server_pid: int, count: int, seconds:
         "register_all_s": round(registered_s, 2),
         "registrations_per_s": round(len(agents) / registered_s),
         "register_server_cpu_percent": round((cpu_registered - cpu_before) / registered_s * 100, 1),
+        **idle,
+    }
+
+
+async def _keep_idle(
+    server_pid: int, rss_before: int, keepalives: list[Callable[[], None]], interval: float, seconds: float
+) -> dict[str, float]:
+    """The server's RSS (per agent, from ``rss_before``) and CPU while each agent's keepalive
+    is called every ``interval`` seconds, spread evenly over it, for ``seconds``."""
+    rss, cpu0 = _proc_stats(server_pid)
+    stop = asyncio.Event()
+
+    async def keep() -> None:
+        slices = 100
+        while not stop.is_set():
+            for k in range(slices):
+                for keepalive in keepalives[k::slices]:
+                    keepalive()
+                await asyncio.sleep(interval / slices)
+
+    keeping = asyncio.ensure_future(keep())
+    idle_start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    _, cpu1 = _proc_stats(server_pid)
+    idle_elapsed = time.perf_counter() - idle_start
+    rss_end, _ = _proc_stats(server_pid)
+    stop.set()
+    await keeping
+    count = len(keepalives)
+    return {
         "rss_before_mib": round(rss_before / 2**20, 1),
         "rss_with_agents_mib": round(rss / 2**20, 1),
-        "rss_per_agent_kib": round((rss - rss_before) / len(agents) / 1024, 2),
-        "rss_per_agent_after_idle_kib": round((rss_end - rss_before) / len(agents) / 1024, 2),
+        "rss_per_agent_kib": round((rss - rss_before) / count / 1024, 2),
+        "rss_per_agent_after_idle_kib": round((rss_end - rss_before) / count / 1024, 2),
         "idle_cpu_percent": round((cpu1 - cpu0) / idle_elapsed * 100, 2),
         "idle_seconds": seconds,
     }
@@ -771,25 +785,8 @@ async def measure_resting(url: RendezvousUrl, server_pid: int, count: int, secon
     rested_s = time.perf_counter() - start
     _, cpu_rested = _proc_stats(server_pid)
     await asyncio.sleep(2.0)  # the last connections are closed at the server
-    rss, cpu0 = _proc_stats(server_pid)
-    stop = asyncio.Event()
-
-    async def hellos() -> None:
-        slices = 100
-        while not stop.is_set():
-            for k in range(slices):
-                for side, token in tokens[k::slices]:
-                    side.hello(token)
-                await asyncio.sleep(UDP_HELLO_INTERVAL / slices)
-
-    keeping = asyncio.ensure_future(hellos())
-    idle_start = time.perf_counter()
-    await asyncio.sleep(seconds)
-    _, cpu1 = _proc_stats(server_pid)
-    idle_elapsed = time.perf_counter() - idle_start
-    rss_end, _ = _proc_stats(server_pid)
-    stop.set()
-    await keeping
+    hellos = [functools.partial(side.hello, token) for side, token in tokens]
+    idle = await _keep_idle(server_pid, rss_before, hellos, UDP_HELLO_INTERVAL, seconds)
     for side in sides:
         if side.transport is not None:
             side.transport.close()
@@ -797,12 +794,7 @@ async def measure_resting(url: RendezvousUrl, server_pid: int, count: int, secon
         "agents": len(tokens),
         "register_and_rest_all_s": round(rested_s, 2),
         "register_server_cpu_percent": round((cpu_rested - cpu_before) / rested_s * 100, 1),
-        "rss_before_mib": round(rss_before / 2**20, 1),
-        "rss_with_agents_mib": round(rss / 2**20, 1),
-        "rss_per_agent_kib": round((rss - rss_before) / len(tokens) / 1024, 2),
-        "rss_per_agent_after_idle_kib": round((rss_end - rss_before) / len(tokens) / 1024, 2),
-        "idle_cpu_percent": round((cpu1 - cpu0) / idle_elapsed * 100, 2),
-        "idle_seconds": seconds,
+        **idle,
     }
 
 

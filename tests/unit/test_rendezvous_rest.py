@@ -31,6 +31,20 @@ from .conftest import eventually
 from .test_rendezvous import raw_connect, register_frame
 
 
+async def start_node(tmp_path: Path, server: RendezvousServer, name: str, rest_after: float | None = 0.2) -> Node:
+    """A node registered with ``server``, on the relay only, resting after ``rest_after`` idle."""
+    node = await Node.start(
+        identity=Identity.generate(),
+        trust=TrustStore(tmp_path / f"{name}.json"),
+        host="127.0.0.1",
+        rendezvous=server.url(),
+        direct=False,
+    )
+    assert node.rendezvous is not None
+    node.rendezvous.rest_after = rest_after
+    return node
+
+
 @pytest.fixture
 async def resting(
     tmp_path: Path, server: RendezvousServer, monkeypatch: pytest.MonkeyPatch
@@ -42,16 +56,9 @@ async def resting(
     nodes: list[Node] = []
 
     async def start(name: str) -> Node:
-        node = await Node.start(
-            identity=Identity.generate(),
-            trust=TrustStore(tmp_path / f"{name}.json"),
-            host="127.0.0.1",
-            rendezvous=server.url(),
-            direct=False,
-        )
+        node = await start_node(tmp_path, server, name)
         nodes.append(node)
         assert node.rendezvous is not None
-        node.rendezvous.rest_after = 0.2
         await node.rendezvous.wait_registered(5)
         return node
 
@@ -202,25 +209,12 @@ async def test_resting_agents_count_against_their_address(tmp_path: Path, monkey
     nodes: list[Node] = []
     try:
         for name in ("a", "b"):
-            node = await Node.start(
-                identity=Identity.generate(),
-                trust=TrustStore(tmp_path / f"{name}.json"),
-                host="127.0.0.1",
-                rendezvous=server.url(),
-                direct=False,
-            )
+            node = await start_node(tmp_path, server, name)
             nodes.append(node)
             assert node.rendezvous is not None
-            node.rendezvous.rest_after = 0.2
             await node.rendezvous.wait_registered(5)
             await rests(server, node)
-        third = await Node.start(
-            identity=Identity.generate(),
-            trust=TrustStore(tmp_path / "c.json"),
-            host="127.0.0.1",
-            rendezvous=server.url(),
-            direct=False,
-        )
+        third = await start_node(tmp_path, server, "c")
         nodes.append(third)
         assert third.rendezvous is not None
         await eventually(lambda: "too many agents registered" in (third.rendezvous.last_error or ""))
