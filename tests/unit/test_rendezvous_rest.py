@@ -225,9 +225,19 @@ async def test_resting_agents_count_against_their_address(tmp_path: Path, monkey
         await server.close()
 
 
-def test_a_replayed_hello_keeps_no_resting_agent_alive() -> None:
-    counters: dict[str, int] = {"udp_frames": 0, "udp_unauthentic": 0, "udp_unknown_token": 0, "udp_malformed": 0}
-    relay = UdpRelay(counters, lambda *args: None, lambda agent, exc: None)
+class Sock:
+    """A UDP relay socket of the server that keeps what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
+        self.sent.append(data)
+        return True
+
+
+def resting_on(relay: UdpRelay) -> tuple[Agent, Sock, tuple[str, int]]:
+    """An agent resting at ``relay``, its UDP endpoint confirmed: it, its socket, the endpoint."""
     agent = Agent(
         Identity.generate().address,
         RESTING,
@@ -237,16 +247,17 @@ def test_a_replayed_hello_keeps_no_resting_agent_alive() -> None:
         control_quota=TokenBucket(1, 1, 0.0),
         last_seen=0.0,
     )
-    sent: list[bytes] = []
-
-    class Sock:
-        def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
-            sent.append(data)
-            return True
-
     sock, endpoint = Sock(), ("192.0.2.1", 4000)
     agent.udp_endpoint, agent.udp_socket = endpoint, sock
     relay.tokens[agent.token] = agent
+    return agent, sock, endpoint
+
+
+def test_a_replayed_hello_keeps_no_resting_agent_alive() -> None:
+    counters: dict[str, int] = {"udp_frames": 0, "udp_unauthentic": 0, "udp_unknown_token": 0, "udp_malformed": 0}
+    relay = UdpRelay(counters, lambda *args: None, lambda agent, exc: None)
+    agent, sock, endpoint = resting_on(relay)
+    sent = sock.sent
     hello = rv.encode_udp_hello(agent.token, agent.udp_key, 7)
     relay.received(hello, endpoint, sock, 10.0)
     assert agent.hello_seen == 10.0 and len(sent) == 1  # acknowledged
@@ -351,23 +362,7 @@ def test_a_goodbye_counts_only_from_a_resting_agents_endpoint() -> None:
     relay = UdpRelay(counters, lambda *args: None, lambda agent, exc: None)
     gone: list[Agent] = []
     relay.on_goodbye = gone.append
-    agent = Agent(
-        Identity.generate().address,
-        RESTING,
-        "192.0.2.1:4000",
-        connected=0.0,
-        relay_quota=TokenBucket(1, 1, 0.0),
-        control_quota=TokenBucket(1, 1, 0.0),
-        last_seen=0.0,
-    )
-
-    class Sock:
-        def sendto(self, data: bytes, addr: tuple[str, int]) -> bool:
-            return True
-
-    sock, endpoint = Sock(), ("192.0.2.1", 4000)
-    agent.udp_endpoint, agent.udp_socket = endpoint, sock
-    relay.tokens[agent.token] = agent
+    agent, sock, endpoint = resting_on(relay)
     goodbye = rv.encode_udp_goodbye(agent.token, agent.udp_key)
     relay.received(goodbye, ("198.51.100.9", 4000), sock, 1.0)  # a copy from elsewhere
     relay.received(rv.encode_udp_goodbye(agent.token, bytes(32)), endpoint, sock, 1.0)  # forged

@@ -175,10 +175,7 @@ class Cluster:
         write_to(self._local.get(ident), data, self.server.counters)
 
     def pressure(self, backed_up: bool) -> None:
-        if backed_up:
-            self.valve.shut()
-        else:
-            self.valve.open()
+        self.valve.pressure(backed_up)
 
     def handle(self, worker: int, message: list[Any]) -> None:
         kind, *args = message

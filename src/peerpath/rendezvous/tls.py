@@ -63,6 +63,13 @@ class Valve:
     def shut(self) -> None:
         self._shut += 1
 
+    def pressure(self, backed_up: bool) -> None:
+        """:meth:`shut` while something downstream is ``backed_up``, :meth:`open` once it is not."""
+        if backed_up:
+            self.shut()
+        else:
+            self.open()
+
     def open(self) -> None:
         self._shut = max(0, self._shut - 1)
         if not self._shut:

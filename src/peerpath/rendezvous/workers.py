@@ -270,10 +270,7 @@ class Worker:
         write_to(self.links.get(ident), data, self.counters)
 
     def pressure(self, backed_up: bool) -> None:
-        if backed_up:
-            self.valve.shut()
-        else:
-            self.valve.open()
+        self.valve.pressure(backed_up)
 
     def handle(self, source: int, message: list[Any]) -> None:
         kind, *args = message
