@@ -83,15 +83,16 @@ def up_command(
         bool, typer.Option("--direct/--relay-only", help="Move sessions to direct paths where NATs allow.")
     ] = True,
     rest_after: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--rest-after",
             min=0.0,
             metavar="S",
             help="Idle this long, rest at the rendezvous server on UDP alone, without a connection "
-            "(0: stay connected).",
+            f"(0: stay connected) [default: {REST_AFTER:g}; with the local server, 0].",
+            show_default=False,
         ),
-    ] = REST_AFTER,
+    ] = None,
     files_dir: Annotated[
         Path | None,
         typer.Option("--files-to", metavar="DIR", help="Save received files here (default: STATE_DIR/files)."),
@@ -123,7 +124,10 @@ def up_command(
             rendezvous=embedded.url if embedded is not None else url,
             direct=direct,
         )
-        node.relays.rest_after(rest_after or None)
+        # The local server is no memory to save, and another node takes it over within a
+        # second when its node stops: connected agents follow at once, resting ones would not.
+        default = None if local else REST_AFTER
+        node.relays.rest_after(default if rest_after is None else rest_after or None)
         if files_dir is not None:
             node.files.directory = files_dir.expanduser().resolve()
         node.files.max_size = max_file_size
