@@ -332,10 +332,7 @@ class RendezvousServer:
 
     def _connection_closed(self, network: str) -> None:
         self._open -= 1
-        if self._per_ip[network] <= 1:
-            del self._per_ip[network]
-        else:
-            self._per_ip[network] -= 1
+        _count_out(self._per_ip, network)
 
     def _forget(self, agent: Agent) -> None:
         tokens = self.udp_relay.tokens
@@ -345,11 +342,7 @@ class RendezvousServer:
         self.rests.forget(agent)
         if self.agents.get(agent.address.digest) is agent:
             del self.agents[agent.address.digest]
-            network = _network_of(agent.observed)
-            if self._agents_per_ip.get(network, 0) <= 1:
-                self._agents_per_ip.pop(network, None)
-            else:
-                self._agents_per_ip[network] -= 1
+            _count_out(self._agents_per_ip, _network_of(agent.observed))
             if self.cluster is not None:
                 self.cluster.forgotten(agent)
             self.directory.left(agent.address, self.wall_clock())
@@ -615,6 +608,15 @@ class RendezvousServer:
                 agent.link.close()
             elif silent >= PING_INTERVAL:
                 self._ping(agent)
+
+
+def _count_out(counts: dict[str, int], key: str) -> None:
+    """One less of ``key`` in ``counts``; a key counted down to nothing is gone (the tables of
+    what each client network holds stay as small as what is open)."""
+    if counts.get(key, 0) <= 1:
+        counts.pop(key, None)
+    else:
+        counts[key] -= 1
 
 
 def _network_of(observed: str) -> str:
