@@ -260,25 +260,44 @@ def measure_forwarder(total: int) -> float:
 # -- raw agents: the real registration and frames, no QUIC -----------------------------------
 
 
-class RawAgent(asyncio.Protocol):
-    """An agent registered over TLS as a node registers (signed challenge), without a node:
-    answers the server's pings and counts the bytes it receives; nothing else."""
+class _Counter(asyncio.Protocol):
+    """A connection that counts the bytes it receives, and while the transport's buffer is full
+    holds a future (``paused``) a sender can await."""
 
-    def __init__(self, url: RendezvousUrl, identity: Identity) -> None:
-        self.url, self.identity = url, identity
-        self.decoder: rv.FrameDecoder | None = rv.FrameDecoder()
-        self.registered: asyncio.Future[rv.Registered] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.Transport | None = None
+    def __init__(self) -> None:
         self.received = 0
+        self.transport: asyncio.Transport | None = None
         self.paused: asyncio.Future[None] | None = None
-        #: The answer to a request of ours that the server answers with an Outcome (a rest).
-        self.outcome: asyncio.Future[rv.Outcome] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's are not asyncio's classes)
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
+
+    def pause_writing(self) -> None:
+        self.paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.paused is not None and not self.paused.done():
+            self.paused.set_result(None)
+        self.paused = None
+
+
+class RawAgent(_Counter):
+    """An agent registered over TLS as a node registers (signed challenge), without a node:
+    answers the server's pings and counts the bytes it receives; nothing else."""
+
+    def __init__(self, url: RendezvousUrl, identity: Identity) -> None:
+        super().__init__()
+        self.url, self.identity = url, identity
+        self.decoder: rv.FrameDecoder | None = rv.FrameDecoder()
+        self.registered: asyncio.Future[rv.Registered] = asyncio.get_running_loop().create_future()
+        #: The answer to a request of ours that the server answers with an Outcome (a rest).
+        self.outcome: asyncio.Future[rv.Outcome] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
         if self.decoder is None:
             return  # counting only (the capacity measurement)
         for message, datagram in self.decoder.feed(data):
@@ -299,14 +318,6 @@ class RawAgent(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.registered.done():
             self.registered.set_exception(ConnectionError("closed before registering"))
-
-    def pause_writing(self) -> None:
-        self.paused = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self.paused is not None and not self.paused.done():
-            self.paused.set_result(None)
-        self.paused = None
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -481,29 +492,6 @@ def udp_forwarder_pairs(port: int, count: int, payload: int) -> list[UdpPair]:
         pairs.append(UdpPair(socks[0], socks[1], _train(frame), len(frame)))
     time.sleep(0.2)
     return pairs
-
-
-class _Counter(asyncio.Protocol):
-    """A receiving end that counts bytes."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.transport: asyncio.Transport | None = None
-        self.paused: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's are not asyncio's classes)
-
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
-
-    def pause_writing(self) -> None:
-        self.paused = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
-        if self.paused is not None and not self.paused.done():
-            self.paused.set_result(None)
-        self.paused = None
 
 
 async def measure_capacity(
